@@ -1,0 +1,140 @@
+"""The engine protocol: a conversation in, an async stream of text and audio deltas out.
+
+Engines never see sockets, protocols or wire formats. The session core builds a
+`ResponseRequest` from the conversation as the caller heard it; the I/O shell iterates
+`Engine.respond(request)` and feeds every delta back into the core. Cancelling the task
+that iterates the stream cancels the engine work at its next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+INPUT_RATE = 16_000
+"""Rate of all audio handed to engines (what the Qwen-Omni feature extractor wants)."""
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class AudioPart:
+    """Mono float32 PCM in [-1, 1] at `INPUT_RATE`."""
+
+    pcm: np.ndarray
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """Encoded image bytes (PNG/JPEG/...) as received from the client."""
+
+    data: bytes
+    mime_type: str = "image/png"
+
+
+Part = TextPart | AudioPart | ImagePart
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Literal["system", "user", "assistant"]
+    parts: tuple[Part, ...]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling overrides; `None` means the model's generation default."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ResponseRequest:
+    """Everything an engine needs to answer one turn."""
+
+    messages: tuple[Message, ...]
+    instructions: str = ""
+    voice: str = "alloy"
+    output_audio: bool = True
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class AudioDelta:
+    """Mono float32 PCM in [-1, 1] at the engine's `native_rate`."""
+
+    pcm: np.ndarray
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts reported once at the end of a response."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+Delta = TextDelta | AudioDelta | Usage
+
+
+class EngineError(Exception):
+    """A failure of one request that the client should hear about; the server keeps running."""
+
+    code = "engine_error"
+
+
+class EngineBusy(EngineError):
+    """Too many queued requests: the client should retry later."""
+
+    code = "server_busy"
+
+
+class EngineNotReady(EngineError):
+    """The model is still loading or failed to load."""
+
+    code = "engine_not_ready"
+
+
+class EngineOutOfMemory(EngineError):
+    """The accelerator ran out of memory for this request; other sessions go on."""
+
+    code = "engine_out_of_memory"
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What every engine offers the server."""
+
+    name: str
+    model_id: str
+    native_rate: int
+
+    async def start(self) -> None:
+        """Load weights and warm up; called once before the first request."""
+
+    def respond(self, request: ResponseRequest) -> AsyncIterator[Delta]:
+        """Stream the answer to `request`; raise `EngineError` for per-request failures."""
+
+    @property
+    def ready(self) -> bool:
+        """True once `start()` has finished successfully."""
+
+    async def close(self) -> None:
+        """Release the model and any worker threads."""

@@ -1,0 +1,219 @@
+"""One owner of the model per GPU: a worker thread that advances every active generation step by step.
+
+Sessions submit turns from the event loop; the worker thread admits at most `max_active` of them
+(first come, first served), and each pass of its loop gives every active generation one step (or one
+batched step for all of them, when the engine offers `step_batch`), so one long answer cannot starve
+another caller. Deltas travel back to the event loop through per-request asyncio queues. Model code
+never runs on the event loop, so the 20 ms audio deadlines of other sessions never wait on a GPU step.
+A cancelled request is dropped before its next step and its caches are freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from omnivox.pipeline.engines.base import Delta, EngineBusy, EngineError, EngineOutOfMemory
+
+log = logging.getLogger(__name__)
+
+
+class Generation(Protocol):
+    """One request's incremental model loop, driven by the worker thread only."""
+
+    @property
+    def finished(self) -> bool:
+        """True once the generation has produced its last delta."""
+
+    def step(self) -> list[Delta]:
+        """Advance by one decode step and return what it produced (possibly nothing)."""
+
+    def close(self) -> None:
+        """Free the request's caches; called exactly once, also after cancellation or failure."""
+
+
+StepBatch = Callable[[Sequence[Generation]], list[list[Delta]]]
+"""Advance several generations in one batched step; returns their deltas in the same order."""
+
+_DONE = object()
+
+
+@dataclass
+class _Ticket:
+    make_generation: Callable[[], Generation]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[object]
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    generation: Generation | None = None
+
+    def push(self, item: object) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone: nobody is listening any more
+            self.cancelled = True
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ in {"OutOfMemoryError", "OutOfMemoryError_"} or "out of memory" in str(exc).lower()
+
+
+class GpuWorker:
+    """Runs generations for all sessions on one thread with fair, interleaved (or batched) steps."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        max_active: int = 4,
+        max_queued: int = 16,
+        step_batch: StepBatch | None = None,
+        on_out_of_memory: Callable[[], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.max_active = max_active
+        self.max_queued = max_queued
+        self._step_batch = step_batch
+        self._on_out_of_memory = on_out_of_memory
+        self._pending: deque[_Ticket] = deque()
+        self._active: list[_Ticket] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"omnivox-{name}", daemon=True)
+        self._thread.start()
+        self.steps_run = 0
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(active generations, queued requests), for metrics and health."""
+        with self._wake:
+            return len(self._active), len(self._pending)
+
+    async def stream(self, make_generation: Callable[[], Generation]) -> AsyncIterator[Delta]:
+        """Submit a request and yield its deltas; closing the iterator cancels the work."""
+        loop = asyncio.get_running_loop()
+        ticket = _Ticket(make_generation, loop, asyncio.Queue())
+        with self._wake:
+            if self._closed:
+                raise EngineError("the engine is shutting down")
+            if len(self._pending) >= self.max_queued:
+                raise EngineBusy(f"server busy: {len(self._pending)} requests queued, retry shortly")
+            self._pending.append(ticket)
+            self._wake.notify()
+        try:
+            while True:
+                item = await ticket.queue.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            with self._wake:
+                ticket.cancelled = True
+                self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._pending and not self._active:
+                    self._wake.wait()
+                if self._closed:
+                    self._drain_on_close()
+                    return
+                for ticket in [t for t in self._active if t.cancelled]:
+                    self._retire(ticket)
+                while self._pending and len(self._active) < self.max_active:
+                    ticket = self._pending.popleft()
+                    if not ticket.cancelled:
+                        self._active.append(ticket)
+                active = list(self._active)
+            self._advance(active)
+
+    def _advance(self, tickets: list[_Ticket]) -> None:
+        runnable = []
+        for ticket in tickets:
+            started = ticket.generation is not None or self._guard(
+                ticket, lambda t=ticket: setattr(t, "generation", t.make_generation())
+            )
+            if started:
+                runnable.append(ticket)
+        if self._step_batch is not None and len(runnable) > 1:
+            self._advance_batched(runnable)
+        else:
+            for ticket in runnable:
+                if not ticket.cancelled:
+                    self._guard(ticket, lambda t=ticket: self._deliver(t, t.generation.step()))  # type: ignore[union-attr]
+        self.steps_run += 1
+
+    def _advance_batched(self, tickets: list[_Ticket]) -> None:
+        live = [t for t in tickets if not t.cancelled]
+        try:
+            results = self._step_batch([t.generation for t in live])  # type: ignore[misc]
+        except Exception:  # a batch failure is retried one by one, so only the culprit fails
+            log.exception("%s: batched step failed, falling back to single steps", self.name)
+            for ticket in live:
+                self._guard(ticket, lambda t=ticket: self._deliver(t, t.generation.step()))  # type: ignore[union-attr]
+            return
+        for ticket, deltas in zip(live, results, strict=True):
+            self._deliver(ticket, deltas)
+
+    def _deliver(self, ticket: _Ticket, deltas: list[Delta]) -> None:
+        for delta in deltas:
+            ticket.push(delta)
+        if ticket.generation is not None and ticket.generation.finished:
+            ticket.push(_DONE)
+            self._retire(ticket)
+
+    def _guard(self, ticket: _Ticket, action: Callable[[], None]) -> bool:
+        try:
+            action()
+            return True
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                log.warning("%s: out of memory in a request; freeing it", self.name)
+                error: BaseException = EngineOutOfMemory("the GPU ran out of memory for this request, retry shortly")
+            elif isinstance(exc, EngineError):
+                error = exc
+            else:
+                log.exception("%s: generation failed", self.name)
+                error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+            ticket.push(error)
+            self._retire(ticket)
+            if _is_out_of_memory(exc) and self._on_out_of_memory is not None:
+                self._on_out_of_memory()
+            return False
+
+    def _retire(self, ticket: _Ticket) -> None:
+        ticket.cancelled = True
+        if ticket.generation is not None:
+            generation, ticket.generation = ticket.generation, None
+            try:
+                generation.close()
+            except Exception:
+                log.exception("%s: closing a generation failed", self.name)
+        with self._wake:
+            if ticket in self._active:
+                self._active.remove(ticket)
+
+    def _drain_on_close(self) -> None:
+        for ticket in [*self._active, *self._pending]:
+            ticket.push(EngineError("the engine is shutting down"))
+            ticket.cancelled = True
+            if ticket.generation is not None:
+                ticket.generation.close()
+                ticket.generation = None
+        self._active.clear()
+        self._pending.clear()

@@ -1,0 +1,114 @@
+"""A deterministic engine: answers every turn with a fixed text spoken by espeak-ng.
+
+It is the test double of the real engines and a no-GPU demo: a real (robotic) voice, offline,
+streamed in small chunks at a configurable pace, with the text released word by word as the audio
+that speaks it is released, so truncation and barge-in behave as with a streaming model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from omnivox.pipeline.audio import synthesize_speech
+from omnivox.pipeline.engines.base import AudioDelta, Delta, ResponseRequest, TextDelta, TextPart, Usage
+
+DEFAULT_REPLY = "Hello! This is omnivox, a self hosted voice agent. How can I help you today?"
+
+ESPEAK_VOICES = {
+    "alloy": "en-us",
+    "ash": "en-us+m3",
+    "ballad": "en-gb",
+    "coral": "en-us+f3",
+    "echo": "en-us+m1",
+    "sage": "en-us+f2",
+    "shimmer": "en-us+f4",
+    "verse": "en-gb+m3",
+    "marin": "en-us+f1",
+    "cedar": "en-us+m2",
+}
+"""OpenAI voice names -> espeak-ng voices; any other name is passed to espeak-ng as is."""
+
+
+class ScriptedEngine:
+    """Speaks `reply` (or `replies` in turn) for every request; no model, no GPU."""
+
+    name = "scripted"
+    native_rate = 24_000
+
+    def __init__(
+        self,
+        model: str = "scripted",
+        *,
+        reply: str = DEFAULT_REPLY,
+        replies: list[str] | None = None,
+        chunk_ms: int = 40,
+        speed: float = 4.0,
+        first_audio_ms: int = 50,
+        words_per_minute: int = 170,
+        transcript: str = "",
+    ) -> None:
+        """`speed` is how much faster than real time audio is produced (4.0 = a 40 ms chunk every 10 ms);
+        `first_audio_ms` is the simulated time to the first chunk; `transcript` is what `transcribe` returns."""
+        if speed <= 0 or chunk_ms <= 0:
+            raise ValueError("scripted engine: speed and chunk_ms must be positive")
+        self.model_id = model
+        self.replies = list(replies) if replies else [reply]
+        self.chunk_ms = chunk_ms
+        self.speed = speed
+        self.first_audio_ms = first_audio_ms
+        self.words_per_minute = words_per_minute
+        self.transcript = transcript
+        self._turns = 0
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._speech, self.replies[0], "alloy")
+        self._ready = True
+
+    async def close(self) -> None:
+        self._ready = False
+
+    @functools.lru_cache(maxsize=32)  # noqa: B019 - one engine per process; the cache holds a few replies
+    def _speech(self, text: str, voice: str) -> np.ndarray:
+        return synthesize_speech(text, self.native_rate, ESPEAK_VOICES.get(voice, voice), self.words_per_minute)
+
+    def next_reply(self) -> str:
+        reply = self.replies[self._turns % len(self.replies)]
+        self._turns += 1
+        return reply
+
+    async def respond(self, request: ResponseRequest) -> AsyncIterator[Delta]:
+        reply = self.next_reply()
+        words = reply.split(" ")
+        prompt_chars = sum(len(p.text) for m in request.messages for p in m.parts if isinstance(p, TextPart))
+        await asyncio.sleep(self.first_audio_ms / 1000)
+        if not request.output_audio:
+            for index, word in enumerate(words):
+                yield TextDelta(word if index == 0 else " " + word)
+                await asyncio.sleep(0)
+            yield Usage(input_tokens=prompt_chars // 4 + 1, output_tokens=len(words))
+            return
+        audio = await asyncio.to_thread(self._speech, reply, request.voice)
+        chunk = self.native_rate * self.chunk_ms // 1000
+        word_ends = np.cumsum([len(w) + 1 for w in words]) / (len(reply) + 1) * audio.size
+        next_word = 0
+        for start in range(0, audio.size, chunk):
+            end = min(start + chunk, audio.size)
+            while next_word < len(words) and word_ends[next_word] <= end + chunk:
+                yield TextDelta(words[next_word] if next_word == 0 else " " + words[next_word])
+                next_word += 1
+            yield AudioDelta(audio[start:end])
+            await asyncio.sleep(self.chunk_ms / 1000 / self.speed)
+        yield Usage(input_tokens=prompt_chars // 4 + 1, output_tokens=len(words))
+
+    async def transcribe(self, audio: np.ndarray, language: str | None = None, prompt: str = "") -> str:
+        """The scripted recogniser returns its configured transcript (tests set it)."""
+        return self.transcript

@@ -1,0 +1,72 @@
+"""The `omnivox` command: `omnivox serve` runs the server (more subcommands join as doors grow)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from omnivox.server.config import Config, ConfigError, load_config
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if args.host is not None:
+        overrides.setdefault("server", {})["host"] = args.host
+    if args.port is not None:
+        overrides.setdefault("server", {})["port"] = args.port
+    if args.engine is not None:
+        overrides.setdefault("engine", {})["name"] = args.engine
+    if args.model is not None:
+        overrides.setdefault("engine", {})["model"] = args.model
+    return overrides
+
+
+def serve(config: Config) -> None:
+    import uvicorn
+
+    from omnivox.server.app import create_app
+
+    app = create_app(config)
+    uvicorn.run(
+        app,
+        host=config.server.host,
+        port=config.server.port,
+        log_level=config.server.log_level,
+        loop="uvloop" if sys.platform != "win32" else "asyncio",
+        ws="websockets",
+        ws_max_size=2 * config.limits.max_message_bytes + (1 << 20),
+        ws_per_message_deflate=False,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omnivox", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the voice agent server")
+    serve_cmd.add_argument("--config", help="YAML file merged over configs/default.yaml")
+    serve_cmd.add_argument("--host", help="address to listen on (server.host)")
+    serve_cmd.add_argument("--port", type=int, help="port to listen on (server.port)")
+    serve_cmd.add_argument("--engine", help="auto | qwen2.5-omni | qwen3-omni | scripted (engine.name)")
+    serve_cmd.add_argument("--model", help="hub id or local path of the model (engine.model)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        try:
+            config = load_config(args.config, _serve_overrides(args))
+        except ConfigError as exc:
+            print(f"omnivox: {exc}", file=sys.stderr)
+            return 2
+        logging.basicConfig(level=config.server.log_level.upper(), format=LOG_FORMAT)
+        serve(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

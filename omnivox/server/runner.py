@@ -1,0 +1,161 @@
+"""The asyncio shell around one `Session`: every door uses it, so every door behaves the same.
+
+One task pumps inputs and time through the core (so the core is only ever touched by one task),
+and one task per response iterates the engine and feeds its deltas back as inputs. The door
+supplies `emit`, which turns the core's outputs into bytes on its transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from omnivox.pipeline.engines.base import Engine, EngineError, EngineNotReady, ResponseRequest
+from omnivox.pipeline.events import (
+    AudioOut,
+    CancelResponse,
+    EngineDone,
+    EngineFailed,
+    EngineOutput,
+    ProtocolError,
+    ServerEvent,
+    SessionInput,
+    SessionOutput,
+    StartResponse,
+    Tick,
+    error_event,
+)
+from omnivox.pipeline.session import Session
+from omnivox.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[SessionOutput], Awaitable[None]]
+
+
+class SessionRunner:
+    def __init__(
+        self,
+        session: Session,
+        engine: Engine,
+        emit: Emit,
+        *,
+        door: str,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.session = session
+        self.engine = engine
+        self.door = door
+        self.metrics = metrics
+        self._emit = emit
+        self._clock = clock
+        self._inputs: asyncio.Queue[SessionInput | None] = asyncio.Queue()
+        self._engine_tasks: dict[str, asyncio.Task[None]] = {}
+        self._response_started: dict[str, float] = {}
+        self._closed = False
+
+    def feed(self, item: SessionInput) -> None:
+        """Queue an input for the core (from the door's receive loop)."""
+        if not self._closed:
+            self._inputs.put_nowait(item)
+
+    def stop(self) -> None:
+        """Ask `run()` to end (the connection is gone or closing)."""
+        self._inputs.put_nowait(None)
+
+    async def run(self) -> None:
+        """Pump until `stop()`; on exit every engine task of this session is cancelled and awaited."""
+        log.info("%s: session open on %s", self.session.id, self.door)
+        try:
+            await self._dispatch(self.session.start(self._clock()))
+            while True:
+                deadline = self.session.next_deadline()
+                if deadline is None:
+                    item = await self._inputs.get()
+                else:
+                    try:
+                        async with asyncio.timeout(max(0.0, deadline - self._clock())):
+                            item = await self._inputs.get()
+                    except TimeoutError:
+                        item = Tick()
+                if item is None:
+                    break
+                await self._dispatch(self._handle(item))
+        finally:
+            self._closed = True
+            self.session.close()
+            await self._cancel_all()
+            log.info("%s: session closed", self.session.id)
+
+    def _handle(self, item: SessionInput) -> list[SessionOutput]:
+        """A bug in the core fails one input with an error event, never the whole session."""
+        try:
+            return self.session.handle(item, self._clock())
+        except Exception as exc:
+            log.exception("%s: session core failed on %s", self.session.id, type(item).__name__)
+            error = ProtocolError(
+                f"internal error: {type(exc).__name__}", code="internal_error", error_type="server_error"
+            )
+            return [error_event(error)]
+
+    async def _dispatch(self, outputs: list[SessionOutput]) -> None:
+        for output in outputs:
+            if isinstance(output, StartResponse):
+                self._start_engine(output.response_id, output.request)
+            elif isinstance(output, CancelResponse):
+                self._cancel_engine(output.response_id)
+            self._observe(output)
+            await self._emit(output)
+
+    def _observe(self, output: SessionOutput) -> None:
+        if isinstance(output, AudioOut):
+            started = self._response_started.pop(output.response_id, None)
+            if started is not None:
+                self.metrics.first_audio.labels(self.door).observe(self._clock() - started)
+        elif isinstance(output, ServerEvent):
+            if output.type == "response.done":
+                response = output.payload["response"]
+                self._response_started.pop(response["id"], None)
+                self.metrics.responses.labels(self.door, response["status"]).inc()
+                if (response.get("status_details") or {}).get("reason") == "turn_detected":
+                    self.metrics.barge_ins.labels(self.door).inc()
+            elif output.type == "error":
+                self.metrics.protocol_errors.labels(self.door, str(output.payload["error"].get("code"))).inc()
+
+    def _start_engine(self, response_id: str, request: ResponseRequest) -> None:
+        self._response_started[response_id] = self._clock()
+        task = asyncio.create_task(self._run_engine(response_id, request), name=f"engine-{response_id}")
+        self._engine_tasks[response_id] = task
+        task.add_done_callback(lambda _: self._engine_tasks.pop(response_id, None))
+
+    async def _run_engine(self, response_id: str, request: ResponseRequest) -> None:
+        try:
+            if not self.engine.ready:
+                raise EngineNotReady("the engine is not ready (still loading or failed to load)")
+            async for delta in self.engine.respond(request):
+                self.feed(EngineOutput(response_id, delta))
+            self.feed(EngineDone(response_id))
+        except EngineError as exc:
+            log.warning("%s: response %s failed: %s", self.session.id, response_id, exc)
+            self.feed(EngineFailed(response_id, exc.code, str(exc)))
+        except Exception as exc:
+            log.exception("%s: response %s crashed", self.session.id, response_id)
+            self.feed(EngineFailed(response_id, "engine_error", f"{type(exc).__name__}: {exc}"))
+
+    def _cancel_engine(self, response_id: str) -> None:
+        task = self._engine_tasks.pop(response_id, None)
+        if task is not None:
+            log.info("%s: cancelling response %s", self.session.id, response_id)
+            task.cancel()
+
+    async def _cancel_all(self) -> None:
+        tasks = list(self._engine_tasks.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

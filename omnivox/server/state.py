@@ -1,0 +1,76 @@
+"""What all doors share: the configuration, the engine, the metrics and the session count."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from omnivox.pipeline.engines.base import Engine
+from omnivox.pipeline.session import Session, SessionOptions
+from omnivox.pipeline.vad import create_vad
+from omnivox.server.config import Config
+from omnivox.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class SessionLimitReached(Exception):
+    """`server.max_sessions` realtime sessions are open already."""
+
+
+@dataclass
+class ServerState:
+    config: Config
+    engine: Engine
+    metrics: Metrics = field(default_factory=Metrics)
+    sessions_open: int = 0
+    engine_error: str | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.config.engine.served_model_name or self.engine.model_id
+
+    @contextmanager
+    def session_slot(self, door: str) -> Iterator[None]:
+        """Hold one of the `max_sessions` slots for the life of a connection."""
+        if self.sessions_open >= self.config.server.max_sessions:
+            self.metrics.sessions_rejected.labels(door, "limit").inc()
+            raise SessionLimitReached(f"server is at its limit of {self.config.server.max_sessions} sessions")
+        self.sessions_open += 1
+        self.metrics.sessions_total.labels(door).inc()
+        self.metrics.sessions_active.labels(door).inc()
+        try:
+            yield
+        finally:
+            self.sessions_open -= 1
+            self.metrics.sessions_active.labels(door).dec()
+
+    def new_session(
+        self,
+        *,
+        frame_ms: int | None = None,
+        lead_ms: int | None = None,
+        output_rate: int | None = None,
+        server_playout: bool = False,
+        defaults: dict | None = None,
+    ) -> Session:
+        """A session core configured from the server config, with the door's framing."""
+        config = self.config
+        session_defaults = config.session_defaults()
+        if defaults:
+            session_defaults = {**session_defaults, **defaults}
+        options = SessionOptions(
+            model=self.model_name,
+            engine_rate=self.engine.native_rate,
+            frame_ms=frame_ms or config.audio.frame_ms,
+            lead_ms=config.audio.lead_ms if lead_ms is None else lead_ms,
+            output_rate=output_rate,
+            server_playout=server_playout,
+            max_input_buffer_s=config.limits.max_input_buffer_s,
+            min_speech_ms=config.vad.min_speech_ms,
+            defaults=session_defaults,
+        )
+        kind = config.vad.kind
+        return Session(options, vad_factory=lambda: create_vad(kind))

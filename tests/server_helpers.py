@@ -1,0 +1,76 @@
+"""A real omnivox server (uvicorn, websockets protocol) on a free loopback port, in a background thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+
+from omnivox.pipeline.engines.base import Engine
+from omnivox.server.app import create_app
+from omnivox.server.config import Config, load_config
+
+
+@dataclass
+class RunningServer:
+    host: str
+    port: int
+    app: Any
+    config: Config
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.omnivox
+
+
+def scripted_config(**sections: dict[str, Any]) -> Config:
+    """The default config with the scripted engine, fast, plus per-test overrides (nested dicts)."""
+    overrides: dict[str, Any] = {"engine": {"name": "scripted"}, "server": {"log_level": "warning"}}
+    for section, values in sections.items():
+        overrides[section] = {**overrides.get(section, {}), **values}
+    return load_config(overrides=overrides, environ={})
+
+
+@contextmanager
+def running_server(config: Config | None = None, engine: Engine | None = None) -> Iterator[RunningServer]:
+    config = config or scripted_config()
+    app = create_app(config, engine)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=0,
+            loop="asyncio",
+            ws="websockets",
+            lifespan="on",
+            log_level="warning",
+            ws_max_size=2 * config.limits.max_message_bytes + (1 << 20),
+            ws_per_message_deflate=False,
+        )
+    )
+    thread = threading.Thread(target=server.run, name="omnivox-test-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield RunningServer("127.0.0.1", port, app, config)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)

@@ -22,7 +22,8 @@ if [ -f examples/node/package-lock.json ]; then
   (cd examples/node && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
-.venv/bin/ruff check omnivox tests benchmarks
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 set +e
 .venv/bin/python -m pytest -q -rs --durations=15 "$@"
 status=$?

@@ -357,3 +357,17 @@ def test_idle_timeout_triggers_a_response() -> None:
     driver.stream_audio(silence(5.2))
     assert "input_audio_buffer.timeout_triggered" in driver.types()
     assert len(driver.started) == 2
+
+
+def test_audio_item_created_by_the_client_keeps_its_whole_length() -> None:
+    import base64
+
+    from omnivox.pipeline.audio import float_to_pcm16
+
+    driver = CoreDriver.create(turn_detection=None)
+    audio = base64.b64encode(float_to_pcm16(tone(0.5, 24_000))).decode()
+    driver.send(
+        "conversation.item.create",
+        item={"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": audio}]},
+    )
+    assert driver.session.conversation.items[0].audio.size == 8000

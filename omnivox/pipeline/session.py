@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from omnivox.pipeline.audio import Framer, StreamResampler, audio_format
+from omnivox.pipeline.audio import Framer, StreamResampler, audio_format, resample
 from omnivox.pipeline.conversation import Conversation, Item
 from omnivox.pipeline.engines.base import (
     INPUT_RATE,
@@ -400,7 +400,7 @@ class Session:
                 texts.append(part["text"])
             elif kind == "input_audio" and role == "user":
                 samples = self._decode_client_audio(part.get("audio"), f"{param}.audio")
-                audio.append(StreamResampler(audio_format(self.input_format).rate, INPUT_RATE).process(samples))
+                audio.append(resample(samples, audio_format(self.input_format).rate, INPUT_RATE))
                 if isinstance(part.get("transcript"), str):
                     item.transcript = part["transcript"]
             elif kind in ("output_audio", "audio") and role == "assistant":

@@ -371,3 +371,34 @@ def test_audio_item_created_by_the_client_keeps_its_whole_length() -> None:
         item={"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": audio}]},
     )
     assert driver.session.conversation.items[0].audio.size == 8000
+
+
+def test_input_transcription_is_requested_and_reported_per_item() -> None:
+    from omnivox.pipeline.events import TranscribeAudio, TranscriptionDone
+
+    driver = CoreDriver.create(turn_detection=None)
+    driver.send(
+        "session.update",
+        session={"type": "realtime", "audio": {"input": {"transcription": {"model": "whisper-1", "language": "en"}}}},
+    )
+    driver.append_pcm24(tone(0.5, 24_000))
+    orders = [o for o in driver.send("input_audio_buffer.commit") if isinstance(o, TranscribeAudio)]
+    assert len(orders) == 1 and orders[0].language == "en" and orders[0].audio.size == 8000
+    item_id = orders[0].item_id
+    driver.record(driver.session.handle(TranscriptionDone(item_id, "hello there"), driver.now))
+    completed = driver.events[-1]
+    assert completed.type == "conversation.item.input_audio_transcription.completed"
+    assert completed.payload["transcript"] == "hello there"
+    assert completed.payload["usage"] == {"type": "duration", "seconds": 0.5}
+    driver.send("conversation.item.retrieve", item_id=item_id)
+    assert driver.events[-1].payload["item"]["content"][0]["transcript"] == "hello there"
+    driver.record(driver.session.handle(TranscriptionDone(item_id, None, "no recogniser"), driver.now))
+    assert driver.events[-1].type == "conversation.item.input_audio_transcription.failed"
+
+
+def test_no_transcription_requested_by_default() -> None:
+    from omnivox.pipeline.events import TranscribeAudio
+
+    driver = CoreDriver.create(turn_detection=None)
+    driver.append_pcm24(tone(0.5, 24_000))
+    assert not [o for o in driver.send("input_audio_buffer.commit") if isinstance(o, TranscribeAudio)]

@@ -74,7 +74,18 @@ class PlayoutProgress:
     played_ms: float
 
 
-SessionInput = ClientEvent | AudioIn | Tick | EngineOutput | EngineDone | EngineFailed | PlayoutProgress
+@dataclass(frozen=True)
+class TranscriptionDone:
+    """The recogniser's text for a user audio item (`transcript` None when it failed: `error` says why)."""
+
+    item_id: str
+    transcript: str | None
+    error: str | None = None
+
+
+SessionInput = (
+    ClientEvent | AudioIn | Tick | EngineOutput | EngineDone | EngineFailed | PlayoutProgress | TranscriptionDone
+)
 
 
 # ---------------------------------------------------------------- core outputs
@@ -121,7 +132,17 @@ class ClearPlayout:
     response_id: str
 
 
-SessionOutput = ServerEvent | AudioOut | StartResponse | CancelResponse | ClearPlayout
+@dataclass(frozen=True)
+class TranscribeAudio:
+    """Instruction to the shell: transcribe a committed user audio item (session transcription is on)."""
+
+    item_id: str
+    audio: np.ndarray
+    language: str | None = None
+    prompt: str = ""
+
+
+SessionOutput = ServerEvent | AudioOut | StartResponse | CancelResponse | ClearPlayout | TranscribeAudio
 
 
 # ---------------------------------------------------------------- errors

@@ -47,6 +47,8 @@ from omnivox.pipeline.events import (
     SessionOutput,
     StartResponse,
     Tick,
+    TranscribeAudio,
+    TranscriptionDone,
     error_event,
 )
 from omnivox.pipeline.pacer import FramePacer
@@ -205,6 +207,8 @@ class Session:
                     self._on_engine_failed(event, out)
                 case PlayoutProgress():
                     self._on_playout(event)
+                case TranscriptionDone():
+                    self._on_transcription(event, out)
                 case Tick():
                     pass
         except ProtocolError as exc:
@@ -574,6 +578,45 @@ class Session:
         self._buffer, self._buffer_start = [], self._total_samples
         out.append(ServerEvent("input_audio_buffer.committed", {"previous_item_id": before, "item_id": item_id}))
         self._announce_item(item, before, out)
+        transcription = self.config["audio"]["input"].get("transcription")
+        if isinstance(transcription, dict):
+            language = transcription.get("language") if isinstance(transcription.get("language"), str) else None
+            prompt = transcription.get("prompt") if isinstance(transcription.get("prompt"), str) else ""
+            out.append(TranscribeAudio(item_id, item.audio, language, prompt))
+
+    def _on_transcription(self, event: TranscriptionDone, out: list[SessionOutput]) -> None:
+        item = self.conversation.get(event.item_id)
+        if item is None:
+            return  # deleted meanwhile
+        if event.transcript is None:
+            out.append(
+                ServerEvent(
+                    "conversation.item.input_audio_transcription.failed",
+                    {
+                        "item_id": item.id,
+                        "content_index": 0,
+                        "error": {
+                            "type": "transcription_error",
+                            "code": "transcription_failed",
+                            "message": event.error,
+                        },
+                    },
+                )
+            )
+            return
+        item.transcript = event.transcript
+        seconds = round(item.audio.size / INPUT_RATE, 3) if item.audio is not None else 0.0
+        out.append(
+            ServerEvent(
+                "conversation.item.input_audio_transcription.completed",
+                {
+                    "item_id": item.id,
+                    "content_index": 0,
+                    "transcript": event.transcript,
+                    "usage": {"type": "duration", "seconds": seconds},
+                },
+            )
+        )
 
     def _check_idle(self, out: list[SessionOutput]) -> None:
         turns = self._turns

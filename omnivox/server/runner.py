@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from omnivox.pipeline.engines.base import Engine, EngineError, EngineNotReady, ResponseRequest
 from omnivox.pipeline.events import (
@@ -26,6 +27,8 @@ from omnivox.pipeline.events import (
     SessionOutput,
     StartResponse,
     Tick,
+    TranscribeAudio,
+    TranscriptionDone,
     error_event,
 )
 from omnivox.pipeline.session import Session
@@ -108,6 +111,8 @@ class SessionRunner:
                 self._start_engine(output.response_id, output.request)
             elif isinstance(output, CancelResponse):
                 self._cancel_engine(output.response_id)
+            elif isinstance(output, TranscribeAudio):
+                self._start_task(f"transcribe-{output.item_id}", self._transcribe(output))
             self._observe(output)
             await self._emit(output)
 
@@ -128,9 +133,26 @@ class SessionRunner:
 
     def _start_engine(self, response_id: str, request: ResponseRequest) -> None:
         self._response_started[response_id] = self._clock()
-        task = asyncio.create_task(self._run_engine(response_id, request), name=f"engine-{response_id}")
-        self._engine_tasks[response_id] = task
-        task.add_done_callback(lambda _: self._engine_tasks.pop(response_id, None))
+        self._start_task(response_id, self._run_engine(response_id, request))
+
+    def _start_task(self, key: str, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work, name=f"engine-{key}")
+        self._engine_tasks[key] = task
+        task.add_done_callback(lambda _: self._engine_tasks.pop(key, None))
+
+    async def _transcribe(self, order: TranscribeAudio) -> None:
+        """Caller transcripts come from the engine's recogniser, off the turn's critical path."""
+        transcribe = getattr(self.engine, "transcribe", None)
+        if transcribe is None:
+            self.feed(TranscriptionDone(order.item_id, None, f"engine {self.engine.name} cannot transcribe"))
+            return
+        try:
+            text = await transcribe(order.audio, order.language, order.prompt)
+        except Exception as exc:
+            log.warning("%s: transcription of %s failed: %s", self.session.id, order.item_id, exc)
+            self.feed(TranscriptionDone(order.item_id, None, f"{type(exc).__name__}: {exc}"))
+        else:
+            self.feed(TranscriptionDone(order.item_id, text))
 
     async def _run_engine(self, response_id: str, request: ResponseRequest) -> None:
         try:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 
-from omnivox.pipeline.audio import synthesize_speech
-from omnivox.pipeline.engines.base import AudioDelta, Delta, ResponseRequest, TextDelta, TextPart, Usage
+from omnivox.pipeline.audio import float_to_pcm16, synthesize_speech
+from omnivox.pipeline.engines.base import INPUT_RATE, AudioDelta, Delta, ResponseRequest, TextDelta, TextPart, Usage
 
 DEFAULT_REPLY = "Hello! This is omnivox, a self hosted voice agent. How can I help you today?"
 
@@ -64,6 +66,8 @@ class ScriptedEngine:
         self.transcript = transcript
         self._turns = 0
         self._ready = False
+        self._recogniser: Any = None
+        self._recogniser_lock = threading.Lock()
 
     @property
     def ready(self) -> bool:
@@ -110,5 +114,20 @@ class ScriptedEngine:
         yield Usage(input_tokens=prompt_chars // 4 + 1, output_tokens=len(words))
 
     async def transcribe(self, audio: np.ndarray, language: str | None = None, prompt: str = "") -> str:
-        """The scripted recogniser returns its configured transcript (tests set it)."""
-        return self.transcript
+        """The configured `transcript` if set (tests), else offline English recognition with pocketsphinx."""
+        if self.transcript:
+            return self.transcript
+        return await asyncio.to_thread(self._recognise, audio)
+
+    def _recognise(self, audio: np.ndarray) -> str:
+        with self._recogniser_lock:
+            if self._recogniser is None:
+                from pocketsphinx import Decoder  # ships its English model; loaded on first use only
+
+                self._recogniser = Decoder(samprate=INPUT_RATE, loglevel="FATAL")
+            decoder = self._recogniser
+            decoder.start_utt()
+            decoder.process_raw(float_to_pcm16(audio), full_utt=True)
+            decoder.end_utt()
+            hypothesis = decoder.hyp()
+        return hypothesis.hypstr if hypothesis is not None else ""

@@ -1,0 +1,1008 @@
+"""Qwen2.5-Omni engine: text as the thinker writes it, speech as each vocoder chunk is ready.
+
+transformers' `generate()` runs the whole thinker, then the whole talker, then token2wav, so the first sample of
+speech exists only when the answer is complete. This engine drives the same modules step by step:
+
+* the thinker decodes one text token per step; its text is streamed at once;
+* the talker's step k consumes the *reply vector* (last hidden state + input embedding) of thinker token k+1, so
+  the thinker runs exactly one token ahead of the talker; after the thinker's end the talker reads `tts_eos`, then
+  `tts_pad` for ever, as in `generate()`;
+* token2wav (a flow-matching DiT plus BigVGAN) has no chunk API in transformers; `Token2WavStream` re-implements
+  the official schedule (72-mel chunks with 48 mel of past and 24 of look-ahead, BigVGAN re-run with 20 mel of
+  overlap each side) with one seeded noise tensor per utterance, so 480 samples come out per codec code.
+
+Multi-turn: every turn re-encodes the whole conversation (user audio, assistant turns as the text that was heard).
+That keeps no per-session GPU state between turns, so truncated or edited history is always honoured exactly; the
+price is a longer thinker prefill on long conversations (one batched forward, tens of ms on a GPU for a few
+thousand tokens), which `benchmarks/engine_latency.py` reports.
+
+Decode steps run either through the model's own `forward` on growing caches (`EagerDecoder`, the default and the
+reference) or on preallocated slots with fixed shapes (`StaticDecoder`, option `static_cache`), which on CUDA can be
+replayed as CUDA graphs (option `cuda_graphs`). Rope offsets are kept per generation and positions are passed
+explicitly, because the model classes store them on the module and interleaved sessions would overwrite each
+other's. Text-only requests (`output_audio=False`) run the thinker alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Cache, PreTrainedTokenizerBase, Qwen2_5OmniForConditionalGeneration, StaticCache
+from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import RungeKutta4ODESolver
+
+from omnivox.pipeline.engines.base import (
+    INPUT_RATE,
+    AudioDelta,
+    AudioPart,
+    Delta,
+    EngineError,
+    Message,
+    ResponseRequest,
+    SamplingParams,
+    TextDelta,
+    Usage,
+)
+from omnivox.pipeline.engines.qwen_common import (
+    DTYPES,
+    ImageFormat,
+    IncrementalText,
+    ModelInputs,
+    PromptBuilder,
+    PromptFormat,
+    QwenOmniEngine,
+    Runtime,
+    Sampling,
+    TokenSampler,
+    load_pretrained,
+    load_tokenizer,
+    make_generator,
+    options_from_mapping,
+    qwen2_5_audio_tokens,
+    resolve_speaker,
+)
+
+log = logging.getLogger(__name__)
+
+ENGINE_NAME = "qwen2.5-omni"
+DEFAULT_MODEL = "Qwen/Qwen2.5-Omni-7B"
+SYSTEM_PROMPT = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory and "
+    "visual inputs, as well as generating text and speech."
+)
+"""The Qwen2.5-Omni model card requires exactly this system prompt for speech output."""
+
+
+def prompt_format(vision_config: Any) -> PromptFormat:
+    """Qwen2.5-Omni's placeholders; images are cut with the checkpoint's own patch geometry (CLIP normalisation)."""
+    return PromptFormat(
+        audio_start="<|audio_bos|>",
+        audio_placeholder="<|AUDIO|>",
+        audio_end="<|audio_eos|>",
+        audio_tokens=qwen2_5_audio_tokens,
+        image=ImageFormat(
+            start="<|vision_bos|>",
+            placeholder="<|IMAGE|>",
+            end="<|vision_eos|>",
+            patch_size=vision_config.patch_size,
+            temporal_patch_size=vision_config.temporal_patch_size,
+            merge_size=vision_config.spatial_merge_size,
+        ),
+    )
+
+
+TEXT_EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class Qwen25OmniOptions:
+    """The `engine.options` of `qwen2.5-omni` in the YAML config; every field is one documented switch."""
+
+    device: str = "auto"
+    """"auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:N"."""
+    dtype: str = "auto"
+    """Thinker and talker weights: "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32"."""
+    attn_implementation: str = "auto"
+    """"auto" (flash_attention_2 when installed and usable, else sdpa), "sdpa", "eager", "flash_attention_2"."""
+    voice: str = "Chelsie"
+    """Speaker for requests whose voice maps to no speaker of the checkpoint (Chelsie or Ethan)."""
+    system_prompt: str = SYSTEM_PROMPT
+    """The model's system prompt; the caller's instructions are appended to it. The official one is needed for
+    speech output: change it only for text-only use."""
+    max_active: int = 4
+    """Generations whose steps interleave on the GPU; more requests wait in the queue."""
+    max_queued: int = 16
+    """Requests allowed to wait; beyond this the engine answers `server_busy`."""
+    enable_audio: bool = True
+    """False drops the talker and token2wav after loading (1.8 B parameters less): a text-only engine."""
+    max_text_tokens: int = 1024
+    """Longest answer in text tokens when the request does not say (`max_tokens`)."""
+    max_audio_codes: int = 4096
+    """Longest spoken answer in codec codes (20 ms each: 82 s), as `generate()`'s `talker_max_new_tokens`."""
+    talker_temperature: float = 0.9
+    """Codec sampling temperature (`generate()` default); 0 makes the talker greedy."""
+    talker_top_k: int = 40
+    talker_top_p: float = 0.8
+    talker_repetition_penalty: float = 1.05
+    talker_attention_mask: bool = True
+    """Give the talker its attention mask, as the model code is written: TMRoPE positions and the codec pad/bos
+    prefill embeddings are applied only then. transformers 5.23's `generate()` drops an all-ones mask and so runs
+    the talker without both; False reproduces `generate()` exactly (the tests use it)."""
+    dit_steps: int = 10
+    """ODE steps of the token2wav DiT (the official 10). Fewer steps cut vocoder time proportionally; 5 steps moved
+    the mel by 2.7 % (random weights, so not a quality measure): listen before lowering it."""
+    dit_dtype: str = "float32"
+    """DiT precision: the official float32, or bfloat16 (on an H100 about 1.1x faster eager and 2.7x inside a CUDA
+    graph, mel deviation 0.65 % on random weights). BigVGAN always stays in float32."""
+    first_chunk_codes: int = 48
+    """Codes (20 ms each) before the first vocoder chunk. 48 is the official schedule (72 mel kept, 24 of
+    look-ahead, 0.52 s of audio first). Fewer gives earlier first audio with less look-ahead for the first chunk
+    (down to 24: 48 mel kept with no look-ahead, 0.28 s of audio first), at the risk of a gap before chunk two."""
+    static_cache: bool = False
+    """Decode on `max_active` preallocated KV slots with fixed shapes instead of growing caches. Same tokens (checked
+    on CPU); costs slot memory up front (7B: about 0.6 GB per slot at the default lengths). Needed by `cuda_graphs`."""
+    static_cache_tokens: int = 4096
+    """Thinker slot length (prompt + answer); the talker slot adds `max_audio_codes`. A longer prompt falls back to
+    the growing-cache path for that request."""
+    cuda_graphs: bool = False
+    """Replay each thinker and talker decode step as a CUDA graph (needs `static_cache` and a CUDA device). On an
+    H100 at 7B size this took steps from 20/17 ms to 8.6/3.9 ms (research measurement); graphs are captured per slot
+    at start-up. Not verified bit-exact against the eager path in bf16 (masked SDPA over the slot differs in
+    rounding)."""
+
+    dit_cuda_graph: bool = False
+    """Replay the whole DiT integration of the regular chunk windows as one CUDA graph each (needs CUDA). Same math;
+    on an H100 a 144-mel window took 56 ms instead of 305 ms (bf16, 5 steps) and 344 instead of 736 ms (fp32, 10
+    steps) in the research measurement. Captured at start-up (about 1 s per window length)."""
+
+    def __post_init__(self) -> None:
+        if self.cuda_graphs and not self.static_cache:
+            raise ValueError("cuda_graphs needs static_cache: true")
+        if self.static_cache and not self.enable_audio:
+            raise ValueError("static_cache holds talker slots too: it needs enable_audio: true")
+        if self.dit_dtype not in DTYPES:
+            raise ValueError(f"dit_dtype must be one of {list(DTYPES)}, got {self.dit_dtype!r}")
+        if not 2 <= self.dit_steps <= 64:
+            raise ValueError(f"dit_steps must be in [2, 64], got {self.dit_steps}")
+        if self.first_chunk_codes < Token2WavStream.MIN_FIRST_CHUNK_CODES:
+            raise ValueError(f"first_chunk_codes must be >= {Token2WavStream.MIN_FIRST_CHUNK_CODES}")
+        for name in ("max_active", "max_text_tokens", "max_audio_codes", "static_cache_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+    @property
+    def talker_sampling(self) -> Sampling:
+        return Sampling(
+            temperature=self.talker_temperature,
+            top_k=self.talker_top_k,
+            top_p=self.talker_top_p,
+            repetition_penalty=self.talker_repetition_penalty,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- token2wav streaming
+class DitSolver:
+    """The DiT's flow-matching ODE from a caller-given noise window (`DiT.sample()` draws its own noise).
+
+    RK4 over `steps` time points with the sway schedule and classifier-free guidance 0.5, as `DiT.sample()`. The ODE
+    state stays float32 whatever the DiT's dtype. Time points are Python floats, so an integration never waits for
+    the device and can be captured: with `graphs`, the windows of `graph_lengths` mel (the schedule's regular
+    windows) are each captured once as one CUDA graph and replayed; other lengths (the last chunk) run eagerly.
+    """
+
+    GUIDANCE_SCALE = 0.5
+    SWAY_COEFFICIENT = -1.0
+
+    def __init__(
+        self, dit: torch.nn.Module, *, steps: int, graphs: bool = False, graph_lengths: tuple[int, ...] = ()
+    ) -> None:
+        self._dit = dit
+        self.dtype = next(dit.parameters()).dtype
+        uniform = [index / (steps - 1) for index in range(steps)]
+        self._times = [t + self.SWAY_COEFFICIENT * (math.cos(math.pi / 2 * t) - 1 + t) for t in uniform]
+        self._graphs = graphs
+        self._graph_lengths = set(graph_lengths)
+        self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
+
+    def solve(
+        self, noise: torch.Tensor, codes: torch.Tensor, conditioning: torch.Tensor, reference_mel: torch.Tensor
+    ) -> torch.Tensor:
+        """noise `[1, T, mel]` float32, codes `[1, T/2]`, speaker conditioning `[1, C]`, reference mel `[1, R, mel]`
+        -> mel `[1, mel, T]` float32."""
+        if not self._graphs or noise.shape[1] not in self._graph_lengths:
+            return self._integrate(noise, codes, conditioning, reference_mel)
+        key = (noise.shape[1], reference_mel.shape[1])
+        if key not in self._captured:
+            self._captured[key] = self._capture(noise, codes, conditioning, reference_mel)
+        graph, buffers, output = self._captured[key]
+        for buffer, value in zip(buffers, (noise, codes, conditioning, reference_mel), strict=True):
+            buffer.copy_(value)
+        graph.replay()
+        return output.clone()
+
+    def _integrate(
+        self, noise: torch.Tensor, codes: torch.Tensor, conditioning: torch.Tensor, reference_mel: torch.Tensor
+    ) -> torch.Tensor:
+        speaker = conditioning.to(self.dtype).unsqueeze(1).repeat(1, noise.shape[1], 1)
+        reference = reference_mel.to(self.dtype)
+
+        def velocity(time: float, state: torch.Tensor) -> torch.Tensor:
+            output = self._dit(
+                hidden_states=state.to(self.dtype),
+                quantized_code=codes,
+                speaker_embedding=speaker,
+                condition_vector=reference,
+                time_step=torch.full((), time, device=state.device, dtype=self.dtype),
+                apply_cfg=True,
+            ).float()
+            guided, unguided = torch.chunk(output, 2, dim=0)
+            return guided + (guided - unguided) * self.GUIDANCE_SCALE
+
+        trajectory = RungeKutta4ODESolver(function=velocity, initial_value=noise.float()).integrate(self._times)
+        return trajectory[-1].permute(0, 2, 1)
+
+    def _capture(
+        self, noise: torch.Tensor, codes: torch.Tensor, conditioning: torch.Tensor, reference_mel: torch.Tensor
+    ) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]:
+        buffers = tuple(value.clone() for value in (noise, codes, conditioning, reference_mel))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._integrate(*buffers)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = self._integrate(*buffers)
+        log.info("%s: captured the DiT integration for %d mel frames", ENGINE_NAME, noise.shape[1])
+        return graph, buffers, output
+
+
+class Token2WavStream:
+    """Codec codes in, 24 kHz PCM out, chunk by chunk, in the official Qwen2.5-Omni streaming schedule.
+
+    Codes are 50 Hz and the DiT works on 100 Hz mel (2 mel per code); BigVGAN makes 240 samples per mel. Chunk i
+    keeps mel [b_i, b_i+1): the DiT sees that span plus 48 mel of past and 24 of look-ahead, starting from the same
+    slice of one noise tensor drawn for the whole utterance, so overlapping windows agree. BigVGAN runs on the last
+    40 mel of the previous chunk plus the new ones and the 20 mel at each edge are dropped (the edges of a
+    convolution stack are wrong), except at the very start and end. Every code thus yields exactly 480 samples.
+    """
+
+    MEL_PER_CODE = 2
+    CHUNK_MEL = 72
+    PAST_MEL = 48
+    FUTURE_MEL = 24
+    OVERLAP_MEL = 20
+    MIN_FIRST_CHUNK_CODES = OVERLAP_MEL  # the first chunk must outlast the BigVGAN overlap it loses at its end
+
+    def __init__(
+        self,
+        token2wav: torch.nn.Module,
+        solver: DitSolver,
+        *,
+        conditioning: torch.Tensor,
+        reference_mel: torch.Tensor,
+        max_codes: int,
+        generator: torch.Generator,
+        first_chunk_codes: int = 48,
+    ) -> None:
+        self._solver = solver
+        self._bigvgan = token2wav.code2wav_bigvgan_model
+        self._device = conditioning.device
+        self._conditioning = conditioning
+        self._reference_mel = reference_mel
+        self.samples_per_mel = int(np.prod(self._bigvgan.config.upsample_rates))
+        mel_dim = token2wav.code2wav_dit_model.mel_dim
+        self.noise = torch.randn(
+            1, max_codes * self.MEL_PER_CODE, mel_dim, generator=generator, device=generator.device
+        ).to(self._device)
+        first_mel = first_chunk_codes * self.MEL_PER_CODE
+        self._first_look_ahead = min(self.FUTURE_MEL, max(0, first_mel - self.CHUNK_MEL))
+        self._next_end = first_mel - self._first_look_ahead  # end (exclusive) of the chunk being waited for
+        self._start = 0  # start of that chunk
+        self._chunks = 0
+        self._codes: list[int] = []
+        self._previous_mel: torch.Tensor | None = None
+
+    @property
+    def codes(self) -> int:
+        return len(self._codes)
+
+    def push(self, code: int) -> list[np.ndarray]:
+        """Add one code; returns the PCM of every chunk that became ready (usually none)."""
+        self._codes.append(code)
+        ready = []
+        while len(self._codes) * self.MEL_PER_CODE >= self._next_end + self._look_ahead():
+            ready.append(self._chunk(final=False))
+        return ready
+
+    def flush(self) -> list[np.ndarray]:
+        """The rest of the utterance (end of speech)."""
+        if len(self._codes) * self.MEL_PER_CODE <= self._start:
+            return []
+        return [self._chunk(final=True)]
+
+    def denoise(self, noise: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Mel `[1, 80, T]` for a noise slice and its codes, with this utterance's speaker."""
+        return self._solver.solve(noise, codes, self._conditioning, self._reference_mel)
+
+    @staticmethod
+    def regular_windows(first_chunk_codes: int) -> tuple[int, ...]:
+        """The DiT window lengths (mel) of the first and of the steady chunks: the ones worth a CUDA graph."""
+        first_mel = first_chunk_codes * Token2WavStream.MEL_PER_CODE
+        first_end = first_mel - min(Token2WavStream.FUTURE_MEL, max(0, first_mel - Token2WavStream.CHUNK_MEL))
+        second = min(first_end, Token2WavStream.PAST_MEL) + Token2WavStream.CHUNK_MEL + Token2WavStream.FUTURE_MEL
+        steady = Token2WavStream.PAST_MEL + Token2WavStream.CHUNK_MEL + Token2WavStream.FUTURE_MEL
+        return tuple(sorted({first_mel, second, steady}))
+
+    def vocode(self, mel: torch.Tensor) -> torch.Tensor:
+        return self._bigvgan(mel.float()).reshape(-1)
+
+    def _look_ahead(self) -> int:
+        return self._first_look_ahead if self._chunks == 0 else self.FUTURE_MEL
+
+    def _chunk(self, *, final: bool) -> np.ndarray:
+        total = len(self._codes) * self.MEL_PER_CODE
+        end = total if final else self._next_end
+        window_start = max(self._start - self.PAST_MEL, 0)
+        window_end = total if final else end + self._look_ahead()
+        codes = torch.tensor([self._codes[window_start // 2 : window_end // 2]], device=self._device)
+        mel = self.denoise(self.noise[:, window_start:window_end], codes)
+        kept = mel[:, :, self._start - window_start : end - window_start]
+        if self._previous_mel is not None:
+            kept = torch.cat([self._previous_mel[:, :, -2 * self.OVERLAP_MEL :], kept], dim=2)
+        wav = self.vocode(kept)
+        edge = self.OVERLAP_MEL * self.samples_per_mel
+        first = 0 if self._previous_mel is None else edge
+        last = wav.shape[0] if final else wav.shape[0] - edge
+        self._previous_mel = kept
+        self._chunks += 1
+        self._start, self._next_end = end, end + self.CHUNK_MEL
+        return wav[first:last].float().cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------- decode steps
+class EagerDecoder:
+    """Decode steps through the model's own `forward` on growing `DynamicCache`s: the reference path."""
+
+    def __init__(self, model: Qwen2_5OmniForConditionalGeneration) -> None:
+        self._model = model
+        self._thinker_cache: Cache | None = None
+        self._thinker_rope_delta = 0
+        self._talker_cache: Cache | None = None
+        self._talker_rope_delta = 0
+
+    def begin_thinker(self, cache: Cache, rope_delta: int) -> None:
+        self._thinker_cache, self._thinker_rope_delta = cache, rope_delta
+
+    def thinker_step(self, token: torch.Tensor, *, want_reply: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Feed one text token `[1, 1]`: (its reply vector `[1, hidden]` if wanted, next-token logits `[1, vocab]`)."""
+        assert self._thinker_cache is not None
+        output = self._model.thinker(
+            input_ids=token,
+            position_ids=_position(self._thinker_cache.get_seq_length() + self._thinker_rope_delta, token.device),
+            past_key_values=self._thinker_cache,
+            use_cache=True,
+            output_hidden_states=want_reply,
+        )
+        reply = output.hidden_states[-1][:, -1] + output.hidden_states[0][:, -1] if want_reply else None
+        return reply, output.logits[:, -1]
+
+    def begin_talker(self, cache: Cache, rope_delta: int) -> None:
+        self._talker_cache, self._talker_rope_delta = cache, rope_delta
+
+    def talker_step(self, code: torch.Tensor, reply: torch.Tensor) -> torch.Tensor:
+        """Feed one codec code `[1, 1]` plus the reply vector of its text slot: next-code logits `[1, codec vocab]`."""
+        assert self._talker_cache is not None
+        output = self._model.talker(
+            input_ids=code,
+            thinker_reply_part=reply[:, None],
+            position_ids=_position(self._talker_cache.get_seq_length() + self._talker_rope_delta, code.device),
+            past_key_values=self._talker_cache,
+            use_cache=True,
+        )
+        return output.logits[:, -1]
+
+    def end_talker(self) -> None:
+        self._talker_cache = None
+
+    def release(self) -> None:
+        self._thinker_cache = self._talker_cache = None
+
+
+class StaticDecoder:
+    """A reusable decode slot: preallocated KV caches and fixed input buffers, so a decode step has fixed shapes and
+    never waits for the host; with `graphs` each step is captured once in a CUDA graph and replayed.
+
+    The prefills stay eager (their lengths vary); their KV is copied into the slot. Positions are explicit mrope
+    positions and attention goes through a boolean mask over the whole slot. The engine keeps `max_active` slots,
+    so graphs are captured once per slot (about 0.1-0.8 s each at 7B size, measured in the research).
+    """
+
+    def __init__(
+        self, model: Qwen2_5OmniForConditionalGeneration, *, thinker_tokens: int, talker_tokens: int, graphs: bool
+    ) -> None:
+        thinker, talker = model.thinker, model.talker
+        device = next(thinker.parameters()).device
+        self.thinker_tokens, self.talker_tokens, self._graphs = thinker_tokens, talker_tokens, graphs
+        self._text_model, self._text_embed, self._lm_head = (
+            thinker.model.language_model,
+            thinker.get_input_embeddings(),
+            thinker.lm_head,
+        )
+        self._talker_model, self._codec_embed = talker.model, talker.get_input_embeddings()
+        self._to_talker, self._codec_head = talker.thinker_to_talker_proj, talker.codec_head
+        self._thinker_cache = StaticCache(config=self._text_model.config, max_cache_len=thinker_tokens)
+        self._talker_cache = StaticCache(config=self._talker_model.config, max_cache_len=talker_tokens)
+        self._token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self._thinker_position = torch.zeros(3, 1, 1, dtype=torch.long, device=device)
+        self._thinker_mask = torch.zeros(1, 1, 1, thinker_tokens, dtype=torch.bool, device=device)
+        self._code = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self._reply = torch.zeros(
+            1, 1, self._text_embed.weight.shape[1], dtype=self._text_embed.weight.dtype, device=device
+        )
+        self._talker_position = torch.zeros(3, 1, 1, dtype=torch.long, device=device)
+        self._talker_mask = torch.zeros(1, 1, 1, talker_tokens, dtype=torch.bool, device=device)
+        self._thinker_length = self._talker_length = 0
+        self._thinker_rope_delta = self._talker_rope_delta = 0
+        self._captured: dict[str, tuple[torch.cuda.CUDAGraph, Any]] = {}
+
+    def begin_thinker(self, cache: Cache, rope_delta: int) -> None:
+        self._thinker_length = _copy_into(self._thinker_cache, cache)
+        self._thinker_rope_delta = rope_delta
+        self._thinker_mask.zero_()
+        self._thinker_mask[..., : self._thinker_length] = True
+
+    def thinker_step(self, token: torch.Tensor, *, want_reply: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if self._thinker_length >= self.thinker_tokens:
+            raise EngineError(f"{ENGINE_NAME}: the answer outgrew static_cache_tokens ({self.thinker_tokens})")
+        self._token.copy_(token)
+        self._thinker_position.fill_(self._thinker_length + self._thinker_rope_delta)
+        self._thinker_mask[..., self._thinker_length] = True
+        self._thinker_length += 1
+        reply, logits = self._run("thinker", self._thinker_forward, self._thinker_cache)
+        return (reply.clone() if want_reply else None), logits.clone()
+
+    def begin_talker(self, cache: Cache, rope_delta: int) -> None:
+        self._talker_length = _copy_into(self._talker_cache, cache)
+        self._talker_rope_delta = rope_delta
+        self._talker_mask.zero_()
+        self._talker_mask[..., : self._talker_length] = True
+
+    def talker_step(self, code: torch.Tensor, reply: torch.Tensor) -> torch.Tensor:
+        if self._talker_length >= self.talker_tokens:
+            raise EngineError(f"{ENGINE_NAME}: the speech outgrew the static talker cache ({self.talker_tokens})")
+        self._code.copy_(code)
+        self._reply.copy_(reply.reshape(self._reply.shape))
+        self._talker_position.fill_(self._talker_length + self._talker_rope_delta)
+        self._talker_mask[..., self._talker_length] = True
+        self._talker_length += 1
+        return self._run("talker", self._talker_forward, self._talker_cache).clone()
+
+    def end_talker(self) -> None:
+        """Nothing to free: the slot is reused by the next request."""
+
+    def release(self) -> None:
+        """Nothing to free: the slot is reused by the next request."""
+
+    def _thinker_forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self._text_embed(self._token)
+        hidden = self._text_model(
+            inputs_embeds=embedding,
+            position_ids=self._thinker_position,
+            attention_mask=self._thinker_mask,
+            past_key_values=self._thinker_cache,
+            use_cache=True,
+        ).last_hidden_state
+        return hidden[:, -1] + embedding[:, -1], self._lm_head(hidden[:, -1])
+
+    def _talker_forward(self) -> torch.Tensor:
+        inputs = self._to_talker(self._codec_embed(self._code) + self._reply)
+        hidden = self._talker_model(
+            inputs_embeds=inputs,
+            position_ids=self._talker_position,
+            attention_mask=self._talker_mask,
+            past_key_values=self._talker_cache,
+            use_cache=True,
+        ).last_hidden_state
+        return self._codec_head(hidden[:, -1]).float()
+
+    def _run(self, name: str, forward: Callable[[], Any], cache: StaticCache) -> Any:
+        if not self._graphs:
+            return forward()
+        if name not in self._captured:
+            self._captured[name] = _capture(forward, cache)
+        graph, outputs = self._captured[name]
+        graph.replay()
+        return outputs
+
+
+def _copy_into(static: StaticCache, dynamic: Cache) -> int:
+    """Copy a prefill's KV into a static cache; returns the prefill length."""
+    length = dynamic.get_seq_length()
+    if length >= static.layers[0].max_cache_len:
+        raise EngineError(f"{ENGINE_NAME}: the prompt ({length} tokens) does not fit the static cache")
+    for static_layer, dynamic_layer in zip(static.layers, dynamic.layers, strict=True):
+        if not static_layer.is_initialized:
+            static_layer.lazy_initialization(dynamic_layer.keys, dynamic_layer.values)
+        static_layer.keys[:, :, :length].copy_(dynamic_layer.keys)
+        static_layer.values[:, :, :length].copy_(dynamic_layer.values)
+        static_layer.cumulative_length.fill_(length)
+    return length
+
+
+def _capture(forward: Callable[[], Any], cache: StaticCache) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Record one decode step in a CUDA graph (after two warm-up runs on a side stream, as PyTorch requires)."""
+    lengths = [layer.cumulative_length.clone() for layer in cache.layers]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = forward()
+    for layer, length in zip(cache.layers, lengths, strict=True):  # the warm-up runs advanced the cache
+        layer.cumulative_length.copy_(length)
+    return graph, outputs
+
+
+def _position(value: int, device: torch.device) -> torch.Tensor:
+    """`[3, 1, 1]` mrope position of the next token (text positions are equal on all three axes)."""
+    return torch.full((3, 1, 1), value, dtype=torch.long, device=device)
+
+
+# ---------------------------------------------------------------------------------------------- one request
+@dataclass(frozen=True)
+class TurnPlan:
+    """Everything decided per request before the GPU sees it."""
+
+    inputs: ModelInputs
+    speaker: str
+    text_sampling: Sampling
+    max_text_tokens: int
+    output_audio: bool
+    seed: int | None
+    max_audio_codes: int
+    request_id: str = ""
+
+
+class Qwen25Generation:
+    """One request: thinker, talker and token2wav advanced together.
+
+    Step 0 runs the thinker prefill, feeds the first text token (the talker prefill needs its reply vector) and
+    runs the talker prefill. Every later step draws one codec code, feeds it to the vocoder stream, advances the
+    thinker by one token and runs one talker step. Text-only requests advance the thinker alone.
+    """
+
+    def __init__(self, engine: Qwen25OmniEngine, plan: TurnPlan) -> None:
+        model = engine.model
+        self._model = model
+        self._engine = engine
+        self._plan = plan
+        self._options = engine.options
+        self._device = engine.runtime.device
+        self._text = IncrementalText(engine.tokenizer)
+        self._eos_ids = engine.text_eos_ids
+        generator, seed = make_generator(plan.seed, self._device)
+        log.debug(
+            "%s: request %r, %d prompt tokens, seed %d", ENGINE_NAME, plan.request_id, plan.inputs.prompt_tokens, seed
+        )
+        self._generator = generator
+        self._audio = plan.output_audio and engine.audio_enabled
+        self._text_sampler = TokenSampler(plan.text_sampling, generator)
+        self.text_ids: list[int] = []
+        self.codes: list[int] = []
+        self._text_history: list[int] = plan.inputs.input_ids[0].tolist()
+        self._started = False
+        self._finished = False
+        self._decoder: EagerDecoder | StaticDecoder | None = None
+        self.decoding = ""
+        """"static" (a preallocated slot) or "eager" (growing caches), once the prefill has run."""
+        self._thinker_done = False
+        self._replies: list[torch.Tensor] = []
+        self._talker_logits: torch.Tensor | None = None
+        self._talker_history: list[int] = []
+        self._talker_done = not self._audio
+        self._talker_sampler: TokenSampler | None = None
+        self._vocoder: Token2WavStream | None = None
+        self._tts_eos: torch.Tensor | None = None
+        self._tts_pad: torch.Tensor | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def close(self) -> None:
+        """Drop every cache and tensor of this request so its memory can be reused at once."""
+        if self._decoder is not None:
+            self._engine.release_decoder(self._decoder)
+            self._decoder = None
+        self._talker_logits = None
+        self._replies = []
+        self._vocoder = None
+        self._finished = True
+
+    @torch.inference_mode()
+    def step(self) -> list[Delta]:
+        deltas: list[Delta] = []
+        if not self._started:
+            self._started = True
+            self._prefill(deltas)
+        elif not self._talker_done:
+            self._talker_step(deltas)
+        else:
+            self._advance_thinker(deltas)
+        if self._thinker_done and self._talker_done:
+            tail = self._text.flush()
+            if tail:
+                deltas.append(TextDelta(tail))
+            deltas.append(Usage(input_tokens=self._plan.inputs.prompt_tokens, output_tokens=self._output_tokens()))
+            self.close()
+        return deltas
+
+    # -------------------------------------------------------------------------------- thinker
+    def _prefill(self, deltas: list[Delta]) -> None:
+        thinker = self._model.thinker
+        inputs = self._plan.inputs.tensors(self._device, self._engine.runtime.dtype)
+        output = thinker(**inputs, use_cache=True, output_hidden_states=self._audio)
+        self._decoder = self._engine.acquire_decoder(self._plan)
+        self.decoding = "static" if isinstance(self._decoder, StaticDecoder) else "eager"
+        self._decoder.begin_thinker(output.past_key_values, int(thinker.model.rope_deltas.reshape(-1)[0]))
+        self._accept_text(self._text_sampler(output.logits[:, -1], self._history_tensor()), deltas)
+        if not self._audio:
+            return
+        input_ids = inputs["input_ids"]
+        embeddings = output.hidden_states[0].clone()
+        config = self._model.config.thinker_config
+        multimodal = (input_ids == config.audio_token_index) | (input_ids == config.image_token_index)
+        embeddings[multimodal] = 0  # generate() hides audio and image positions from the talker
+        prompt = output.hidden_states[-1] + embeddings
+        del output
+        self._advance_thinker(deltas)
+        self._talker_prefill(input_ids, prompt, inputs.get("feature_attention_mask"), inputs.get("image_grid_thw"))
+
+    def _advance_thinker(self, deltas: list[Delta]) -> None:
+        """Feed the newest text token: its reply vector for the talker and the next token (the thinker runs ahead)."""
+        if self._thinker_done:
+            return
+        newest = self.text_ids[-1]
+        talker_listens = self._audio and not self._talker_done
+        if newest in self._eos_ids or len(self.text_ids) >= self._plan.max_text_tokens:
+            self._thinker_done = True  # the last token is never fed: its talker slot carries tts_eos instead
+            if talker_listens:
+                self._replies.append(self._tts_embedding("eos"))
+            return
+        assert self._decoder is not None
+        token = torch.tensor([[newest]], device=self._device)
+        reply, logits = self._decoder.thinker_step(token, want_reply=talker_listens)
+        if reply is not None:
+            self._replies.append(reply)
+        self._accept_text(self._text_sampler(logits, self._history_tensor()), deltas)
+
+    def _accept_text(self, token_id: int, deltas: list[Delta]) -> None:
+        self.text_ids.append(token_id)
+        self._text_history.append(token_id)
+        if token_id in self._eos_ids:
+            return
+        text = self._text.push(token_id)
+        if text:
+            deltas.append(TextDelta(text))
+
+    def _history_tensor(self) -> torch.Tensor:
+        """The ids `generate()` would hold (prompt and answer so far); only a repetition penalty reads them."""
+        history = self._text_history if self._text_sampler.needs_history else self._text_history[-1:]
+        return torch.tensor([history], device=self._device)
+
+    def _output_tokens(self) -> int:
+        return sum(1 for token in self.text_ids if token not in self._eos_ids)
+
+    # -------------------------------------------------------------------------------- talker + vocoder
+    def _talker_prefill(
+        self,
+        input_ids: torch.Tensor,
+        prompt: torch.Tensor,
+        feature_attention_mask: torch.Tensor | None,
+        image_grid_thw: torch.Tensor | None,
+    ) -> None:
+        model, talker = self._model, self._model.talker
+        speaker = model.speaker_map[self._plan.speaker]
+        speaker_bos = torch.tensor([[speaker["bos_token"]]], device=self._device)
+        embeddings = torch.cat(
+            [prompt, model.thinker.get_input_embeddings()(speaker_bos), self._replies[0][:, None]], dim=1
+        )
+        codec_prefix = [talker.codec_mask_token] * input_ids.shape[1] + [talker.codec_pad_token, talker.codec_bos_token]
+        self._talker_history = list(codec_prefix)
+        attention_mask = None
+        if self._options.talker_attention_mask:
+            attention_mask = torch.ones(1, embeddings.shape[1], dtype=torch.long, device=self._device)
+        output = talker(
+            input_ids=torch.tensor([codec_prefix], device=self._device),
+            input_text_ids=torch.cat(
+                [input_ids, speaker_bos, torch.tensor([self.text_ids[:1]], device=self._device)], 1
+            ),
+            inputs_embeds=embeddings,
+            attention_mask=attention_mask,
+            audio_feature_lengths=None if feature_attention_mask is None else feature_attention_mask.sum(1),
+            image_grid_thw=image_grid_thw,
+            use_cache=True,
+        )
+        assert self._decoder is not None
+        rope_delta = int(talker.rope_deltas.reshape(-1)[0]) if attention_mask is not None else 0
+        self._decoder.begin_talker(output.past_key_values, rope_delta)
+        self._talker_logits = output.logits[:, -1]
+        self._talker_sampler = TokenSampler(
+            self._options.talker_sampling,
+            self._generator,
+            suppress_ids=(talker.codec_bos_token,),
+            extra=(self._engine.codebook_guard,),
+        )
+        self._vocoder = Token2WavStream(
+            model.token2wav,
+            self._engine.dit_solver,
+            conditioning=speaker["cond"].to(self._device).float(),
+            reference_mel=speaker["ref_mel"].to(self._device).float(),
+            max_codes=self._plan.max_audio_codes,
+            generator=self._generator,
+            first_chunk_codes=self._options.first_chunk_codes,
+        )
+
+    def _talker_step(self, deltas: list[Delta]) -> None:
+        assert self._talker_sampler is not None and self._vocoder is not None and self._talker_logits is not None
+        needed = self._talker_sampler.needs_history
+        history = torch.tensor([self._talker_history if needed else self._talker_history[-1:]], device=self._device)
+        code = self._talker_sampler(self._talker_logits, history)
+        if code in self._engine.codec_stop_ids:
+            self._finish_speech(deltas)
+            return
+        self.codes.append(code)
+        self._talker_history.append(code)
+        deltas.extend(AudioDelta(pcm) for pcm in self._vocoder.push(code))
+        if len(self.codes) >= self._plan.max_audio_codes:
+            self._finish_speech(deltas)
+            return
+        self._advance_thinker(deltas)
+        step = len(self.codes)
+        reply = self._replies[step] if step < len(self._replies) else self._tts_embedding("pad")
+        assert self._decoder is not None
+        self._talker_logits = self._decoder.talker_step(torch.tensor([[code]], device=self._device), reply)
+
+    def _finish_speech(self, deltas: list[Delta]) -> None:
+        assert self._vocoder is not None
+        deltas.extend(AudioDelta(pcm) for pcm in self._vocoder.flush())
+        self._talker_done = True
+        if self._decoder is not None:
+            self._decoder.end_talker()
+        self._talker_logits = None
+        self._replies = []
+        self._vocoder = None
+
+    def _tts_embedding(self, which: str) -> torch.Tensor:
+        if self._tts_eos is None or self._tts_pad is None:
+            talker = self._model.talker
+            ids = torch.tensor([talker.text_eos_token, talker.text_pad_token], device=self._device)
+            self._tts_eos, self._tts_pad = self._model.thinker.get_input_embeddings()(ids).split(1)
+        return self._tts_eos if which == "eos" else self._tts_pad
+
+
+class CodebookGuard:
+    """Keeps the talker on ids token2wav can embed (the codebook) plus its stop ids. A trained talker stays there by
+    itself; an untrained or unlucky one would otherwise crash the vocoder with an index error."""
+
+    def __init__(self, codebook_size: int, stop_ids: tuple[int, ...]) -> None:
+        self._codebook_size = codebook_size
+        self._stop_ids = list(stop_ids)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        kept = scores[..., self._stop_ids].clone()
+        scores[..., self._codebook_size :] = -float("inf")
+        scores[..., self._stop_ids] = kept
+        return scores
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+class Qwen25OmniEngine(QwenOmniEngine):
+    """Qwen2.5-Omni 3B/7B (or any local checkpoint of that architecture) streamed through one GPU worker."""
+
+    name = ENGINE_NAME
+
+    def __init__(self, model: str = DEFAULT_MODEL, **options: Any) -> None:
+        self.options = options_from_mapping(Qwen25OmniOptions, options, engine=ENGINE_NAME)
+        super().__init__(model, max_active=self.options.max_active, max_queued=self.options.max_queued)
+        self.runtime = Runtime.resolve(
+            device=self.options.device,
+            dtype=self.options.dtype,
+            attn_implementation=self.options.attn_implementation,
+            engine=ENGINE_NAME,
+        )
+        for switch in ("cuda_graphs", "dit_cuda_graph"):
+            if getattr(self.options, switch) and self.runtime.device.type != "cuda":
+                raise EngineError(
+                    f"{ENGINE_NAME}: {switch} needs a CUDA device, the engine runs on {self.runtime.device}"
+                )
+        self._dit_solver: DitSolver | None = None
+        self._free_slots: list[StaticDecoder] = []
+        self._model: Qwen2_5OmniForConditionalGeneration | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._prompts: PromptBuilder | None = None
+        self.text_eos_ids: frozenset[int] = frozenset()
+        self.codec_stop_ids: tuple[int, ...] = ()
+        self.codebook_guard: CodebookGuard | None = None
+        self.default_text_sampling = Sampling(temperature=0.0)
+
+    @property
+    def model(self) -> Qwen2_5OmniForConditionalGeneration:
+        if self._model is None:
+            raise EngineError(f"{ENGINE_NAME}: the model is not loaded")
+        return self._model
+
+    @property
+    def dit_solver(self) -> DitSolver:
+        if self._dit_solver is None:
+            raise EngineError(f"{ENGINE_NAME}: audio output is not loaded")
+        return self._dit_solver
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            raise EngineError(f"{ENGINE_NAME}: the model is not loaded")
+        return self._tokenizer
+
+    @property
+    def audio_enabled(self) -> bool:
+        return self._model is not None and self._model.has_talker
+
+    @property
+    def speakers(self) -> list[str]:
+        return list(self.model.speaker_map)
+
+    def load(self) -> None:
+        self.install(*self.load_weights())
+
+    def load_weights(self) -> tuple[Qwen2_5OmniForConditionalGeneration, PreTrainedTokenizerBase]:
+        """The checkpoint and its tokenizer through `from_pretrained` (benchmarks override this with random weights)."""
+        model = load_pretrained(
+            Qwen2_5OmniForConditionalGeneration,
+            self.model_id,
+            self.runtime,
+            engine=ENGINE_NAME,
+            extra_files=("spk_dict.pt",),  # the voices; from_pretrained insists on it even for text-only use
+        )
+        tokenizer = load_tokenizer(self.model_id, engine=ENGINE_NAME)
+        return model, tokenizer
+
+    def install(self, model: Qwen2_5OmniForConditionalGeneration, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Check a loaded model against the options and derive the per-model constants every request uses."""
+        if self.options.enable_audio:
+            model.token2wav.float()
+            model.token2wav.code2wav_dit_model.to(DTYPES[self.options.dit_dtype])
+            if not model.speaker_map:
+                raise EngineError(f"{ENGINE_NAME}: {self.model_id!r} has no speakers (spk_dict.pt is empty)")
+            if self.options.voice not in model.speaker_map:
+                raise EngineError(
+                    f"{ENGINE_NAME}: voice {self.options.voice!r} is not a speaker of {self.model_id!r} "
+                    f"(available: {sorted(model.speaker_map)})"
+                )
+            self._dit_solver = DitSolver(
+                model.token2wav.code2wav_dit_model,
+                steps=self.options.dit_steps,
+                graphs=self.options.dit_cuda_graph,
+                graph_lengths=Token2WavStream.regular_windows(self.options.first_chunk_codes),
+            )
+            talker = model.talker
+            self.codec_stop_ids = (talker.codec_pad_token, talker.codec_eos_token)
+            codebook = model.config.token2wav_config.dit_config.num_embeds
+            self.codebook_guard = CodebookGuard(codebook, self.codec_stop_ids)
+        else:
+            model.disable_talker()
+        eos = {tokenizer.convert_tokens_to_ids(token) for token in TEXT_EOS_TOKENS}
+        configured = model.thinker.generation_config.eos_token_id
+        eos |= set(configured if isinstance(configured, list) else [] if configured is None else [configured])
+        self.text_eos_ids = frozenset(token for token in eos if token is not None and token >= 0)
+        self.default_text_sampling = Sampling.from_generation_config(model.thinker.generation_config)
+        self._prompts = PromptBuilder(
+            tokenizer,
+            prompt_format(model.config.thinker_config.vision_config),
+            system_prompt=self.options.system_prompt,
+        )
+        self._tokenizer, self._model = tokenizer, model
+        if self.options.dit_cuda_graph:
+            self._prewarm_dit()
+        if self.options.static_cache:
+            self._free_slots = [
+                StaticDecoder(
+                    model,
+                    thinker_tokens=self.options.static_cache_tokens,
+                    talker_tokens=self.options.static_cache_tokens + self.options.max_audio_codes + 2,
+                    graphs=self.options.cuda_graphs,
+                )
+                for _ in range(self.max_active)
+            ]
+            self._prewarm_slots()
+        log.info(
+            "%s: loaded %s (%s parameters, audio %s, speakers %s)",
+            ENGINE_NAME,
+            self.model_id,
+            f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B",
+            "on" if self.audio_enabled else "off",
+            sorted(model.speaker_map) if self.audio_enabled else [],
+        )
+
+    def acquire_decoder(self, plan: TurnPlan) -> EagerDecoder | StaticDecoder:
+        """A static slot when one is free and the prompt fits it, else the growing-cache path (on the GPU thread)."""
+        fits = plan.inputs.prompt_tokens + plan.max_text_tokens < self.options.static_cache_tokens
+        if self._free_slots and fits:
+            return self._free_slots.pop()
+        if self.options.static_cache and not fits:
+            log.info("%s: request %r outgrows static_cache_tokens, decoding it eagerly", ENGINE_NAME, plan.request_id)
+        return EagerDecoder(self.model)
+
+    def release_decoder(self, decoder: EagerDecoder | StaticDecoder) -> None:
+        if isinstance(decoder, StaticDecoder):
+            self._free_slots.append(decoder)
+        else:
+            decoder.release()
+
+    def _prewarm_dit(self) -> None:
+        """Capture the DiT graphs of the regular windows for every speaker's reference length before any caller."""
+        dit = self.model.token2wav.code2wav_dit_model
+        device = self.runtime.device
+        for speaker in self.model.speaker_map.values():
+            for length in Token2WavStream.regular_windows(self.options.first_chunk_codes):
+                self.dit_solver.solve(
+                    torch.zeros(1, length, dit.mel_dim, device=device),
+                    torch.zeros(1, length // Token2WavStream.MEL_PER_CODE, dtype=torch.long, device=device),
+                    speaker["cond"].to(device).float(),
+                    speaker["ref_mel"].to(device).float(),
+                )
+
+    def _prewarm_slots(self) -> None:
+        """Run a short answer on every slot, so graph capture and first-call costs are paid before any caller."""
+        silence = ResponseRequest(
+            messages=(Message("user", (AudioPart(np.zeros(INPUT_RATE, dtype=np.float32)),)),),
+            sampling=SamplingParams(temperature=0.0, max_tokens=3, seed=0),
+        )
+        plan = replace(self.prepare(silence), max_audio_codes=3)
+        generations = [Qwen25Generation(self, plan) for _ in self._free_slots]
+        while not all(generation.finished for generation in generations):
+            for generation in generations:
+                if not generation.finished:
+                    generation.step()
+        log.info(
+            "%s: %d static decode slots ready (graphs: %s)",
+            ENGINE_NAME,
+            len(self._free_slots),
+            self.options.cuda_graphs,
+        )
+
+    def unload(self) -> None:
+        self._free_slots = []
+        self._dit_solver = None
+        self._model = None
+        self._tokenizer = None
+        self._prompts = None
+
+    def prepare(self, request: ResponseRequest) -> TurnPlan:
+        if self._prompts is None:
+            raise EngineError(f"{ENGINE_NAME}: the model is not loaded")
+        sampling = request.sampling
+        return TurnPlan(
+            inputs=self._prompts.build(request),
+            speaker=resolve_speaker(request.voice, self.speakers, self.options.voice) if self.audio_enabled else "",
+            text_sampling=self.default_text_sampling.overridden(
+                temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p
+            ),
+            max_text_tokens=sampling.max_tokens or self.options.max_text_tokens,
+            output_audio=request.output_audio,
+            seed=sampling.seed,
+            max_audio_codes=self.options.max_audio_codes,
+            request_id=request.request_id,
+        )
+
+    def make_generation(self, prepared: TurnPlan) -> Qwen25Generation:
+        return Qwen25Generation(self, prepared)

@@ -1,0 +1,690 @@
+"""What the Qwen-Omni engines share: settings resolution, loading, prompt building, sampling and the engine shell.
+
+Both model families take the same kind of input (a ChatML conversation whose audio turns are Whisper log-mel
+features), load through `from_pretrained`, sample with the usual warpers and run on one `GpuWorker`. Each engine
+module only supplies how one request's thinker -> talker -> vocoder loop advances (`make_generation`).
+
+The multimodal processor classes of transformers cannot be built without torchvision (their video part), so the
+prompt and the audio features are built here by hand, the way the processors do it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import importlib.util
+import io
+import json
+import logging
+import math
+import os
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+from transformers import (
+    AutoTokenizer,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    WhisperFeatureExtractor,
+)
+
+from omnivox.pipeline.engines.base import (
+    INPUT_RATE,
+    AudioPart,
+    Delta,
+    EngineError,
+    EngineNotReady,
+    ImagePart,
+    Message,
+    ResponseRequest,
+    TextPart,
+)
+from omnivox.pipeline.engines.scheduler import Generation, GpuWorker, StepBatch
+
+log = logging.getLogger(__name__)
+
+OUTPUT_RATE = 24_000
+"""Both Qwen-Omni vocoders produce 24 kHz mono."""
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+OPENAI_VOICE_TO_SPEAKER: Mapping[str, str] = {
+    "alloy": "Chelsie",
+    "ash": "Ethan",
+    "ballad": "Ethan",
+    "coral": "Chelsie",
+    "echo": "Ethan",
+    "fable": "Ethan",
+    "nova": "Chelsie",
+    "onyx": "Ethan",
+    "sage": "Chelsie",
+    "shimmer": "Chelsie",
+    "verse": "Ethan",
+    "marin": "Chelsie",
+    "cedar": "Ethan",
+}
+"""OpenAI voice names -> Qwen-Omni speakers, by the voice's register: the lighter voices become Chelsie (female),
+the deeper ones Ethan (male). A request may also name a model speaker directly ("Chelsie", "Ethan", "Aiden")."""
+
+
+# ---------------------------------------------------------------------------------------------- settings resolution
+def resolve_device(setting: str, *, engine: str) -> torch.device:
+    """`auto` is the first CUDA GPU when there is one, else the CPU; asking for CUDA without one is an error."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(setting)
+    except RuntimeError as exc:
+        raise EngineError(f"{engine}: device must be auto, cpu or cuda[:N], got {setting!r}") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineError(
+                f"{engine}: device is {setting!r} but no CUDA GPU is available "
+                "(set engine.options device: auto or cpu, or run on a machine with a GPU)"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EngineError(
+                f"{engine}: device {setting!r} does not exist ({torch.cuda.device_count()} CUDA device(s) found)"
+            )
+    elif device.type != "cpu":
+        raise EngineError(f"{engine}: device must be auto, cpu or cuda[:N], got {setting!r}")
+    return device
+
+
+def resolve_dtype(setting: str, device: torch.device, *, engine: str) -> torch.dtype:
+    """`auto` is bfloat16 on CUDA (the checkpoints' dtype) and float32 on the CPU (bf16 matmuls are slow there)."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if setting not in DTYPES:
+        raise EngineError(f"{engine}: dtype must be one of {['auto', *DTYPES]}, got {setting!r}")
+    return DTYPES[setting]
+
+
+def resolve_attention(setting: str, device: torch.device, dtype: torch.dtype, *, engine: str) -> str:
+    """`auto` is FlashAttention 2 when it is installed and usable (CUDA, half precision), else PyTorch SDPA."""
+    if setting not in ATTENTION_IMPLEMENTATIONS:
+        raise EngineError(f"{engine}: attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {setting!r}")
+    flash_usable = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    flash_installed = importlib.util.find_spec("flash_attn") is not None
+    if setting == "auto":
+        return "flash_attention_2" if flash_usable and flash_installed else "sdpa"
+    if setting == "flash_attention_2" and not (flash_usable and flash_installed):
+        raise EngineError(
+            f"{engine}: attn_implementation flash_attention_2 needs the flash-attn package, a CUDA device and "
+            f"dtype bfloat16/float16 (installed: {flash_installed}, device: {device}, dtype: {dtype})"
+        )
+    return setting
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a model runs, resolved from the `device`, `dtype` and `attn_implementation` options."""
+
+    device: torch.device
+    dtype: torch.dtype
+    attn_implementation: str
+
+    @classmethod
+    def resolve(cls, *, device: str, dtype: str, attn_implementation: str, engine: str) -> Runtime:
+        resolved_device = resolve_device(device, engine=engine)
+        resolved_dtype = resolve_dtype(dtype, resolved_device, engine=engine)
+        attention = resolve_attention(attn_implementation, resolved_device, resolved_dtype, engine=engine)
+        return cls(resolved_device, resolved_dtype, attention)
+
+
+OptionsT = TypeVar("OptionsT")
+
+
+def options_from_mapping(options_class: type[OptionsT], options: Mapping[str, Any], *, engine: str) -> OptionsT:
+    """Build an options dataclass from the YAML `engine.options` mapping; an unknown key is an error."""
+    known = {field.name for field in fields(options_class)}  # type: ignore[arg-type]
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise EngineError(f"{engine}: unknown engine option(s) {unknown}; known: {sorted(known)}")
+    try:
+        return options_class(**options)
+    except (TypeError, ValueError) as exc:
+        raise EngineError(f"{engine}: invalid engine options: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def check_local_checkpoint(path: Path, *, engine: str, extra_files: Sequence[str] = ()) -> None:
+    """Fail early, naming the path, when a local checkpoint directory lacks its config, weights or shards."""
+    if not path.is_dir():
+        raise EngineError(f"{engine}: model path {str(path)!r} is not a directory")
+    missing = [name for name in ("config.json", *extra_files) if not (path / name).is_file()]
+    index = next((path / name for name in WEIGHT_INDEX_FILES if (path / name).is_file()), None)
+    if index is not None:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing += [shard for shard in shards if not (path / shard).is_file()]
+    elif not any((path / name).is_file() for name in WEIGHT_FILES):
+        missing.append(f"weights ({' or '.join(WEIGHT_FILES)})")
+    if missing:
+        raise EngineError(f"{engine}: model directory {str(path)!r} is incomplete, missing: {', '.join(missing)}")
+
+
+ModelT = TypeVar("ModelT", bound=PreTrainedModel)
+
+
+def load_pretrained(
+    model_class: type[ModelT],
+    model: str,
+    runtime: Runtime,
+    *,
+    engine: str,
+    extra_files: Sequence[str] = (),
+    **kwargs: Any,
+) -> ModelT:
+    """`from_pretrained` on a hub id (downloaded into `HF_HOME`) or a local directory, with progress bars shown.
+
+    Any failure to find or read the weights becomes an `EngineError` that names the model and where it was looked for.
+    """
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    enable_progress_bars()
+    transformers_logging.enable_progress_bar()
+    local = Path(model).expanduser()
+    if local.exists() or model.startswith((".", "/", "~")):
+        check_local_checkpoint(local, engine=engine, extra_files=extra_files)
+        source = str(local)
+    else:
+        source = model
+    log.info(
+        "%s: loading %s on %s (%s, attention %s; HF_HOME=%s)",
+        engine,
+        source,
+        runtime.device,
+        runtime.dtype,
+        runtime.attn_implementation,
+        os.environ.get("HF_HOME", "~/.cache/huggingface"),
+    )
+    try:
+        loaded = model_class.from_pretrained(
+            source,
+            dtype=runtime.dtype,
+            attn_implementation=runtime.attn_implementation,
+            device_map=str(runtime.device) if runtime.device.type == "cuda" else None,
+            **kwargs,
+        )
+    except (OSError, ValueError) as exc:
+        raise EngineError(
+            f"{engine}: could not load model {model!r} (hub id or local directory; downloads go to "
+            f"HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}): {exc}"
+        ) from exc
+    return loaded.to(runtime.device).eval()
+
+
+def load_tokenizer(model: str, *, engine: str) -> PreTrainedTokenizerBase:
+    source = str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"{engine}: could not load the tokenizer of {model!r}: {exc}") from exc
+
+
+def free_accelerator_memory() -> None:
+    """Return cached blocks to the driver (after an out-of-memory error or when a model is dropped)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------- prompt building
+@dataclass(frozen=True)
+class PromptFormat:
+    """How one model family spells multimodal placeholders in its ChatML prompt."""
+
+    audio_start: str
+    audio_placeholder: str
+    audio_end: str
+    audio_tokens: Callable[[int], int]
+    """Number of audio placeholder tokens for an input of n feature frames (10 ms each)."""
+    image: ImageFormat | None = None
+    """How images are cut into vision patches; None leaves image parts out (with a warning)."""
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """The Qwen2-VL style image preprocessing of a vision encoder (what its image processor does).
+
+    The image is resized so both sides are multiples of `patch_size * merge_size` and its area lies within
+    [min_pixels, max_pixels], normalised, repeated `temporal_patch_size` times (a still image is a 1-frame video)
+    and flattened into patches; every `merge_size**2` patches become one placeholder token. `max_pixels` bounds the
+    prefill cost: the default (about 1 MP) is 1280 tokens at most.
+    """
+
+    start: str
+    placeholder: str
+    end: str
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """Qwen2-VL's `smart_resize`: nearest multiples of the patch grid, area scaled into bounds."""
+        factor = self.patch_size * self.merge_size
+        if max(height, width) / min(height, width) > 200:
+            raise EngineError(f"image aspect ratio {width}x{height} is too extreme (at most 200:1)")
+        new_height = max(factor, round(height / factor) * factor)
+        new_width = max(factor, round(width / factor) * factor)
+        if new_height * new_width > self.max_pixels:
+            scale = math.sqrt(height * width / self.max_pixels)
+            new_height = max(factor, math.floor(height / scale / factor) * factor)
+            new_width = max(factor, math.floor(width / scale / factor) * factor)
+        elif new_height * new_width < self.min_pixels:
+            scale = math.sqrt(self.min_pixels / (height * width))
+            new_height = math.ceil(height * scale / factor) * factor
+            new_width = math.ceil(width * scale / factor) * factor
+        return new_height, new_width
+
+    def patches(self, rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[H, W, 3]` uint8 -> (`[patches, 3 * T * P * P]` float32 pixel values, `[1, 3]` grid (t, h, w))."""
+        height, width = self.resized(rgb.shape[0], rgb.shape[1])
+        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
+        image = torch.nn.functional.interpolate(
+            image, size=(height, width), mode="bicubic", align_corners=False, antialias=True
+        )
+        image = image.clamp(0, 255).round() / 255
+        image = (image - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
+        frames = image.repeat(self.temporal_patch_size, 1, 1, 1)  # [T, C, H, W]
+        patch, merge = self.patch_size, self.merge_size
+        grid_h, grid_w = height // patch, width // patch
+        patches = frames.reshape(
+            1, self.temporal_patch_size, 3, grid_h // merge, merge, patch, grid_w // merge, merge, patch
+        )
+        patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        flat = patches.reshape(grid_h * grid_w, 3 * self.temporal_patch_size * patch * patch)
+        return flat, torch.tensor([[1, grid_h, grid_w]])
+
+    def tokens(self, grid: torch.Tensor) -> int:
+        return int(grid.prod()) // self.merge_size**2
+
+
+def decode_image(part: ImagePart) -> np.ndarray:
+    """PNG/JPEG/WebP/... bytes -> `[H, W, 3]` uint8 RGB, through PyAV (already a server dependency, unlike PIL)."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(part.data)) as container:
+            frame = next(container.decode(video=0))
+            return frame.to_ndarray(format="rgb24")
+    except (av.FFmpegError, StopIteration, ValueError) as exc:
+        raise EngineError(f"could not decode an image part ({part.mime_type}, {len(part.data)} bytes): {exc}") from exc
+
+
+def qwen2_5_audio_tokens(feature_frames: int) -> int:
+    """Qwen2.5-Omni's audio encoder halves the frame rate twice (100 Hz mel -> 25 Hz tokens)."""
+    return ((feature_frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """The thinker's inputs for one turn, on the CPU; `tensors()` moves them to the model's device."""
+
+    input_ids: torch.Tensor
+    input_features: torch.Tensor | None
+    feature_attention_mask: torch.Tensor | None
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def tensors(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        inputs = {
+            "input_ids": self.input_ids.to(device),
+            "attention_mask": torch.ones_like(self.input_ids, device=device),
+        }
+        if self.input_features is not None and self.feature_attention_mask is not None:
+            inputs["input_features"] = self.input_features.to(device=device, dtype=dtype)
+            inputs["feature_attention_mask"] = self.feature_attention_mask.to(device)
+        if self.pixel_values is not None and self.image_grid_thw is not None:
+            inputs["pixel_values"] = self.pixel_values.to(device=device, dtype=dtype)
+            inputs["image_grid_thw"] = self.image_grid_thw.to(device)
+        return inputs
+
+
+_FEATURE_EXTRACTOR_SECONDS = 30
+
+
+class PromptBuilder:
+    """Turns a `ResponseRequest` into thinker inputs: one ChatML prompt plus one Whisper feature row per audio part.
+
+    Audio parts go through `WhisperFeatureExtractor(feature_size=128)` padded to 30 s (longer parts to their own
+    length), as the official processor does. Image parts are decoded with PyAV and cut into vision patches by
+    `ImageFormat` (the transformers image processors need PIL or torchvision, which the server does not install);
+    a format without one leaves images out with a warning.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_format: PromptFormat, *, system_prompt: str) -> None:
+        self.tokenizer = tokenizer
+        self.format = prompt_format
+        self.system_prompt = system_prompt
+        self.features = WhisperFeatureExtractor(feature_size=128, sampling_rate=INPUT_RATE)
+
+    def system_text(self, instructions: str) -> str:
+        """The model's own system prompt, with the caller's instructions appended (never substituted)."""
+        instructions = instructions.strip()
+        if not self.system_prompt:
+            return instructions
+        return f"{self.system_prompt}\n\n{instructions}" if instructions else self.system_prompt
+
+    def build(self, request: ResponseRequest) -> ModelInputs:
+        audio: list[np.ndarray] = []
+        images: list[tuple[torch.Tensor, torch.Tensor]] = []
+        turns = [("system", self.system_text(request.instructions))] if self.system_text(request.instructions) else []
+        turns += [(message.role, self._message_text(message, audio, images)) for message in request.messages]
+        prompt = "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns) + "<|im_start|>assistant\n"
+        features = mask = None
+        if audio:
+            features, mask = self._audio_features(audio)
+            counts = [self.format.audio_tokens(int(length)) for length in mask.sum(-1).tolist()]
+            prompt = _fill_slots(prompt, _AUDIO_SLOT, self.format.audio_placeholder, counts)
+        pixel_values = grid = None
+        if images and self.format.image is not None:
+            pixel_values = torch.cat([patches for patches, _ in images])
+            grid = torch.cat([image_grid for _, image_grid in images])
+            counts = [self.format.image.tokens(image_grid) for _, image_grid in images]
+            prompt = _fill_slots(prompt, _IMAGE_SLOT, self.format.image.placeholder, counts)
+        input_ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        return ModelInputs(
+            input_ids=input_ids,
+            input_features=features,
+            feature_attention_mask=mask,
+            pixel_values=pixel_values,
+            image_grid_thw=grid,
+        )
+
+    def _message_text(
+        self, message: Message, audio: list[np.ndarray], images: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> str:
+        texts = []
+        for part in message.parts:
+            if isinstance(part, TextPart):
+                texts.append(part.text.replace("\x00", ""))  # NUL delimits the placeholder slots
+            elif isinstance(part, AudioPart):
+                if message.role != "user":
+                    continue  # assistant audio is represented by its transcript
+                if part.pcm.size == 0:
+                    continue
+                audio.append(np.asarray(part.pcm, dtype=np.float32).reshape(-1))
+                texts.append(f"{self.format.audio_start}{_AUDIO_SLOT}{self.format.audio_end}")
+            elif isinstance(part, ImagePart):
+                image_format = self.format.image
+                if image_format is None:
+                    log.warning("this model takes no image input; an image part was left out")
+                    continue
+                images.append(image_format.patches(decode_image(part)))
+                texts.append(f"{image_format.start}{_IMAGE_SLOT}{image_format.end}")
+        return "".join(texts)
+
+    def _audio_features(self, audio: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        hop = self.features.hop_length
+        longest = max(len(clip) for clip in audio)
+        padded_samples = max(_FEATURE_EXTRACTOR_SECONDS * INPUT_RATE, -(-longest // hop) * hop)
+        extracted = self.features(
+            audio,
+            sampling_rate=INPUT_RATE,
+            padding="max_length",
+            max_length=padded_samples,
+            truncation=False,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        return extracted["input_features"], extracted["attention_mask"]
+
+
+_AUDIO_SLOT = "\x00audio\x00"
+_IMAGE_SLOT = "\x00image\x00"
+"""Mark where a part's placeholder tokens go until their count is known."""
+
+
+def _fill_slots(prompt: str, slot: str, placeholder: str, counts: list[int]) -> str:
+    pieces = prompt.split(slot)
+    return pieces[0] + "".join(placeholder * count + piece for count, piece in zip(counts, pieces[1:], strict=True))
+
+
+class IncrementalText:
+    """Decodes token ids one at a time into text deltas without splitting multi-byte characters.
+
+    Byte-level BPE tokens concatenate as bytes, so only the ids since the last complete character are decoded:
+    a delta whose decoding ends in U+FFFD (an incomplete UTF-8 sequence) waits for the next token, but never for
+    more than `MAX_HELD_TOKENS` tokens (a UTF-8 character has at most 4 bytes: beyond that the bytes are invalid).
+    """
+
+    MAX_HELD_TOKENS = 4
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tokenizer = tokenizer
+        self._pending: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        """Add one token; returns the text that is now complete (possibly empty)."""
+        self._pending.append(token_id)
+        return self._take(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held back, decoded as it is (end of the answer)."""
+        return self._take(final=True)
+
+    def _take(self, *, final: bool) -> str:
+        decoded = self._tokenizer.decode(self._pending, skip_special_tokens=True)
+        if decoded.endswith("\ufffd") and not final and len(self._pending) < self.MAX_HELD_TOKENS:
+            return ""
+        self._pending = []
+        self.text += decoded
+        return decoded
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+@dataclass(frozen=True)
+class Sampling:
+    """One stage's sampling parameters; temperature 0 is greedy decoding."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def from_generation_config(cls, config: Any) -> Sampling:
+        """The defaults a checkpoint's `generation_config` gives `generate()` (greedy when it does not sample)."""
+        if not getattr(config, "do_sample", False):
+            return cls(temperature=0.0, repetition_penalty=getattr(config, "repetition_penalty", None) or 1.0)
+        return cls(
+            temperature=getattr(config, "temperature", None) or 1.0,
+            top_k=getattr(config, "top_k", None) or 0,
+            top_p=getattr(config, "top_p", None) or 1.0,
+            repetition_penalty=getattr(config, "repetition_penalty", None) or 1.0,
+        )
+
+    def overridden(self, *, temperature: float | None, top_k: int | None, top_p: float | None) -> Sampling:
+        """These parameters with a request's overrides (None keeps the default)."""
+        return Sampling(
+            temperature=self.temperature if temperature is None else temperature,
+            top_k=self.top_k if top_k is None else top_k,
+            top_p=self.top_p if top_p is None else top_p,
+            repetition_penalty=self.repetition_penalty,
+        )
+
+
+class TokenSampler:
+    """Draws one token per step from `[1, vocab]` logits with `generate()`'s processors and a per-request generator.
+
+    The processors are transformers' own (repetition penalty, suppressed ids, temperature, top-k, top-p), applied in
+    `generate()`'s order, so greedy decoding here repeats `generate()` token for token.
+    """
+
+    def __init__(
+        self,
+        sampling: Sampling,
+        generator: torch.Generator | None,
+        *,
+        suppress_ids: Sequence[int] = (),
+        extra: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = (),
+    ) -> None:
+        self.sampling = sampling
+        self.generator = generator
+        processors: list[Any] = []
+        if sampling.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
+        if suppress_ids:
+            processors.append(_Suppress(suppress_ids))
+        processors.extend(extra)
+        if sampling.temperature > 0:
+            if sampling.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(sampling.temperature))
+            if sampling.top_k > 0:
+                processors.append(TopKLogitsWarper(sampling.top_k))
+            if sampling.top_p < 1.0:
+                processors.append(TopPLogitsWarper(sampling.top_p))
+        self.processors = LogitsProcessorList(processors)
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether `history` is read (only by a repetition penalty); callers may pass just the last id otherwise."""
+        return self.sampling.repetition_penalty != 1.0
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> int:
+        """`logits` `[1, vocab]`; `history` `[1, n]` ids so far (prompt included, as `generate()` sees them)."""
+        scores = self.processors(history.to(logits.device), logits.float())
+        if self.sampling.temperature <= 0:
+            return int(scores.argmax(-1))
+        probabilities = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probabilities, 1, generator=self.generator))
+
+
+class _Suppress:
+    """`generate()`'s `suppress_tokens`, on whatever device the logits are."""
+
+    def __init__(self, token_ids: Sequence[int]) -> None:
+        self._token_ids = list(token_ids)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[..., self._token_ids] = -float("inf")
+        return scores
+
+
+def make_generator(seed: int | None, device: torch.device) -> tuple[torch.Generator, int]:
+    """A generator for one request: seeded by the request, else by a fresh random seed (returned for logging)."""
+    chosen = secrets.randbits(63) if seed is None else int(seed)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(chosen)
+    return generator, chosen
+
+
+# ---------------------------------------------------------------------------------------------- voices
+def resolve_speaker(voice: str, available: Sequence[str], default: str) -> str:
+    """A model speaker for a request's voice: a model speaker named directly, else the OpenAI voice table, else
+    the engine's default (unknown voices never fail a request)."""
+    by_lower = {name.lower(): name for name in available}
+    if voice.lower() in by_lower:
+        return by_lower[voice.lower()]
+    mapped = OPENAI_VOICE_TO_SPEAKER.get(voice.lower())
+    if mapped is not None and mapped.lower() in by_lower:
+        return by_lower[mapped.lower()]
+    return default
+
+
+# ---------------------------------------------------------------------------------------------- engine shell
+class QwenOmniEngine(ABC):
+    """The Engine protocol around one model on one `GpuWorker`.
+
+    Subclasses load their model in `load()` (on a worker thread) and turn a prepared request into a `Generation`
+    in `make_generation()` (on the GPU thread). `prepare()` runs first on a thread pool, so CPU work such as feature
+    extraction never stalls the other sessions' decode steps.
+    """
+
+    name: ClassVar[str]
+    native_rate: ClassVar[int] = OUTPUT_RATE
+
+    def __init__(self, model_id: str, *, max_active: int, max_queued: int) -> None:
+        if max_active < 1 or max_queued < 0:
+            raise EngineError(f"{self.name}: max_active must be >= 1 and max_queued >= 0")
+        self.model_id = model_id
+        self.max_active = max_active
+        self.max_queued = max_queued
+        self._worker: GpuWorker | None = None
+        self._ready = False
+        self._start_lock = asyncio.Lock()
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load the weights (blocking); raise `EngineError` with a clear message on failure."""
+
+    @abstractmethod
+    def unload(self) -> None:
+        """Drop every reference to the model so its memory can be freed."""
+
+    def prepare(self, request: ResponseRequest) -> Any:
+        """CPU-side preparation of a request (prompt, features); runs off the event loop and off the GPU thread."""
+        return request
+
+    @abstractmethod
+    def make_generation(self, prepared: Any) -> Generation:
+        """Start one request's incremental loop; called on the GPU worker thread."""
+
+    def step_batch(self) -> StepBatch | None:
+        """A batched step over several generations, when the engine has one."""
+        return None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def load_info(self) -> tuple[int, int]:
+        """(active generations, queued requests)."""
+        return self._worker.load if self._worker is not None else (0, 0)
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if self._ready:
+                return
+            await asyncio.to_thread(self.load)
+            self._worker = GpuWorker(
+                self.name,
+                max_active=self.max_active,
+                max_queued=self.max_queued,
+                step_batch=self.step_batch(),
+                on_out_of_memory=free_accelerator_memory,
+            )
+            self._ready = True
+            log.info("%s: %s ready", self.name, self.model_id)
+
+    async def respond(self, request: ResponseRequest) -> AsyncIterator[Delta]:
+        worker = self._worker
+        if not self._ready or worker is None:
+            raise EngineNotReady(f"{self.name}: the model is not loaded yet")
+        prepared = await asyncio.to_thread(self.prepare, request)
+        async for delta in worker.stream(lambda: self.make_generation(prepared)):
+            yield delta
+
+    async def close(self) -> None:
+        self._ready = False
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            await asyncio.to_thread(worker.close)
+        self.unload()
+        free_accelerator_memory()

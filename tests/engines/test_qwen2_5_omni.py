@@ -1,0 +1,482 @@
+"""The Qwen2.5-Omni engine on a tiny random checkpoint: streaming must equal `generate()` and stream early."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import io
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+import torch
+from tiny_models import OnlyCodes
+from transformers import LogitsProcessorList
+
+from omnivox.pipeline.engines.base import (
+    AudioDelta,
+    AudioPart,
+    Delta,
+    Engine,
+    EngineError,
+    EngineNotReady,
+    ImagePart,
+    Message,
+    ResponseRequest,
+    SamplingParams,
+    TextDelta,
+    TextPart,
+    Usage,
+)
+from omnivox.pipeline.engines.qwen2_5_omni import (
+    SYSTEM_PROMPT,
+    Qwen25Generation,
+    Qwen25OmniEngine,
+    Token2WavStream,
+    TurnPlan,
+)
+from omnivox.pipeline.engines.qwen_common import IncrementalText, resolve_speaker
+
+SAMPLES_PER_CODE = 480
+GREEDY = {"talker_temperature": 0.0, "talker_repetition_penalty": 1.0}
+AS_GENERATE = {**GREEDY, "talker_attention_mask": False}
+"""transformers 5.23's generate() runs the talker without its attention mask (see the option's docstring)."""
+
+
+def tone(seconds: float, frequency: float = 220.0) -> np.ndarray:
+    t = np.arange(int(seconds * 16_000)) / 16_000
+    return (0.3 * np.sin(2 * np.pi * frequency * t)).astype(np.float32)
+
+
+def audio_turn(seconds: float = 1.5, *, seed: int = 0, output_audio: bool = True, **sampling: Any) -> ResponseRequest:
+    return ResponseRequest(
+        messages=(Message("user", (AudioPart(tone(seconds)),)),),
+        output_audio=output_audio,
+        sampling=SamplingParams(**{"temperature": 0.0, "seed": seed, **sampling}),
+    )
+
+
+def started(directory: Path, **options: Any) -> Qwen25OmniEngine:
+    engine = Qwen25OmniEngine(str(directory), device="cpu", **options)
+    asyncio.run(engine.start())
+    return engine
+
+
+def run_to_end(engine: Qwen25OmniEngine, request: ResponseRequest) -> tuple[Qwen25Generation, list[Delta]]:
+    """Drive one generation on the calling thread, as the GPU worker would."""
+    generation = engine.make_generation(engine.prepare(request))
+    deltas: list[Delta] = []
+    while not generation.finished:
+        deltas += generation.step()
+    return generation, deltas
+
+
+def pcm_of(deltas: list[Delta]) -> np.ndarray:
+    return np.concatenate([d.pcm for d in deltas if isinstance(d, AudioDelta)])
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen2_5_dir: Path) -> Qwen25OmniEngine:
+    return started(tiny_qwen2_5_dir, max_text_tokens=20, max_audio_codes=120, **AS_GENERATE)
+
+
+@pytest.fixture(scope="module")
+def static_engine(tiny_qwen2_5_dir: Path) -> Qwen25OmniEngine:
+    """Decodes on preallocated slots (the CUDA-graph layout); 256 tokens fit the 1.5 s turn but not a long one."""
+    return started(
+        tiny_qwen2_5_dir,
+        max_text_tokens=20,
+        max_audio_codes=120,
+        static_cache=True,
+        static_cache_tokens=256,
+        max_active=2,
+        **AS_GENERATE,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("decoding", "seconds"), [("growing caches", 1.5), ("static slots", 1.5), ("static, prompt too long", 4.0)]
+)
+def test_streamed_text_and_codes_equal_generate(
+    engine: Qwen25OmniEngine, static_engine: Qwen25OmniEngine, decoding: str, seconds: float
+) -> None:
+    engine = static_engine if decoding.startswith("static") else engine
+    request = audio_turn(seconds)
+    plan = engine.prepare(request)
+    generation, deltas = run_to_end(engine, request)
+
+    vocoder_inputs: list[torch.Tensor] = []
+    hook = engine.model.token2wav.register_forward_pre_hook(lambda _module, args: vocoder_inputs.append(args[0]))
+    try:
+        sequences, _ = engine.model.generate(
+            **plan.inputs.tensors(torch.device("cpu"), torch.float32),
+            speaker="Chelsie",
+            thinker_max_new_tokens=20,
+            thinker_do_sample=False,
+            thinker_eos_token_id=sorted(engine.text_eos_ids),
+            talker_max_new_tokens=120,
+            talker_do_sample=False,
+            talker_repetition_penalty=1.0,
+            talker_logits_processor=LogitsProcessorList([OnlyCodes()]),
+        )
+    finally:
+        hook.remove()
+
+    expected_text = sequences[0, plan.inputs.prompt_tokens :].tolist()
+    assert generation.decoding == ("static" if decoding == "static slots" else "eager")
+    assert generation.text_ids == expected_text
+    assert generation.codes == vocoder_inputs[0][0].tolist()
+    streamed_text = "".join(d.text for d in deltas if isinstance(d, TextDelta))
+    assert streamed_text == engine.tokenizer.decode(expected_text, skip_special_tokens=True)
+    assert len(pcm_of(deltas)) == SAMPLES_PER_CODE * len(generation.codes)
+    assert deltas[-1] == Usage(input_tokens=plan.inputs.prompt_tokens, output_tokens=len(expected_text))
+
+
+@pytest.mark.slow
+def test_first_audio_arrives_while_text_is_still_streaming(tiny_qwen2_5_dir: Path) -> None:
+    engine = started(tiny_qwen2_5_dir, max_text_tokens=90, max_audio_codes=100, **GREEDY)
+    _, deltas = run_to_end(engine, audio_turn())
+    kinds = [type(d) for d in deltas]
+    first_audio = kinds.index(AudioDelta)
+    last_text = len(kinds) - 1 - kinds[::-1].index(TextDelta)
+    assert first_audio < last_text
+    assert sum(isinstance(d, TextDelta) for d in deltas[first_audio:]) >= 10
+
+
+@pytest.mark.slow
+def test_an_early_text_end_is_handled_as_generate_does(tiny_qwen2_5_dir: Path) -> None:
+    """The end-of-text token is never fed to the thinker; the talker reads tts_eos in its slot, then tts_pad."""
+    engine = started(tiny_qwen2_5_dir, max_text_tokens=20, max_audio_codes=60, **AS_GENERATE)
+    free_run, _ = run_to_end(engine, audio_turn())
+    end_at = next(i for i, token in enumerate(free_run.text_ids) if i >= 2 and token not in free_run.text_ids[:i])
+    end_token = free_run.text_ids[end_at]
+    engine.text_eos_ids = frozenset({end_token})
+    generation, deltas = run_to_end(engine, audio_turn())
+    assert generation.text_ids == free_run.text_ids[: end_at + 1]
+
+    plan = engine.prepare(audio_turn())
+    vocoder_inputs: list[torch.Tensor] = []
+    hook = engine.model.token2wav.register_forward_pre_hook(lambda _module, args: vocoder_inputs.append(args[0]))
+    try:
+        engine.model.generate(
+            **plan.inputs.tensors(torch.device("cpu"), torch.float32),
+            speaker="Chelsie",
+            thinker_max_new_tokens=20,
+            thinker_do_sample=False,
+            thinker_eos_token_id=[end_token],
+            talker_max_new_tokens=60,
+            talker_do_sample=False,
+            talker_repetition_penalty=1.0,
+            talker_logits_processor=LogitsProcessorList([OnlyCodes()]),
+        )
+    finally:
+        hook.remove()
+    assert generation.codes == vocoder_inputs[0][0].tolist()
+    assert deltas[-1] == Usage(input_tokens=plan.inputs.prompt_tokens, output_tokens=end_at)
+
+
+@pytest.mark.slow
+def test_the_voice_selects_the_speaker(engine: Qwen25OmniEngine) -> None:
+    def spoken(voice: str) -> np.ndarray:
+        request = ResponseRequest(
+            messages=(Message("user", (AudioPart(tone(1.0)),)),),
+            voice=voice,
+            sampling=SamplingParams(temperature=0.0, max_tokens=4, seed=0),
+        )
+        assert engine.prepare(request).speaker == {"alloy": "Chelsie", "echo": "Ethan", "Ethan": "Ethan"}[voice]
+        return pcm_of(run_to_end(engine, request)[1])
+
+    assert np.array_equal(spoken("echo"), spoken("Ethan"))
+    assert not np.array_equal(spoken("alloy"), spoken("echo"))
+
+
+@pytest.mark.parametrize("first_chunk_codes", [48, 24])
+def test_vocoder_stream_is_480_samples_per_code_and_joins_smoothly(
+    engine: Qwen25OmniEngine, first_chunk_codes: int
+) -> None:
+    """Chunked decoding approximates the whole-utterance DiT (same noise); each chunk must join without a step."""
+    speaker = engine.model.speaker_map["Chelsie"]
+    codes = [int(c) for c in torch.randint(0, 8192, (157,), generator=torch.Generator().manual_seed(1))]
+    stream = Token2WavStream(
+        engine.model.token2wav,
+        engine.dit_solver,
+        conditioning=speaker["cond"].float(),
+        reference_mel=speaker["ref_mel"].float(),
+        max_codes=len(codes),
+        generator=torch.Generator().manual_seed(3),
+        first_chunk_codes=first_chunk_codes,
+    )
+    chunks = []
+    with torch.inference_mode():
+        for index, code in enumerate(codes):
+            ready = stream.push(code)
+            if ready and not chunks:
+                assert index + 1 == first_chunk_codes
+            chunks += ready
+        chunks += stream.flush()
+        whole = stream.vocode(stream.denoise(stream.noise, torch.tensor([codes]))).numpy()
+    streamed = np.concatenate(chunks)
+    assert len(chunks) >= 3
+    assert len(streamed) == len(whole) == SAMPLES_PER_CODE * len(codes)
+    relative_error = np.abs(streamed - whole).max() / np.abs(whole).max()
+    assert relative_error < 1e-3
+
+
+@pytest.mark.slow
+def test_text_only_request_streams_the_same_text_and_no_audio(engine: Qwen25OmniEngine) -> None:
+    spoken, _ = run_to_end(engine, audio_turn())
+    text_only, deltas = run_to_end(engine, audio_turn(output_audio=False))
+    assert text_only.text_ids == spoken.text_ids
+    assert not any(isinstance(d, AudioDelta) for d in deltas)
+    assert text_only.codes == []
+
+
+@pytest.mark.slow
+def test_talker_attention_mask_switch_changes_the_talker_only(tiny_qwen2_5_dir: Path, engine: Qwen25OmniEngine) -> None:
+    masked = started(tiny_qwen2_5_dir, max_text_tokens=20, max_audio_codes=120, **GREEDY)
+    with_mask, deltas = run_to_end(masked, audio_turn())
+    without_mask, _ = run_to_end(engine, audio_turn())
+    assert with_mask.text_ids == without_mask.text_ids
+    assert with_mask.codes != without_mask.codes
+    assert len(pcm_of(deltas)) == SAMPLES_PER_CODE * len(with_mask.codes)
+
+
+@pytest.mark.slow
+def test_seeded_sampling_repeats_and_the_seed_matters(tiny_qwen2_5_dir: Path) -> None:
+    engine = started(tiny_qwen2_5_dir, max_text_tokens=12, max_audio_codes=60)
+    sampled = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    first, first_deltas = run_to_end(engine, audio_turn(seed=7, **sampled))
+    again, again_deltas = run_to_end(engine, audio_turn(seed=7, **sampled))
+    other, _ = run_to_end(engine, audio_turn(seed=8, **sampled))
+    assert (first.text_ids, first.codes) == (again.text_ids, again.codes)
+    assert np.array_equal(pcm_of(first_deltas), pcm_of(again_deltas))
+    assert (first.text_ids, first.codes) != (other.text_ids, other.codes)
+
+
+def test_prompt_has_the_official_system_prompt_instructions_and_the_whole_conversation(
+    engine: Qwen25OmniEngine,
+) -> None:
+    request = ResponseRequest(
+        messages=(
+            Message("user", (AudioPart(tone(1.0)),)),
+            Message("assistant", (TextPart("Hello there"), AudioPart(tone(0.5)))),
+            Message("user", (TextPart("and "), AudioPart(tone(2.0)))),
+        ),
+        instructions="Answer briefly.",
+    )
+    plan: TurnPlan = engine.prepare(request)
+    prompt = engine.tokenizer.decode(plan.inputs.input_ids[0])
+    assert prompt.startswith(f"<|im_start|>system\n{SYSTEM_PROMPT}\n\nAnswer briefly.<|im_end|>\n")
+    assert "<|im_start|>assistant\nHello there<|im_end|>\n<|im_start|>user\nand <|audio_bos|>" in prompt
+    assert prompt.endswith("<|audio_eos|><|im_end|>\n<|im_start|>assistant\n")
+    assert plan.inputs.input_features is not None and plan.inputs.feature_attention_mask is not None
+    assert plan.inputs.input_features.shape[0] == 2  # the assistant's audio is represented by its transcript
+    assert [prompt.count("<|AUDIO|>")] == [25 + 50]  # 25 audio tokens per second of input
+    assert plan.inputs.feature_attention_mask.sum(-1).tolist() == [100, 200]
+
+
+def png(height: int, width: int) -> bytes:
+    pixels = (np.random.default_rng(0).random((height, width, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="image2pipe") as container:
+        stream = container.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = width, height, "rgb24"
+        for packet in [*stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")), *stream.encode()]:
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+@pytest.mark.slow
+def test_an_image_in_the_conversation_is_seen_by_the_thinker(tiny_qwen2_5_dir: Path) -> None:
+    """generate() itself cannot take images with audio output in transformers 5.23 (it passes pixel_values to the
+    talker), so the streamed text is checked against the thinker's own generate()."""
+    engine = started(tiny_qwen2_5_dir, max_text_tokens=12, max_audio_codes=60, **GREEDY)
+    request = ResponseRequest(
+        messages=(Message("user", (ImagePart(png(60, 90)), AudioPart(tone(1.0)))),),
+        sampling=SamplingParams(temperature=0.0),
+    )
+    plan = engine.prepare(request)
+    assert plan.inputs.image_grid_thw is not None and plan.inputs.image_grid_thw.tolist() == [[1, 4, 6]]
+    assert engine.tokenizer.decode(plan.inputs.input_ids[0]).count("<|IMAGE|>") == 4 * 6 // 4
+    generation, deltas = run_to_end(engine, request)
+    with torch.inference_mode():
+        expected = engine.model.thinker.generate(
+            **plan.inputs.tensors(torch.device("cpu"), torch.float32),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=sorted(engine.text_eos_ids),
+        )
+    assert generation.text_ids == expected[0, plan.inputs.prompt_tokens :].tolist()
+    assert len(pcm_of(deltas)) == SAMPLES_PER_CODE * len(generation.codes) > 0
+
+
+def test_an_undecodable_image_is_a_clear_error(engine: Qwen25OmniEngine) -> None:
+    request = ResponseRequest(messages=(Message("user", (ImagePart(b"not an image"),)),))
+    with pytest.raises(EngineError, match="could not decode an image part"):
+        engine.prepare(request)
+
+
+@pytest.mark.slow
+def test_the_latency_benchmark_runs_on_the_tiny_model(capsys: pytest.CaptureFixture[str]) -> None:
+    benchmark = importlib.import_module("benchmarks.engine_latency")
+    arguments = ["--tiny", "--device", "cpu", "--text-tokens", "8", "--codes", "50", "--seconds", "1"]
+    benchmark.main([*arguments, "--reps", "1", "--warmup", "0", "--sessions", "1,2", "--history", "0,1"])
+    printed = capsys.readouterr().out
+    for figure in (
+        "thinker prefill",
+        "thinker step",
+        "talker step",
+        "first audio",
+        "RTF",
+        "sustained",
+        "re-encoded",
+        "generate()",
+    ):
+        assert figure in printed
+
+
+@pytest.mark.slow
+def test_multi_turn_conversation_is_answered(engine: Qwen25OmniEngine) -> None:
+    request = ResponseRequest(
+        messages=(
+            Message("user", (AudioPart(tone(1.0)),)),
+            Message("assistant", (TextPart("Hello there"),)),
+            Message("user", (AudioPart(tone(1.0, 330.0)),)),
+        ),
+        sampling=SamplingParams(temperature=0.0, max_tokens=5),
+    )
+    generation, deltas = run_to_end(engine, request)
+    assert len(generation.text_ids) == 5
+    assert len(pcm_of(deltas)) == SAMPLES_PER_CODE * len(generation.codes) > 0
+
+
+def test_openai_voices_map_to_model_speakers() -> None:
+    speakers = ["Chelsie", "Ethan"]
+    assert resolve_speaker("alloy", speakers, "Ethan") == "Chelsie"
+    assert resolve_speaker("echo", speakers, "Chelsie") == "Ethan"
+    assert resolve_speaker("ethan", speakers, "Chelsie") == "Ethan"
+    assert resolve_speaker("no-such-voice", speakers, "Ethan") == "Ethan"
+    assert resolve_speaker("alloy", ["Ethan", "Aiden"], "Aiden") == "Aiden"
+
+
+def test_incremental_text_never_splits_a_character(engine: Qwen25OmniEngine) -> None:
+    tokenizer = engine.tokenizer
+    ids = tokenizer("héllo → wörld", add_special_tokens=False).input_ids
+    text = IncrementalText(tokenizer)
+    deltas = [text.push(token) for token in ids] + [text.flush()]
+    assert "".join(deltas) == "héllo → wörld"
+    assert all("\ufffd" not in delta for delta in deltas)
+    assert deltas[ids.index(tokenizer.convert_tokens_to_ids("Ã"))] == ""  # first byte of "é" is held back
+
+
+class _Spy:
+    """Wraps a generation and records when steps start and whether it was closed."""
+
+    def __init__(self, inner: Qwen25Generation, first_step: threading.Event) -> None:
+        self._inner = inner
+        self._first_step = first_step
+        self.step_starts: list[float] = []
+        self.closed = threading.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self._inner.finished
+
+    def step(self) -> list[Delta]:
+        self.step_starts.append(time.perf_counter())
+        deltas = self._inner.step()
+        self._first_step.set()
+        return deltas
+
+    def close(self) -> None:
+        self._inner.close()
+        self.closed.set()
+
+
+@pytest.mark.slow
+async def test_cancelling_mid_answer_stops_at_once_and_frees_the_generation(tiny_qwen2_5_dir: Path) -> None:
+    engine = Qwen25OmniEngine(str(tiny_qwen2_5_dir), device="cpu", max_text_tokens=200, max_audio_codes=400)
+    await engine.start()
+    spies: list[_Spy] = []
+    original = engine.make_generation
+
+    def spied(prepared: TurnPlan) -> _Spy:
+        spies.append(_Spy(original(prepared), threading.Event()))
+        return spies[-1]
+
+    engine.make_generation = spied  # type: ignore[method-assign]
+    try:
+        stream: AsyncIterator[Delta] = engine.respond(audio_turn(seed=1))
+        received = [await anext(stream) for _ in range(3)]
+        assert any(isinstance(d, TextDelta) for d in received)
+        await stream.aclose()  # type: ignore[attr-defined]
+        cancelled_at = time.perf_counter()
+        assert await asyncio.to_thread(spies[0].closed.wait, 5.0)
+        await asyncio.sleep(0.2)
+        assert [start for start in spies[0].step_starts if start > cancelled_at] == []
+        assert engine.load_info == (0, 0)
+    finally:
+        await engine.close()
+
+
+async def test_responses_stream_through_the_worker_and_close_releases_the_model(tiny_qwen2_5_dir: Path) -> None:
+    engine = Qwen25OmniEngine(str(tiny_qwen2_5_dir), device="cpu", max_text_tokens=4, max_audio_codes=30)
+    with pytest.raises(EngineNotReady):
+        await anext(engine.respond(audio_turn()))
+    await engine.start()
+    assert engine.ready
+    assert isinstance(engine, Engine)
+    assert (engine.name, engine.native_rate) == ("qwen2.5-omni", 24_000)
+    deltas = [d async for d in engine.respond(audio_turn())]
+    assert isinstance(deltas[-1], Usage)
+    assert sum(len(d.pcm) for d in deltas if isinstance(d, AudioDelta)) % SAMPLES_PER_CODE == 0
+    await engine.close()
+    assert not engine.ready
+    with pytest.raises(EngineError):
+        _ = engine.model
+
+
+async def test_a_missing_or_incomplete_checkpoint_is_a_clear_error(tmp_path: Path, tiny_qwen2_5_dir: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(EngineError, match="nowhere"):
+        await Qwen25OmniEngine(str(missing), device="cpu").start()
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+        (incomplete / name).write_bytes((tiny_qwen2_5_dir / name).read_bytes())
+    with pytest.raises(EngineError, match=r"incomplete.*missing: spk_dict\.pt"):
+        await Qwen25OmniEngine(str(incomplete), device="cpu").start()
+    (incomplete / "model.safetensors").unlink()
+    (incomplete / "spk_dict.pt").write_bytes((tiny_qwen2_5_dir / "spk_dict.pt").read_bytes())
+    with pytest.raises(EngineError, match=r"incomplete.*missing: weights"):
+        await Qwen25OmniEngine(str(incomplete), device="cpu").start()
+
+
+def test_bad_options_are_clear_errors(tiny_qwen2_5_dir: Path) -> None:
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineError, match=r"device is 'cuda'.*no CUDA GPU"):
+            Qwen25OmniEngine(str(tiny_qwen2_5_dir), device="cuda")
+    with pytest.raises(EngineError, match=r"unknown engine option.*'voices'"):
+        Qwen25OmniEngine(str(tiny_qwen2_5_dir), voices="Ethan")
+    with pytest.raises(EngineError, match="dit_dtype"):
+        Qwen25OmniEngine(str(tiny_qwen2_5_dir), dit_dtype="float8")
+    with pytest.raises(EngineError, match="dtype must be one of"):
+        Qwen25OmniEngine(str(tiny_qwen2_5_dir), dtype="fp4")
+    with pytest.raises(EngineError, match="cuda_graphs needs static_cache"):
+        Qwen25OmniEngine(str(tiny_qwen2_5_dir), cuda_graphs=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineError, match="cuda_graphs needs a CUDA device"):
+            Qwen25OmniEngine(str(tiny_qwen2_5_dir), device="cpu", static_cache=True, cuda_graphs=True)
+        with pytest.raises(EngineError, match="dit_cuda_graph needs a CUDA device"):
+            Qwen25OmniEngine(str(tiny_qwen2_5_dir), device="cpu", dit_cuda_graph=True)
+
+
+async def test_a_voice_the_checkpoint_lacks_is_refused_at_start(tiny_qwen2_5_dir: Path) -> None:
+    with pytest.raises(EngineError, match="voice 'Aiden' is not a speaker"):
+        await Qwen25OmniEngine(str(tiny_qwen2_5_dir), device="cpu", voice="Aiden").start()

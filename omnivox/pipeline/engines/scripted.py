@@ -32,7 +32,7 @@ ESPEAK_VOICES = {
     "marin": "en-us+f1",
     "cedar": "en-us+m2",
 }
-"""OpenAI voice names -> espeak-ng voices; any other name is passed to espeak-ng as is."""
+"""OpenAI voice names -> espeak-ng voices; any other name speaks with the default `en-us`."""
 
 
 class ScriptedEngine:
@@ -82,7 +82,7 @@ class ScriptedEngine:
 
     @functools.lru_cache(maxsize=32)  # noqa: B019 - one engine per process; the cache holds a few replies
     def _speech(self, text: str, voice: str) -> np.ndarray:
-        return synthesize_speech(text, self.native_rate, ESPEAK_VOICES.get(voice, voice), self.words_per_minute)
+        return synthesize_speech(text, self.native_rate, ESPEAK_VOICES.get(voice, "en-us"), self.words_per_minute)
 
     def next_reply(self) -> str:
         reply = self.replies[self._turns % len(self.replies)]

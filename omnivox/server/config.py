@@ -86,6 +86,12 @@ class TelephonyConfig(_Section):
     twilio_auth_token: str | None = None
 
 
+class HttpConfig(_Section):
+    audio_cache_ttl_s: float = Field(3600, gt=0)
+    audio_cache_max_items: int = Field(4096, ge=1)
+    transcript_wait_ms: int = Field(1000, ge=0, le=60_000)
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     engine: EngineConfig = EngineConfig()
@@ -95,6 +101,7 @@ class Config(_Section):
     limits: LimitsConfig = LimitsConfig()
     webrtc: WebRtcConfig = WebRtcConfig()
     telephony: TelephonyConfig = TelephonyConfig()
+    http: HttpConfig = HttpConfig()
 
     def session_defaults(self) -> dict[str, Any]:
         """The GA session fields every new realtime session starts from."""

@@ -52,7 +52,44 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--port", type=int, help="port to listen on (server.port)")
     serve_cmd.add_argument("--engine", help="auto | qwen2.5-omni | qwen3-omni | scripted (engine.name)")
     serve_cmd.add_argument("--model", help="hub id or local path of the model (engine.model)")
+    call_cmd = commands.add_parser("call", help="simulate a phone call into a Twilio Media Streams server")
+    call_cmd.add_argument("--url", default="ws://127.0.0.1:8000/telephony/twilio", help="the Media Streams WebSocket")
+    call_cmd.add_argument("--say", dest="turns", action="append", type=lambda text: ("say", text), help="a caller turn")
+    call_cmd.add_argument(
+        "--wav", dest="turns", action="append", type=lambda path: ("wav", path), help="a turn from a file"
+    )
+    call_cmd.add_argument("--pause", type=float, default=0.5, help="seconds between an answer and the next turn")
+    call_cmd.add_argument("--barge-in-after", type=float, help="talk over the agent this many seconds into an answer")
+    call_cmd.add_argument("--record", help="write the call here as a stereo 8 kHz WAV (caller left, agent right)")
+    call_cmd.add_argument("--turns-timeout", type=float, default=15.0, help="seconds to wait for an answer")
+    call_cmd.add_argument("--param", action="append", default=[], help="a start customParameter, NAME=VALUE")
     return parser
+
+
+def call(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import websockets
+
+    from omnivox.server.phone_sim import CallOptions, Utterance, format_report, run_call
+
+    turns = args.turns or [("say", "Hello, what can you do for me?")]
+    utterances = [Utterance.say(value) if kind == "say" else Utterance.from_wav(value) for kind, value in turns]
+    options = CallOptions(
+        url=args.url,
+        utterances=utterances,
+        pause_s=args.pause,
+        barge_in_after_s=args.barge_in_after,
+        turns_timeout_s=args.turns_timeout,
+        custom_parameters=dict(param.partition("=")[::2] for param in args.param),
+    )
+    try:
+        result = asyncio.run(run_call(options, args.record))
+    except (OSError, websockets.WebSocketException) as exc:
+        print(f"omnivox call: cannot call {args.url}: {exc}", file=sys.stderr)
+        return 1
+    print(format_report(result))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         logging.basicConfig(level=config.server.log_level.upper(), format=LOG_FORMAT)
         serve(config)
+    elif args.command == "call":
+        logging.basicConfig(level="WARNING", format=LOG_FORMAT)
+        return call(args)
     return 0
 
 

@@ -1,0 +1,384 @@
+"""The Twilio Media Streams door (`WS /telephony/twilio`) and its TwiML webhook (`POST /telephony/twilio/incoming`).
+
+Twilio is the WebSocket client; we are the server side of a bidirectional `<Connect><Stream>`. Caller audio arrives
+as 20 ms of 8 kHz mu-law per `media` event and is resampled to 16 kHz for the session core; the agent's 8 kHz frames
+go back as `media` payloads paced at real time plus `telephony.lead_ms`. Twilio owns playout, so this door places a
+`mark` after every group of frames and reports each echoed mark to the core as `PlayoutProgress`: on barge-in the
+door sends `clear` and the core truncates the assistant item at the last echoed mark, which is what the caller heard.
+With `server.api_keys` set, a stream must carry a key as its `api_key` custom parameter; the webhook puts one in the
+TwiML only for requests whose Twilio signature it verified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from xml.sax.saxutils import quoteattr
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from omnivox.pipeline.audio import StreamResampler, mulaw_decode, mulaw_encode
+from omnivox.pipeline.engines.base import INPUT_RATE
+from omnivox.pipeline.events import (
+    AudioIn,
+    AudioOut,
+    ClearPlayout,
+    ClientEvent,
+    PlayoutProgress,
+    ServerEvent,
+    SessionOutput,
+)
+from omnivox.server.auth import is_authorized
+from omnivox.server.runner import SessionRunner
+from omnivox.server.state import ServerState, SessionLimitReached
+
+log = logging.getLogger(__name__)
+
+DOOR = "telephony"
+STREAM_PATH = "/telephony/twilio"
+INCOMING_PATH = "/telephony/twilio/incoming"
+PHONE_RATE = 8000
+FRAME_BYTES = PHONE_RATE * 20 // 1000
+MULAW_SILENCE = b"\xff"
+MARK_EVERY_MS = 100
+"""Audio between two marks: the precision of the truncation at barge-in, at one small message per 100 ms."""
+TRY_AGAIN_LATER = 1013
+POLICY_VIOLATION = 1008
+START_TIMEOUT_S = 10.0
+"""A connection that sends no `start` this long after opening is dropped, so it cannot hold a session slot."""
+API_KEY_PARAMETER = "api_key"
+"""Media Streams cannot carry headers from Twilio, so with `server.api_keys` set the key is a `<Parameter>`."""
+
+
+def mark_name(item_id: str, audio_ms: float) -> str:
+    """A mark says which item and how many whole ms of it will have played once Twilio echoes it."""
+    return f"{item_id}:{int(audio_ms)}"
+
+
+def parse_mark_name(name: str) -> tuple[str, int] | None:
+    item_id, _, millis = name.rpartition(":")
+    if not item_id or not millis.isdigit():
+        return None
+    return item_id, int(millis)
+
+
+def twilio_signature(auth_token: str, url: str, params: Mapping[str, str]) -> str:
+    """Twilio's request signature: base64 HMAC-SHA1 of the URL followed by each POST parameter, sorted by name."""
+    payload = url + "".join(name + params[name] for name in sorted(params))
+    digest = hmac.new(auth_token.encode(), payload.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+def _session_defaults(custom: Any) -> dict[str, Any]:
+    """Per-call `<Parameter>`s that configure the agent: `voice` and `instructions`."""
+    if not isinstance(custom, dict):
+        return {}
+    defaults: dict[str, Any] = {}
+    if isinstance(custom.get("instructions"), str):
+        defaults["instructions"] = custom["instructions"]
+    if isinstance(custom.get("voice"), str) and custom["voice"]:
+        defaults["audio"] = {"output": {"voice": custom["voice"]}}
+    return defaults
+
+
+@dataclass
+class _Playout:
+    """What has been sent for the item now playing and which marks Twilio has yet to echo."""
+
+    item_id: str | None = None
+    sent_ms: float = 0.0
+    marked_ms: float = 0.0
+    pending: set[str] = field(default_factory=set)
+    stale: set[str] = field(default_factory=set)
+
+
+class TwilioCall:
+    """One Media Streams connection: Twilio events in, core outputs out."""
+
+    def __init__(self, websocket: WebSocket, state: ServerState) -> None:
+        self.websocket = websocket
+        self.state = state
+        self.stream_sid: str | None = None
+        self.call_sid: str | None = None
+        self.runner: SessionRunner | None = None
+        self.pump: asyncio.Task[None] | None = None
+        self._resampler = StreamResampler(PHONE_RATE, INPUT_RATE)
+        self._playout = _Playout()
+        self._send_lock = asyncio.Lock()
+        self._stopped = False
+        self._close_code = 1000
+        self._warned: set[str] = set()
+
+    @property
+    def label(self) -> str:
+        return f"call {self.call_sid or '?'} (stream {self.stream_sid or '?'})"
+
+    async def serve(self) -> None:
+        start_deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S
+        try:
+            while not self._stopped and (self.pump is None or not self.pump.done()):
+                async with asyncio.timeout_at(start_deadline if self.runner is None else None):
+                    message = await self.websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    log.info("%s: socket closed by the caller side", self.label)
+                    break
+                if message.get("text") is None:
+                    self._warn_once("binary", "binary frames ignored (Media Streams sends JSON text)")
+                    continue
+                self._on_text(message["text"])
+        except WebSocketDisconnect:
+            log.info("%s: socket dropped", self.label)
+        except TimeoutError:
+            log.warning("%s: no 'start' within %.0f s, hanging up", self.label, START_TIMEOUT_S)
+        finally:
+            await self._close()
+
+    def _warn_once(self, kind: str, message: str, *args: Any) -> None:
+        """A misbehaving client repeats itself every 20 ms: say it once per kind, then only at debug level."""
+        level = logging.DEBUG if kind in self._warned else logging.WARNING
+        self._warned.add(kind)
+        log.log(level, "%s: " + message, self.label, *args)
+
+    async def _close(self) -> None:
+        if self.runner is not None:
+            self.runner.stop()
+        if self.pump is not None:
+            with contextlib.suppress(Exception):
+                await self.pump
+        with contextlib.suppress(Exception):
+            await self.websocket.close(self._close_code)
+
+    # ------------------------------------------------------------ Twilio -> core
+
+    def _authorized(self, custom: Any) -> bool:
+        headers = {k.lower(): v for k, v in self.websocket.headers.items()}
+        key = custom.get(API_KEY_PARAMETER) if isinstance(custom, dict) else None
+        if isinstance(key, str):
+            headers["authorization"] = f"Bearer {key}"
+        return is_authorized(self.state.config.server.api_keys, headers)
+
+    def _on_text(self, raw: str) -> None:
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            self._warn_once("json", "ignored a frame that is not JSON: %.80r", raw)
+            return
+        if not isinstance(message, dict):
+            self._warn_once("json", "ignored a JSON frame that is not an object")
+            return
+        event = message.get("event")
+        if event == "connected":
+            log.debug("%s: connected (protocol %s)", self.label, message.get("protocol"))
+        elif event == "start":
+            self._on_start(message)
+        elif event == "stop":
+            log.info("%s: stop received, hanging up", self.label)
+            self._stopped = True
+        elif event in ("media", "dtmf", "mark"):
+            if self.runner is None:
+                self._warn_once(f"early-{event}", "'%s' before 'start' ignored", event)
+            elif event == "media":
+                self._on_media(message.get("media"))
+            elif event == "dtmf":
+                self._on_dtmf(message.get("dtmf"))
+            else:
+                self._on_mark(message.get("mark"))
+        else:
+            self._warn_once(f"unknown-{event}", "unknown event %r ignored", event)
+
+    def _on_start(self, message: dict[str, Any]) -> None:
+        if self.runner is not None:
+            log.warning("%s: second 'start' ignored", self.label)
+            return
+        start = message.get("start") if isinstance(message.get("start"), dict) else {}
+        self.stream_sid = message.get("streamSid") or start.get("streamSid")
+        self.call_sid = start.get("callSid")
+        if not self._authorized(start.get("customParameters")):
+            log.warning("%s: refused, no valid '%s' custom parameter", self.label, API_KEY_PARAMETER)
+            self.state.metrics.sessions_rejected.labels(DOOR, "auth").inc()
+            self._stopped = True
+            self._close_code = POLICY_VIOLATION
+            return
+        media_format = start.get("mediaFormat") or {}
+        if media_format and (media_format.get("encoding"), media_format.get("sampleRate")) != (
+            "audio/x-mulaw",
+            PHONE_RATE,
+        ):
+            log.warning("%s: media format %s is not 8 kHz mu-law; decoding as mu-law anyway", self.label, media_format)
+        telephony = self.state.config.telephony
+        session = self.state.new_session(
+            frame_ms=telephony.frame_ms,
+            lead_ms=telephony.lead_ms,
+            output_rate=PHONE_RATE,
+            server_playout=True,
+            defaults=_session_defaults(start.get("customParameters")),
+        )
+        self.runner = SessionRunner(session, self.state.engine, self._emit, door=DOOR, metrics=self.state.metrics)
+        self.pump = asyncio.create_task(self.runner.run(), name=f"pump-{session.id}")
+        log.info("%s: started session %s", self.label, session.id)
+
+    def _on_media(self, media: Any) -> None:
+        assert self.runner is not None
+        if not isinstance(media, dict) or media.get("track", "inbound") not in ("inbound", "inbound_track"):
+            return
+        try:
+            payload = base64.b64decode(media.get("payload", ""), validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            self._warn_once("base64", "media chunk %s with bad base64 ignored", media.get("chunk"))
+            return
+        self.runner.feed(AudioIn(self._resampler.process(mulaw_decode(payload))))
+
+    def _on_dtmf(self, dtmf: Any) -> None:
+        assert self.runner is not None
+        digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
+        if not isinstance(digit, str) or not digit:
+            log.warning("%s: dtmf event without a digit ignored", self.label)
+            return
+        log.info("%s: caller pressed %s", self.label, digit)
+        if not self.state.config.telephony.dtmf_to_conversation:
+            return
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": digit}]}
+        self.runner.feed(ClientEvent("conversation.item.create", {"item": item}))
+
+    def _on_mark(self, mark: Any) -> None:
+        assert self.runner is not None
+        name = mark.get("name") if isinstance(mark, dict) else None
+        if not isinstance(name, str):
+            return
+        playout = self._playout
+        playout.pending.discard(name)
+        if name in playout.stale:
+            playout.stale.discard(name)  # echoed because of our `clear`: that audio was never heard
+            return
+        parsed = parse_mark_name(name)
+        if parsed is None:
+            log.warning("%s: echo of unknown mark %r ignored", self.label, name)
+            return
+        self.runner.feed(PlayoutProgress(*parsed))
+
+    # ------------------------------------------------------------ core -> Twilio
+
+    async def _emit(self, output: SessionOutput) -> None:
+        if isinstance(output, AudioOut):
+            await self._send_audio(output)
+        elif isinstance(output, ClearPlayout):
+            await self._send_clear()
+        elif isinstance(output, ServerEvent):
+            await self._observe(output)
+
+    async def _send_audio(self, frame: AudioOut) -> None:
+        playout = self._playout
+        if playout.item_id != frame.item_id:
+            playout.item_id, playout.sent_ms, playout.marked_ms = frame.item_id, 0.0, 0.0
+        payload = mulaw_encode(np.asarray(frame.pcm)).ljust(FRAME_BYTES, MULAW_SILENCE)
+        playout.sent_ms += frame.pcm.size * 1000 / PHONE_RATE
+        await self._send({"event": "media", "media": {"payload": base64.b64encode(payload).decode()}})
+        if playout.sent_ms - playout.marked_ms >= MARK_EVERY_MS:
+            await self._send_mark()
+
+    async def _send_mark(self) -> None:
+        playout = self._playout
+        if playout.item_id is None or playout.sent_ms <= playout.marked_ms:
+            return
+        name = mark_name(playout.item_id, playout.sent_ms)
+        playout.marked_ms = playout.sent_ms
+        playout.pending.add(name)
+        await self._send({"event": "mark", "mark": {"name": name}})
+
+    async def _send_clear(self) -> None:
+        playout = self._playout
+        playout.stale |= playout.pending
+        playout.pending.clear()
+        playout.item_id = None
+        await self._send({"event": "clear"})
+
+    async def _observe(self, event: ServerEvent) -> None:
+        if event.type == "response.output_audio.done":
+            # the last frames of an answer get their own mark, so its full length is known once heard
+            await self._send_mark()
+        elif event.type == "conversation.item.truncated":
+            log.info(
+                "%s: barge-in; item %s truncated at %d ms (the last echoed mark)",
+                self.label,
+                event.payload["item_id"],
+                event.payload["audio_end_ms"],
+            )
+        elif event.type == "error":
+            log.warning("%s: %s", self.label, event.payload["error"].get("message"))
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        if self.stream_sid is None:
+            return
+        async with self._send_lock:
+            with contextlib.suppress(Exception):  # a dropped socket ends the receive loop, which closes the call
+                await self.websocket.send_text(json.dumps({**message, "streamSid": self.stream_sid}))
+
+
+async def twilio_stream_endpoint(websocket: WebSocket) -> None:
+    state: ServerState = websocket.app.state.omnivox
+    await websocket.accept()
+    try:
+        with state.session_slot(DOOR):
+            await TwilioCall(websocket, state).serve()
+    except SessionLimitReached as exc:
+        log.warning("telephony: call refused: %s", exc)
+        with contextlib.suppress(Exception):
+            await websocket.close(TRY_AGAIN_LATER, str(exc)[:120])
+
+
+def _candidate_urls(request: Request, public_host: str | None) -> list[str]:
+    """The URL Twilio signed: as we see it, or as dialled through the public host (TLS ends at a proxy)."""
+    seen = str(request.url)
+    urls = [seen]
+    query = f"?{request.url.query}" if request.url.query else ""
+    for host in filter(None, (public_host, request.headers.get("host"))):
+        urls.append(f"https://{host}{request.url.path}{query}")
+    return urls
+
+
+async def twilio_incoming(request: Request) -> Response:
+    """Twilio's voice webhook: answer the call by connecting it to our Media Streams WebSocket."""
+    state: ServerState = request.app.state.omnivox
+    public_host = state.config.server.public_host
+    token = state.config.telephony.twilio_auth_token
+    if token:
+        form = await request.form()
+        params = {name: str(value) for name, value in form.items()}
+        offered = request.headers.get("x-twilio-signature", "")
+        expected = [twilio_signature(token, url, params) for url in _candidate_urls(request, public_host)]
+        if not any(hmac.compare_digest(offered.encode(), sig.encode()) for sig in expected):
+            log.warning("telephony: incoming webhook with a missing or wrong X-Twilio-Signature refused")
+            return Response("invalid Twilio signature", status_code=403, media_type="text/plain")
+    host = public_host or request.headers.get("host") or f"{state.config.server.host}:{state.config.server.port}"
+    stream_url = quoteattr(f"wss://{host}{STREAM_PATH}")
+    parameters = ""
+    keys = state.config.server.api_keys
+    if keys and token:
+        parameters = f"<Parameter name={quoteattr(API_KEY_PARAMETER)} value={quoteattr(keys[0])}/>"
+    elif keys:
+        log.warning(
+            "telephony: server.api_keys is set but telephony.twilio_auth_token is not: the TwiML carries no key"
+        )
+    stream = f"<Stream url={stream_url}>{parameters}</Stream>" if parameters else f"<Stream url={stream_url}/>"
+    twiml = f'<?xml version="1.0" encoding="UTF-8"?><Response><Connect>{stream}</Connect></Response>'
+    return Response(twiml, media_type="application/xml")
+
+
+def telephony_routes() -> list[BaseRoute]:
+    return [
+        WebSocketRoute(STREAM_PATH, twilio_stream_endpoint),
+        Route(INCOMING_PATH, twilio_incoming, methods=["POST"]),
+    ]

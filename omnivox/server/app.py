@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,9 +15,13 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from omnivox import __version__
 from omnivox.pipeline.engines import create_engine
 from omnivox.pipeline.engines.base import Engine
+from omnivox.pipeline.vad import create_vad
 from omnivox.server.config import Config
+from omnivox.server.http_api import http_api_routes
 from omnivox.server.realtime_ws import realtime_endpoint
 from omnivox.server.state import ServerState
+from omnivox.server.telephony import telephony_routes
+from omnivox.server.web_page import web_page_routes
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,9 @@ def door_routes() -> list[BaseRoute]:
         Route("/healthz", healthz),
         Route("/metrics", metrics),
         WebSocketRoute("/v1/realtime", realtime_endpoint),
+        *http_api_routes(),
+        *web_page_routes(),
+        *telephony_routes(),
     ]
 
 
@@ -58,6 +66,8 @@ def create_app(config: Config, engine: Engine | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         log.info("loading engine %s (%s)", engine.name, engine.model_id)
         await engine.start()
+        # the VAD model loads once per process (~2 s for silero): here, not in the first caller's event loop turn
+        await asyncio.to_thread(create_vad, config.vad.kind)
         state.metrics.engine_ready.set(1)
         log.info("engine %s ready; serving model %s", engine.name, state.model_name)
         try:

@@ -22,6 +22,7 @@ from omnivox.server.realtime_ws import realtime_endpoint
 from omnivox.server.state import ServerState
 from omnivox.server.telephony import telephony_routes
 from omnivox.server.web_page import web_page_routes
+from omnivox.server.webrtc import close_all_calls, webrtc_routes
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def door_routes() -> list[BaseRoute]:
         *http_api_routes(),
         *web_page_routes(),
         *telephony_routes(),
+        *webrtc_routes(),
     ]
 
 
@@ -73,6 +75,7 @@ def create_app(config: Config, engine: Engine | None = None) -> Starlette:
         try:
             yield
         finally:
+            await close_all_calls(app.state)
             state.metrics.engine_ready.set(0)
             await engine.close()
 

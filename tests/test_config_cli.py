@@ -72,8 +72,23 @@ def test_serve_command_runs_the_scripted_engine_and_stops_cleanly() -> None:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIVOX_")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "omnivox.server.cli", "serve", "--engine", "scripted", "--host", "127.0.0.1",
-         "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "omnivox.server.cli",
+            "serve",
+            "--engine",
+            "scripted",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -97,7 +112,24 @@ def test_serve_command_runs_the_scripted_engine_and_stops_cleanly() -> None:
 def test_serve_with_an_invalid_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     file = tmp_path / "bad.yaml"
     file.write_text("audio:\n  lead_ms: -5\n")
-    result = subprocess.run([sys.executable, "-m", "omnivox.server.cli", "serve", "--config", str(file)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "omnivox.server.cli", "serve", "--config", str(file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "audio.lead_ms" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["gpu-7b.yaml", "phone.yaml"])
+def test_example_configs_load_and_their_engine_options_are_known(name: str) -> None:
+    from importlib import resources
+
+    from omnivox.pipeline.engines.qwen2_5_omni import Qwen25OmniOptions
+    from omnivox.pipeline.engines.qwen_common import options_from_mapping
+
+    path = resources.files("omnivox").joinpath("configs", name)
+    config = load_config(str(path), environ={})
+    options = config.engine.options.get("qwen2.5-omni") or {}
+    options_from_mapping(Qwen25OmniOptions, options, engine="qwen2.5-omni")

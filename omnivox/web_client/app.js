@@ -6,7 +6,8 @@
 //   audio thread; a block above SOUND_LEVEL is sound, and gaps shorter than HANGOVER_MS do not split a segment.
 // - turn latency: end of your speech -> first audible agent block played in this page. The end of your speech is
 //   the server VAD's `speech_stopped.audio_end_ms` mapped onto this page's capture clock (WebSocket: the page
-//   knows when it captured every sample it sent), or the end of the last microphone sound segment (WebRTC).
+//   knows when it captured every sample it sent), or the end of the last microphone sound segment (WebRTC; on
+//   clean speech it comes ~100 ms before the VAD's end, so WebRTC figures read that much higher).
 //   The VAD silence window (the server waits for it before answering) is inside the figure.
 // - barge-in: when you start speaking while the agent is audible, the time until its audio stops (WebSocket:
 //   when the playback worklet dropped its queue; WebRTC: the last audible block of the server's track).
@@ -19,6 +20,8 @@ const HANGOVER_MS = 250;
 const INTERRUPTED_HOLD_MS = 3000;
 const ICE_GATHERING_TIMEOUT_MS = 2000;
 const METER_FULL_SCALE_DB = 60;
+const DEFAULT_SILENCE_MS = 500;
+const MAX_VAD_LAG_MS = 1000;
 
 const ui = {
   button: document.getElementById("call-button"),
@@ -152,6 +155,7 @@ class Call {
     this.settings = settings;
     this.closed = false;
     this.ready = false;
+    this.silenceMs = DEFAULT_SILENCE_MS;
     this.playedBefore = stats.playedSeconds;
     this.agentSegmentsBefore = stats.agentSegments.length;
     this.pendingTurn = null;
@@ -289,6 +293,7 @@ class Call {
         setStatus("Connected. Setting up the session…");
         break;
       case "session.updated":
+        this.silenceMs = silenceWindow(event.session) ?? this.silenceMs;
         if (!this.ready) {
           this.ready = true;
           setStatus(`Connected over ${this.kind === "webrtc" ? "WebRTC" : "WebSocket"}. Speak any time.`);
@@ -300,7 +305,7 @@ class Call {
         this.onSpeechStarted();
         break;
       case "input_audio_buffer.speech_stopped":
-        this.pendingTurn = { itemId: event.item_id, endOfSpeechAt: this.endOfSpeech(event), source: this.kind };
+        this.pendingTurn = { itemId: event.item_id, transport: this.kind, ...this.endOfSpeech(event) };
         if (window.omnivox.state === "interrupted") setAgentState("listening");
         break;
       case "conversation.item.input_audio_transcription.delta":
@@ -427,7 +432,8 @@ class WebSocketCall extends Call {
 
   // The server counts `audio_end_ms` from the first sample this page sent; the capture clock dates it.
   endOfSpeech(event) {
-    return this.contextToPageTime(this.captureOrigin + event.audio_end_ms / 1000);
+    const endOfSpeechAt = this.contextToPageTime(this.captureOrigin + event.audio_end_ms / 1000);
+    return { endOfSpeechAt, endOfSpeechFrom: "audio_end_ms" };
   }
 
   onSpeechStarted() {
@@ -578,10 +584,16 @@ class WebRtcCall extends Call {
   sendPcm() {}
 
   // Opus carries no sample positions the page can match with the server's, so the end of the last
-  // microphone sound segment (finished or still open) stands for the end of speech.
+  // microphone sound segment stands for the end of speech. When the microphone is still sounding (noise) or
+  // that segment ended long before, the server's VAD end is estimated instead: this event's arrival less the
+  // silence window.
   endOfSpeech() {
+    const vadEnd = performance.now() - this.silenceMs;
     const last = stats.micSegments[stats.micSegments.length - 1];
-    return last ? last.end : performance.now();
+    const plausible = last && last.end > vadEnd - MAX_VAD_LAG_MS && last.end <= vadEnd + 100;
+    return plausible
+      ? { endOfSpeechAt: last.end, endOfSpeechFrom: "microphone" }
+      : { endOfSpeechAt: vadEnd, endOfSpeechFrom: "speech_stopped arrival" };
   }
 
   onSpeechStarted() {}
@@ -596,6 +608,11 @@ class WebRtcCall extends Call {
 }
 
 // ---------------------------------------------------------------- helpers
+
+function silenceWindow(session) {
+  const detection = session && session.audio && session.audio.input && session.audio.input.turn_detection;
+  return detection && Number.isFinite(detection.silence_duration_ms) ? detection.silence_duration_ms : null;
+}
 
 function unreachable(server) {
   return new CallError(`Cannot reach the server at ${new URL(server).origin}. Is it running?`);

@@ -5,6 +5,8 @@
     python benchmarks/engine_latency.py --model qwen2.5-omni --weights Qwen/Qwen2.5-Omni-7B
     ... --option dit_steps=5 --option dit_dtype=bfloat16 --option first_chunk_codes=24
     ... --option static_cache=true --option cuda_graphs=true
+    python benchmarks/engine_latency.py --model qwen3-omni --tiny --codes 30         # --codes: 80 ms frames
+    python benchmarks/engine_latency.py --model qwen3-omni --random-weights --codes 62 --option cuda_graphs=true
 
 Prints: thinker prefill and per-step times (thinker, talker, DiT call, vocoder chunk), engine first-audio latency
 (request handed to the engine -> first PCM, feature extraction included), real-time factor, playback gaps, and the
@@ -172,6 +174,9 @@ class ModelBench(Protocol):
     def watch(self, engine: QwenOmniEngine, timer: ModuleTimer) -> None:
         """Register the modules whose per-call time is reported."""
 
+    def stage_lines(self, calls: dict[str, list[float]]) -> list[str]:
+        """Report lines for the model's own stages (talker, vocoder) from the watched calls."""
+
     def stock_generate(self, engine: QwenOmniEngine, request: ResponseRequest, args: argparse.Namespace) -> float:
         """Run `generate()` on the request; returns the seconds of audio it produced."""
 
@@ -243,6 +248,17 @@ class Qwen25Bench:
             timer.watch("talker LM", model.talker.model)
             timer.watch("DiT call", model.token2wav.code2wav_dit_model)
             timer.watch("BigVGAN", model.token2wav.code2wav_bigvgan_model)
+
+    def stage_lines(self, calls: dict[str, list[float]]) -> list[str]:
+        if not calls.get("talker LM"):
+            return []
+        dit_per_chunk = len(calls["DiT call"]) / max(len(calls["BigVGAN"]), 1)
+        return [
+            f"talker prefill                        {calls['talker LM'][0] * 1000:8.1f} ms",
+            f"talker step                           {median_ms(calls['talker LM'][1:])}",
+            f"DiT call ({dit_per_chunk:.0f} per chunk)              {median_ms(calls['DiT call'])}",
+            f"BigVGAN per chunk                     {median_ms(calls['BigVGAN'])}",
+        ]
 
     def stock_generate(self, engine: QwenOmniEngine, request: ResponseRequest, args: argparse.Namespace) -> float:
         from transformers import LogitsProcessorList
@@ -324,7 +340,71 @@ def with_fixed_length(engine: QwenOmniEngine) -> QwenOmniEngine:
     return engine
 
 
-MODELS: dict[str, Callable[[], ModelBench]] = {"qwen2.5-omni": Qwen25Bench}
+class Qwen3Bench:
+    """Qwen3-Omni: tiny checkpoint, random weights at 30B-A3B size, or a real checkpoint. `--codes` counts codec
+    frames (80 ms each); answers run to their length limits through the engine's `ignore_eos` switch."""
+
+    def build(self, args: argparse.Namespace, options: dict[str, Any]) -> QwenOmniEngine:
+        from omnivox.pipeline.engines.qwen3_omni import Qwen3OmniEngine
+
+        fixed = {"max_text_tokens": args.text_tokens, "max_audio_frames": args.codes, "ignore_eos": True, **options}
+        if args.weights:
+            return Qwen3OmniEngine(args.weights, **fixed)
+        if args.tiny:
+            from tiny_qwen3 import build_tiny_qwen3
+
+            directory = build_tiny_qwen3(Path(tempfile.mkdtemp(prefix="tiny-qwen3-omni-")))
+            return Qwen3OmniEngine(str(directory), **fixed)
+
+        class RandomQwen3(Qwen3OmniEngine):
+            def load_weights(self) -> tuple[Any, Any]:
+                from tiny_qwen3 import build_tokenizer, full_size_config, random_qwen3
+
+                tokenizer = build_tokenizer()
+                return random_qwen3(full_size_config(tokenizer), self.runtime.device, self.runtime.dtype), tokenizer
+
+        return RandomQwen3("random-qwen3-omni-30b-a3b", **fixed)
+
+    def watch(self, engine: QwenOmniEngine, timer: ModuleTimer) -> None:
+        model = engine.model  # type: ignore[attr-defined]
+        timer.watch("thinker", model.thinker)  # its first call is the prefill
+        timer.watch("audio encoder", model.thinker.model.audio_tower)
+        timer.watch("thinker LM", model.thinker.model.language_model)
+        if model.has_talker:
+            timer.watch("talker LM", model.talker.model)
+            timer.watch("code predictor", engine.code_predictor)  # type: ignore[attr-defined]  # 15 passes a frame
+            timer.watch("code2wav", model.code2wav)
+
+    def stage_lines(self, calls: dict[str, list[float]]) -> list[str]:
+        if not calls.get("talker LM"):
+            return []
+        return [
+            f"talker prefill                        {calls['talker LM'][0] * 1000:8.1f} ms",
+            f"talker step                           {median_ms(calls['talker LM'][1:])}",
+            f"code predictor (15 passes a frame)    {median_ms(calls['code predictor'])}",
+            f"code2wav call                         {median_ms(calls['code2wav'])}",
+        ]
+
+    def stock_generate(self, engine: QwenOmniEngine, request: ResponseRequest, args: argparse.Namespace) -> float:
+        model, plan = engine.model, engine.prepare(request)  # type: ignore[attr-defined]
+        speakers = model.config.talker_config.speaker_id
+        speaker = next(name for name, index in speakers.items() if index == plan.speaker_id)
+        with torch.inference_mode():
+            _, wav = model.generate(
+                **plan.inputs.tensors(engine.runtime.device, engine.runtime.dtype),  # type: ignore[attr-defined]
+                speaker=speaker,
+                thinker_max_new_tokens=args.text_tokens,
+                thinker_min_new_tokens=args.text_tokens,
+                thinker_do_sample=False,
+                thinker_eos_token_id=sorted(engine.text_eos_ids),  # type: ignore[attr-defined]
+                talker_max_new_tokens=args.codes + 1,  # N talker tokens make N-1 complete frames
+                talker_min_new_tokens=args.codes + 1,
+                talker_do_sample=False,
+            )
+        return wav.numel() / OUTPUT_RATE
+
+
+MODELS: dict[str, Callable[[], ModelBench]] = {"qwen2.5-omni": Qwen25Bench, "qwen3-omni": Qwen3Bench}
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -384,18 +464,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     steps.remove()
     turn, calls, quiet_steps = sorted(runs, key=lambda run: run[0].first_audio or 0.0)[len(runs) // 2]
     gap_total, gap_count = turn.gaps()
-    chunk_times = calls.get("BigVGAN", [])
     print("\n## engine, one session (median run; CUDA-graph replays are invisible to the per-module hooks)")
     print(f"thinker prefill (incl. audio encoder) {calls['thinker'][0] * 1000:8.1f} ms")
     print(f"audio encoder                         {median_ms(calls['audio encoder'])}")
     print(f"thinker step                          {median_ms(calls['thinker LM'][1:])}")
     print(f"engine step without vocoder work      {median_ms(quiet_steps)}")
-    if calls.get("talker LM"):
-        dit_per_chunk = len(calls["DiT call"]) / max(len(chunk_times), 1)
-        print(f"talker prefill                        {calls['talker LM'][0] * 1000:8.1f} ms")
-        print(f"talker step                           {median_ms(calls['talker LM'][1:])}")
-        print(f"DiT call ({dit_per_chunk:.0f} per chunk)              {median_ms(calls['DiT call'])}")
-        print(f"BigVGAN per chunk                     {median_ms(chunk_times)}")
+    for line in bench.stage_lines(calls):
+        print(line)
     audio_s = turn.audio_seconds
     rtf = turn.done / audio_s if audio_s else float("nan")
     print(f"first text                            {(turn.first_text or 0) * 1000:8.1f} ms")
@@ -490,7 +565,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of the user's audio turn")
     parser.add_argument("--text-tokens", type=int, default=40)
-    parser.add_argument("--codes", type=int, default=250, help="codec codes per answer (20 ms each for Qwen2.5)")
+    parser.add_argument(
+        "--codes", type=int, default=250, help="codec codes per answer (Qwen2.5: 20 ms each; Qwen3: frames, 80 ms each)"
+    )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--sessions", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])

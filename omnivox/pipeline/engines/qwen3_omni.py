@@ -1,0 +1,912 @@
+"""Qwen3-Omni engine: speech out from the first codec frame.
+
+transformers' `generate()` runs the thinker to the end, then the talker, then code2wav, so nothing is heard until
+the whole answer exists (9.1 s for a 5 s answer at full size on an H200). This engine drives the same modules step
+by step instead:
+
+* the thinker decodes one text token per step and its text is streamed at once;
+* the talker needs only the *embedding* of thinker token k+1 for its step k, so it runs in lock-step one token
+  behind the thinker; each talker step yields one complete 16-code frame (the code predictor is called here, not
+  hidden inside the next step's input preparation as in `generate()`);
+* the causal code2wav turns new frames into PCM every few frames, with left context and a global sample cursor.
+
+The code predictor (15 small decode steps per frame, the largest cost of a talker step) runs batched over every
+active session in one call (`step_generations`); its inputs have the same shape for every session.
+
+Multi-turn: every turn re-encodes the whole conversation, as the Qwen2.5 engine does (see its module docstring).
+Rope offsets are kept per generation and positions are passed explicitly, because the model classes store them on
+the module and interleaved sessions would overwrite each other's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Cache, PreTrainedTokenizerBase, Qwen3OmniMoeForConditionalGeneration
+from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import _get_feat_extract_output_lengths
+
+from omnivox.pipeline.engines.base import AudioDelta, Delta, EngineError, ResponseRequest, TextDelta, Usage
+from omnivox.pipeline.engines.qwen_common import (
+    ImageFormat,
+    IncrementalText,
+    ModelInputs,
+    PromptBuilder,
+    PromptFormat,
+    QwenOmniEngine,
+    Runtime,
+    Sampling,
+    TokenSampler,
+    load_pretrained,
+    load_tokenizer,
+    make_generator,
+    options_from_mapping,
+    resolve_speaker,
+)
+from omnivox.pipeline.engines.scheduler import StepBatch
+
+log = logging.getLogger(__name__)
+
+ENGINE_NAME = "qwen3-omni"
+DEFAULT_MODEL = "Qwen/Qwen3-Omni-30B-A3B-Instruct"
+VOICES = ("Ethan", "Chelsie", "Aiden")
+TEXT_EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
+SUPPRESSED_CODEC_TAIL = 1024
+"""`generate()` forbids the last 1024 talker ids (special codec tokens) except codec EOS."""
+
+
+def qwen3_audio_tokens(feature_frames: int) -> int:
+    """Qwen3-Omni's audio encoder makes 13 tokens per 100 feature frames (12.5 Hz), as its processor counts them."""
+    return int(_get_feat_extract_output_lengths(torch.tensor(feature_frames)))
+
+
+def prompt_format(vision_config: Any) -> PromptFormat:
+    """Qwen3-Omni's placeholders; images are cut with the checkpoint's patch geometry and the Qwen3-VL image
+    normalisation (mean = std = 0.5 per channel, as Qwen3-VL's processor does: check a checkpoint's
+    `preprocessor_config.json` before relying on image answers)."""
+    return PromptFormat(
+        audio_start="<|audio_start|>",
+        audio_placeholder="<|audio_pad|>",
+        audio_end="<|audio_end|>",
+        audio_tokens=qwen3_audio_tokens,
+        image=ImageFormat(
+            start="<|vision_start|>",
+            placeholder="<|image_pad|>",
+            end="<|vision_end|>",
+            patch_size=vision_config.patch_size,
+            temporal_patch_size=vision_config.temporal_patch_size,
+            merge_size=vision_config.spatial_merge_size,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Qwen3OmniOptions:
+    """The `engine.options` of `qwen3-omni` in the YAML config; every field is one documented switch."""
+
+    device: str = "auto"
+    """"auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:N"."""
+    dtype: str = "auto"
+    """"auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32"."""
+    attn_implementation: str = "auto"
+    """"auto" (flash_attention_2 when installed and usable, else sdpa), "sdpa", "eager", "flash_attention_2"."""
+    experts_implementation: str | None = None
+    """MoE expert kernel; None keeps transformers' default "grouped_mm" (3.4x faster prefill than "eager" on an
+    H200), or "eager", "batched_mm"."""
+    voice: str = "Ethan"
+    """Speaker for requests whose voice maps to no speaker of the model (Ethan, Chelsie or Aiden)."""
+    system_prompt: str = ""
+    """The model's system prompt; the caller's instructions are appended to it. Qwen3-Omni speaks without one."""
+    max_active: int = 8
+    """Generations advanced together on the GPU worker; more requests wait in the queue."""
+    max_queued: int = 32
+    """Requests allowed to wait; beyond this the engine answers `server_busy`."""
+    batched_predictor: bool = True
+    """One batched code-predictor run for all active sessions per step (else one run per session)."""
+    enable_audio: bool = True
+    """False drops the talker and code2wav after loading (3.5 B parameters less): a text-only engine."""
+    chunk_frames: int = 4
+    """Codec frames (80 ms each) per code2wav window once speech is under way."""
+    first_chunk_frames: int = 1
+    """Frames in the first window; 1 gives the earliest first audio. Windows then double up to `chunk_frames`."""
+    left_context_frames: int = 25
+    """Frames re-decoded before each window (the official streaming value); at least 1."""
+    max_text_tokens: int = 1024
+    """Longest answer in text tokens when the request does not say (`max_tokens`)."""
+    max_audio_frames: int = 4096
+    """Longest spoken answer in codec frames (80 ms each: 5.5 minutes)."""
+    talker_temperature: float = 0.9
+    """Codec sampling temperature (`generate()` default); 0 makes the talker and the code predictor greedy."""
+    talker_top_k: int = 50
+    talker_top_p: float = 1.0
+    talker_repetition_penalty: float = 1.05
+    predictor_top_k: int = 50
+    """Code predictor sampling (temperature 1 when the talker samples), as `generate()` does it."""
+    predictor_top_p: float = 0.8
+    cuda_graphs: bool = False
+    """Run each frame's 15 code-predictor passes as one CUDA graph replay per batch size (falls back to eager,
+    with an error in the log, if capture fails). Off by default: not yet measured on a GPU."""
+    prewarm: bool = True
+    """On CUDA, run code2wav at every window length during `start()`: the first call at a new length picks
+    convolution plans (100-130 ms at full size), which would otherwise land on a listener's first chunks."""
+    ignore_eos: bool = False
+    """Benchmarks only: ignore text and codec EOS, so every answer runs to `max_tokens` and `max_audio_frames`."""
+
+    def __post_init__(self) -> None:
+        check_windows(self.chunk_frames, self.first_chunk_frames, self.left_context_frames)
+        if self.voice.lower() not in {voice.lower() for voice in VOICES}:
+            raise ValueError(f"voice must be one of {VOICES}, got {self.voice!r}")
+        for name in ("max_active", "max_text_tokens", "max_audio_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+    @property
+    def talker_sampling(self) -> TalkerSampling:
+        return TalkerSampling(
+            temperature=self.talker_temperature,
+            top_k=self.talker_top_k,
+            top_p=self.talker_top_p,
+            repetition_penalty=self.talker_repetition_penalty,
+            predictor_top_k=self.predictor_top_k,
+            predictor_top_p=self.predictor_top_p,
+        )
+
+
+@dataclass(frozen=True)
+class TalkerSampling:
+    """How codec codes are drawn; the defaults are those of `Qwen3OmniMoeForConditionalGeneration.generate()`.
+
+    A temperature of 0 means greedy decoding for the talker and the code predictor alike.
+    """
+
+    temperature: float = 0.9
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.05
+    predictor_top_k: int = 50
+    predictor_top_p: float = 0.8
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+def pick_tokens(
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generators: Sequence[torch.Generator | None] = (None,),
+) -> torch.Tensor:
+    """One id per row of `[rows, vocab]` logits, as a `[rows]` tensor on their device: greedy at temperature 0.
+
+    Ids stay on the device so that a loop of small steps (the code predictor) never waits for the GPU. Each row
+    draws from its own generator, so a seeded request repeats whatever it is batched with.
+    """
+    if temperature <= 0:
+        return torch.argmax(logits, dim=-1)
+    probabilities = torch.softmax(_filtered_scores(logits, temperature, top_k, top_p), dim=-1)
+    return torch.cat(
+        [
+            torch.multinomial(row, 1, generator=generator)
+            for row, generator in zip(probabilities, generators, strict=True)
+        ]
+    )
+
+
+def _filtered_scores(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """`[rows, vocab]` logits scaled by the temperature, with what top-k and top-p exclude set to -inf."""
+    scores = logits.float() / temperature
+    if 0 < top_k < scores.shape[-1]:
+        threshold = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < threshold, -float("inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        probabilities = torch.softmax(sorted_scores, dim=-1)
+        beyond = probabilities.cumsum(-1) - probabilities > top_p  # keeps the token that crosses top_p
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(beyond, -float("inf")))
+    return scores
+
+
+def check_windows(chunk_frames: int, first_chunk_frames: int, left_context_frames: int) -> None:
+    """Reject window settings that could not stream every sample exactly once."""
+    if not 1 <= first_chunk_frames <= chunk_frames:
+        raise ValueError(f"need 1 <= first_chunk_frames ({first_chunk_frames}) <= chunk_frames ({chunk_frames})")
+    if left_context_frames < 1:
+        raise ValueError("left_context_frames must be >= 1: without context each window's 555-sample tail is lost")
+
+
+class CausalCode2WavStream:
+    """Decodes codec frames to 24 kHz PCM as they arrive, with no gap and no repeated sample.
+
+    A code2wav window of n frames yields n*1920 - 555 samples (the causal transposed convolutions drop a tail).
+    Each window therefore re-decodes `left_context_frames` old frames and a global sample cursor says where the
+    new audio starts; the tail missing from one window comes with the next. Window sizes ramp up from
+    `first_chunk_frames` (doubling the audio emitted so far) to `chunk_frames`, so a 1-frame first chunk does not
+    leave the listener waiting on a full chunk right after it.
+    """
+
+    def __init__(
+        self, code2wav: torch.nn.Module, *, chunk_frames: int, first_chunk_frames: int, left_context_frames: int
+    ):
+        check_windows(chunk_frames, first_chunk_frames, left_context_frames)
+        self._code2wav = code2wav
+        self._chunk_frames = chunk_frames
+        self._first_chunk_frames = first_chunk_frames
+        self._left_context_frames = left_context_frames
+        self._samples_per_frame = int(code2wav.total_upsample)
+        self._frames: list[torch.Tensor] = []
+        self._decoded_frames = 0
+        self.samples_emitted = 0
+
+    @property
+    def frames(self) -> int:
+        return len(self._frames)
+
+    def _window_frames(self) -> int:
+        return min(self._chunk_frames, max(self._first_chunk_frames, self._decoded_frames))
+
+    def push(self, frame: torch.Tensor) -> np.ndarray | None:
+        """Add one frame of `num_quantizers` codes; returns new PCM when a window is due."""
+        self._frames.append(frame)
+        if len(self._frames) - self._decoded_frames >= self._window_frames():
+            return self._decode()
+        return None
+
+    def flush(self) -> np.ndarray | None:
+        """Decode whatever frames are still pending (end of speech)."""
+        return self._decode() if len(self._frames) > self._decoded_frames else None
+
+    def _decode(self) -> np.ndarray:
+        start = max(0, self._decoded_frames - self._left_context_frames)
+        codes = torch.stack(self._frames[start:], dim=-1).unsqueeze(0)  # [1, quantizers, frames]
+        wav = self._code2wav(codes).reshape(-1)
+        window_start_sample = start * self._samples_per_frame
+        new = wav[self.samples_emitted - window_start_sample :]
+        self._decoded_frames = len(self._frames)
+        self.samples_emitted = window_start_sample + wav.shape[0]
+        return new.float().cpu().numpy()
+
+
+def prewarm_code2wav(code2wav: torch.nn.Module, longest_window: int) -> None:
+    """Run code2wav once at every window length the stream can use.
+
+    On CUDA the first call at a new input length picks convolution plans (100-130 ms at full size, measured),
+    which would otherwise land on a listener's first chunks.
+    """
+    quantizers = code2wav.config.num_quantizers
+    device = next(code2wav.parameters()).device
+    with torch.inference_mode():
+        for frames in range(1, longest_window + 1):
+            code2wav(torch.zeros(1, quantizers, frames, dtype=torch.long, device=device))
+
+
+# ---------------------------------------------------------------------------------------------- one request
+@dataclass(frozen=True)
+class TurnPlan:
+    """Everything decided per request before the GPU sees it."""
+
+    inputs: ModelInputs
+    speaker_id: int
+    text_sampling: Sampling
+    max_text_tokens: int
+    output_audio: bool
+    seed: int | None
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class FrameRequest:
+    """A talker step waiting for its 15 residual codes: the talker's last hidden state and codebook-0 id."""
+
+    hidden: torch.Tensor
+    first_code: torch.Tensor
+
+
+class Qwen3Generation:
+    """One request: thinker, talker and code2wav advanced together, one text token and one codec frame per step.
+
+    Step 0 runs both prefills and already yields the first codec frame (the talker's first step needs only the
+    first text token, so no thinker decode step stands before the first audio). Step n >= 1 feeds thinker token
+    n-1 (producing token n), then runs talker step n, whose text input is token n: the thinker stays exactly one
+    token ahead. The final text token (EOS, or the one that hits the length limit) is never spoken, as in
+    `generate()`: its slot carries `tts_eos`, and `tts_pad` follows for ever.
+
+    A step has two halves around the code predictor (`begin_step`, `end_step`) so that `step_generations` can run
+    one batched predictor for every session.
+    """
+
+    def __init__(self, engine: Qwen3OmniEngine, plan: TurnPlan) -> None:
+        self._model = engine.model
+        self._config = engine.model.config
+        self._options = engine.options
+        self._plan = plan
+        self._device = engine.runtime.device
+        self._dtype = engine.runtime.dtype
+        self._eos_ids = frozenset() if engine.options.ignore_eos else engine.text_eos_ids
+        self.generator, seed = make_generator(plan.seed, self._device)
+        log.debug("%s: request %s seed %d", ENGINE_NAME, plan.request_id, seed)
+        self._text = IncrementalText(engine.tokenizer)
+        self._text_sampler = TokenSampler(plan.text_sampling, self.generator)
+        self._text_history: list[int] = plan.inputs.input_ids[0].tolist()
+        self._audio = plan.output_audio and engine.audio_enabled
+        self.talker_sampling = engine.options.talker_sampling
+        self.predictor = engine.code_predictor if self._audio else None
+        self.text_ids: list[int] = []
+        self.frames: list[torch.Tensor] = []
+        self._started = False
+        self._finished = False
+        self._thinker_cache: Cache | None = None
+        self._thinker_rope_delta: torch.Tensor | None = None
+        self._thinker_done = False
+        self._talker_cache: Cache | None = None
+        self._talker_rope_delta: torch.Tensor | None = None
+        self._talker_hidden: torch.Tensor | None = None
+        self._talker_logits: torch.Tensor | None = None
+        self._codec_bias: torch.Tensor | None = None
+        self._codes_seen: torch.Tensor | None = None
+        self._last_frame_embedding: torch.Tensor | None = None
+        self._trailing_text: list[torch.Tensor] = []
+        self._tts_eos: torch.Tensor | None = None
+        self._tts_pad: torch.Tensor | None = None
+        self._talker_done = not self._audio
+        self._vocoder: CausalCode2WavStream | None = None
+        self._pending_frame: FrameRequest | None = None
+        self._deltas: list[Delta] = []
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def close(self) -> None:
+        """Drop every cache and tensor of this request so its memory can be reused at once."""
+        self._thinker_cache = self._talker_cache = None
+        self._talker_hidden = self._talker_logits = self._last_frame_embedding = None
+        self._codec_bias = self._codes_seen = self._pending_frame = None
+        self._trailing_text = []
+        self._vocoder = None
+        self._finished = True
+
+    def step(self) -> list[Delta]:
+        """One step of this generation alone (the worker's path when it does not batch)."""
+        return step_generations([self], batched_predictor=False)[0]
+
+    def begin_step(self) -> FrameRequest | None:
+        """Everything of a step up to the code predictor; returns what the predictor needs, if a frame is due.
+
+        A request left pending by a failed batch (which the worker retries one generation at a time) is returned
+        again, so a retry neither skips a frame nor loses the text that step already produced.
+        """
+        if self._pending_frame is None:
+            self._pending_frame = self._advance(self._deltas)
+        return self._pending_frame
+
+    def take_deltas(self) -> list[Delta]:
+        """What the steps since the last call produced."""
+        deltas, self._deltas = self._deltas, []
+        return deltas
+
+    def _advance(self, deltas: list[Delta]) -> FrameRequest | None:
+        if not self._started:
+            self._started = True
+            return self._prefill(deltas)
+        if not self._thinker_done:
+            self._thinker_step(deltas)
+        if self._talker_done:
+            self._finish_if_done(deltas)
+            return None
+        if len(self.frames) >= self._options.max_audio_frames:
+            self._end_speech(deltas)
+            return None
+        step = len(self.frames) - 1
+        text = self._trailing_text[step] if step < len(self._trailing_text) else self._tts_pad
+        past = self._talker_cache.get_seq_length()
+        self._run_talker(self._last_frame_embedding + text, _next_position(past, self._talker_rope_delta))
+        return FrameRequest(self._talker_hidden, self._pick_first_code())
+
+    def end_step(self, frame: torch.Tensor, embedding_sum: torch.Tensor) -> None:
+        """Voice the completed 16-code `frame`, or end the speech at codec EOS."""
+        self._pending_frame = None
+        deltas = self._deltas
+        if int(frame[0]) == self._config.talker_config.codec_eos_token_id:
+            self._end_speech(deltas)
+            return
+        self._last_frame_embedding = embedding_sum
+        self._codes_seen.index_fill_(-1, frame[:1], True)
+        self.frames.append(frame)
+        if self._vocoder is None:
+            self._vocoder = CausalCode2WavStream(
+                self._model.code2wav,
+                chunk_frames=self._options.chunk_frames,
+                first_chunk_frames=self._options.first_chunk_frames,
+                left_context_frames=self._options.left_context_frames,
+            )
+        pcm = self._vocoder.push(frame)
+        if pcm is not None and pcm.size:
+            deltas.append(AudioDelta(pcm))
+        self._finish_if_done(deltas)
+
+    # ---------------------------------------------------------------------------------------------- thinker
+    def _prefill(self, deltas: list[Delta]) -> FrameRequest | None:
+        inputs = self._plan.inputs.tensors(self._device, self._dtype)
+        thinker = self._model.thinker
+        out = thinker(**inputs, use_cache=True, output_hidden_states=self._audio)
+        self._thinker_cache = out.past_key_values
+        self._thinker_rope_delta = thinker.model.rope_deltas
+        self._accept_text(self._text_sampler(out.logits[:, -1], self._history_tensor()), deltas)
+        if not self._audio:
+            self._finish_if_done(deltas)
+            return None
+        self._talker_prefill(inputs, out.hidden_states)
+        return FrameRequest(self._talker_hidden, self._pick_first_code())
+
+    def _thinker_step(self, deltas: list[Delta]) -> None:
+        past = self._thinker_cache.get_seq_length()
+        out = self._model.thinker(
+            input_ids=torch.tensor([[self.text_ids[-1]]], device=self._device),
+            position_ids=_next_position(past, self._thinker_rope_delta),
+            past_key_values=self._thinker_cache,
+            use_cache=True,
+        )
+        self._accept_text(self._text_sampler(out.logits[:, -1], self._history_tensor()), deltas)
+
+    def _accept_text(self, token: int, deltas: list[Delta]) -> None:
+        """Record a new thinker token, stream its text, and publish it as the talker's text input."""
+        self.text_ids.append(token)
+        self._text_history.append(token)
+        final = token in self._eos_ids or len(self.text_ids) >= self._plan.max_text_tokens
+        if token not in self._eos_ids:
+            text = self._text.push(token)
+            if text:
+                deltas.append(TextDelta(text))
+        self._thinker_done = final
+        if self._audio and len(self.text_ids) >= 2:  # the first token sits in the talker prefill
+            self._trailing_text.append(self._tts_eos if final else self._project_text(token))
+
+    def _history_tensor(self) -> torch.Tensor:
+        return torch.tensor([self._text_history], device=self._device)
+
+    def _project_text(self, token: int) -> torch.Tensor:
+        embedding = self._model.thinker.get_input_embeddings()(torch.tensor([[token]], device=self._device))
+        return self._model.talker.text_projection(embedding)
+
+    # ----------------------------------------------------------------------------------------------- talker
+    def _talker_prefill(self, inputs: dict[str, torch.Tensor], thinker_hidden: tuple[torch.Tensor, ...]) -> None:
+        """The talker prompt, as `generate()` builds it: the user turns (text positions projected from the thinker
+        embeddings, audio positions from a middle thinker layer) and the assistant head with the speaker id."""
+        model, config = self._model, self._config
+        talker, ids = model.talker, inputs["input_ids"]
+        thinker_embedding = model.thinker.get_input_embeddings()
+        special = torch.tensor(
+            [[config.tts_bos_token_id, config.tts_eos_token_id, config.tts_pad_token_id]], device=self._device
+        )
+        tts_bos, self._tts_eos, self._tts_pad = talker.text_projection(thinker_embedding(special)).chunk(3, dim=1)
+        thinker_config = config.thinker_config
+        multimodal = (
+            (ids == thinker_config.audio_token_id)
+            | (ids == thinker_config.image_token_id)
+            | (ids == thinker_config.video_token_id)
+        )
+        host_ids = self._plan.inputs.input_ids[0]  # turn boundaries are read on the host: no GPU round trips
+        user_positions = _user_turn_mask(host_ids, config.im_start_token_id, config.user_token_id).to(self._device)
+        prompt_embeds = thinker_hidden[0]
+        accepted_hidden = thinker_hidden[config.talker_config.accept_hidden_layer]
+        user_part = model._get_talker_user_parts(0, ids.shape[1], multimodal, accepted_hidden, prompt_embeds)
+        assistant_start = int(torch.nonzero(host_ids == config.im_start_token_id)[-1])  # "<|im_start|>assistant\n"
+        first_text = thinker_embedding(torch.tensor([self.text_ids[:1]], device=self._device))
+        assistant_part, assistant_ids, _ = model._get_talker_assistant_parts(
+            0,
+            4,
+            self._plan.speaker_id,
+            torch.cat([prompt_embeds[:, assistant_start:], first_text], dim=1),
+            self._tts_pad,
+            tts_bos,
+            self._tts_eos,
+        )
+        embeds = torch.cat([user_part[:, user_positions], assistant_part], dim=1)
+        talker_ids = torch.cat([ids[:, user_positions], assistant_ids], dim=1)
+        feature_mask = inputs.get("feature_attention_mask")
+        positions = talker.compute_3d_position_ids(
+            embeds,
+            talker_input_ids=talker_ids,
+            attention_mask=torch.ones_like(talker_ids),
+            past_key_values=None,
+            image_grid_thw=inputs.get("image_grid_thw"),
+            audio_feature_lengths=feature_mask.sum(1) if feature_mask is not None else None,
+        )
+        self._talker_rope_delta = talker.rope_deltas
+        self._run_talker(embeds, positions)
+        eos = None if self._options.ignore_eos else config.talker_config.codec_eos_token_id
+        self._codec_bias = _codec_bias(self._talker_logits, eos)
+        self._codes_seen = torch.zeros_like(self._talker_logits, dtype=torch.bool)
+
+    def _run_talker(self, embeds: torch.Tensor, positions: torch.Tensor) -> None:
+        talker = self._model.talker
+        out = talker.model(
+            inputs_embeds=embeds, position_ids=positions, past_key_values=self._talker_cache, use_cache=True
+        )
+        self._talker_cache = out.past_key_values
+        self._talker_hidden = out.last_hidden_state[:, -1:]
+        self._talker_logits = talker.codec_head(self._talker_hidden[:, -1]).float()
+
+    def _pick_first_code(self) -> torch.Tensor:
+        """Codebook 0 as `generate()` draws it: special codec ids but EOS suppressed, repetition penalised."""
+        sampling = self.talker_sampling
+        logits = self._talker_logits + self._codec_bias
+        if sampling.repetition_penalty != 1.0:
+            penalty = sampling.repetition_penalty
+            logits = torch.where(self._codes_seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        return pick_tokens(
+            logits,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            generators=(self.generator,),
+        )
+
+    def _end_speech(self, deltas: list[Delta]) -> None:
+        self._talker_done = True
+        if self._vocoder is not None:
+            pcm = self._vocoder.flush()
+            if pcm is not None and pcm.size:
+                deltas.append(AudioDelta(pcm))
+        self._talker_cache = None
+        self._finish_if_done(deltas)
+
+    def _finish_if_done(self, deltas: list[Delta]) -> None:
+        if self._thinker_done and self._talker_done and not self._finished:
+            tail = self._text.flush()
+            if tail:
+                deltas.append(TextDelta(tail))
+            output_tokens = sum(1 for token in self.text_ids if token not in self._eos_ids)
+            deltas.append(Usage(input_tokens=self._plan.inputs.prompt_tokens, output_tokens=output_tokens))
+            self.close()
+
+
+def step_generations(generations: Sequence[Qwen3Generation], *, batched_predictor: bool = True) -> list[list[Delta]]:
+    """One step of every generation; the code predictor runs once for all frames due (or once per frame).
+
+    The predictor's work per frame has the same shape for every session (2 prefill positions, then 14 single
+    steps, fresh cache each frame), so it batches without padding.
+    """
+    with torch.inference_mode():
+        requests = [generation.begin_step() for generation in generations]
+        due = [index for index, request in enumerate(requests) if request is not None]
+        groups = [due] if batched_predictor else [[index] for index in due]
+        for group in (group for group in groups if group):
+            predictor = generations[group[0]].predictor
+            assert predictor is not None  # only generations that speak ask for frames
+            frames, embedding_sums = predictor(
+                [requests[index] for index in group], [generations[index].generator for index in group]
+            )
+            for row, index in enumerate(group):
+                generations[index].end_step(frames[row], embedding_sums[row : row + 1])
+        return [generation.take_deltas() for generation in generations]
+
+
+def predict_residuals(
+    talker: torch.nn.Module,
+    requests: Sequence[FrameRequest],
+    sampling: TalkerSampling,
+    generators: Sequence[torch.Generator | None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The code predictor's 15 residual codes for each request, batched.
+
+    Returns the complete frames `[rows, 16]` and, per row, the summed embedding of its 16 codes `[rows, 1, hidden]`:
+    what `generate()` feeds the talker next (the predictor's per-step input embeddings).
+    """
+    predictor = talker.code_predictor
+    residual_embedding = predictor.get_input_embeddings()
+    first_codes = torch.cat([request.first_code for request in requests])
+    embedding_sum = talker.get_input_embeddings()(first_codes).unsqueeze(1)
+    inputs = torch.cat([torch.cat([request.hidden for request in requests]), embedding_sum], dim=1)
+    codes = [first_codes]
+    cache: Cache | None = None
+    for group in range(len(residual_embedding)):
+        out = predictor.model(inputs_embeds=inputs, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        code = pick_tokens(
+            predictor.lm_head[group](out.last_hidden_state[:, -1]).float(),
+            temperature=0.0 if sampling.greedy else 1.0,
+            top_k=sampling.predictor_top_k,
+            top_p=sampling.predictor_top_p,
+            generators=generators,
+        )
+        codes.append(code)
+        inputs = residual_embedding[group](code).unsqueeze(1)
+        embedding_sum = embedding_sum + inputs
+    return torch.stack(codes, dim=1), embedding_sum
+
+
+class CodePredictor(torch.nn.Module):
+    """Runs the code predictor for a batch of frame requests: eagerly with a KV cache (`predict_residuals`), or,
+    with the `cuda_graphs` switch, as `UnrolledCodePredictor`. A module, so profilers and benchmarks can hook it."""
+
+    def __init__(self, talker: torch.nn.Module, sampling: TalkerSampling) -> None:
+        super().__init__()
+        self.talker = talker
+        self.sampling = sampling
+
+    def forward(
+        self, requests: Sequence[FrameRequest], generators: Sequence[torch.Generator | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return predict_residuals(self.talker, requests, self.sampling, generators)
+
+
+class UnrolledCodePredictor(CodePredictor):
+    """The 15 predictor passes of a frame with fixed shapes, replayed as one CUDA graph per batch size on CUDA.
+
+    Without a KV cache each pass re-reads the positions so far (2 to 16: negligible work next to reading the
+    weights), so every pass has a static shape and a whole frame (75 layer calls, each a handful of kernel
+    launches) becomes one graph replay. Sampling uses the Gumbel-max trick: noise is drawn before the replay from
+    each row's generator, so seeded requests still repeat. Off CUDA the same passes run eagerly.
+    """
+
+    def __init__(self, talker: torch.nn.Module, sampling: TalkerSampling) -> None:
+        super().__init__(talker, sampling)
+        predictor = talker.code_predictor
+        self._parameter = next(predictor.parameters())
+        self._groups = len(predictor.get_input_embeddings())
+        self._vocab = predictor.config.vocab_size
+        self._graphs: dict[int, _PredictorGraph] = {}
+        self._graphs_failed = False
+
+    def forward(
+        self, requests: Sequence[FrameRequest], generators: Sequence[torch.Generator | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = torch.cat([request.hidden for request in requests])
+        first_codes = torch.cat([request.first_code for request in requests])
+        noise = self._noise(generators)
+        if self._parameter.device.type != "cuda" or self._graphs_failed:
+            return self.frame(hidden, first_codes, noise)
+        batch = len(requests)
+        if batch not in self._graphs:
+            try:
+                self._graphs[batch] = _PredictorGraph(self, hidden, first_codes, noise)
+            except RuntimeError:
+                log.exception(
+                    "%s: capturing the code predictor in a CUDA graph failed; running it eagerly", ENGINE_NAME
+                )
+                self._graphs_failed = True
+                return self.frame(hidden, first_codes, noise)
+        return self._graphs[batch].replay(hidden, first_codes, noise)
+
+    def _noise(self, generators: Sequence[torch.Generator | None]) -> torch.Tensor | None:
+        """Gumbel noise `[groups, rows, vocab]`, each row from its own generator (None when decoding greedily)."""
+        if self.sampling.greedy:
+            return None
+        shape = (self._groups, self._vocab)
+        device = self._parameter.device
+        uniform = torch.stack(
+            [torch.rand(shape, generator=generator, device=device) for generator in generators], dim=1
+        )
+        return -torch.log(-torch.log(uniform.clamp_min(1e-20)))
+
+    def frame(
+        self, hidden: torch.Tensor, first_codes: torch.Tensor, noise: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 15 passes on `[rows, 1, hidden]` talker states and `[rows]` first codes (fixed shapes throughout)."""
+        talker = self.talker
+        model = talker.code_predictor.model
+        residual_embedding = talker.code_predictor.get_input_embeddings()
+        embedding_sum = talker.get_input_embeddings()(first_codes).unsqueeze(1)
+        sequence = torch.cat([hidden, embedding_sum], dim=1)
+        codes = [first_codes]
+        for group in range(self._groups):
+            length = sequence.shape[1]
+            positions = torch.arange(length, device=sequence.device).unsqueeze(0)
+            mask = torch.full((length, length), -float("inf"), device=sequence.device, dtype=sequence.dtype).triu(1)
+            position_embeddings = model.rotary_emb(sequence, positions)
+            states = sequence
+            for layer in model.layers:
+                states = layer(
+                    states,
+                    attention_mask=mask[None, None],
+                    position_ids=positions,
+                    position_embeddings=position_embeddings,
+                )
+            logits = talker.code_predictor.lm_head[group](model.norm(states[:, -1])).float()
+            code = self._choose(logits, None if noise is None else noise[group])
+            codes.append(code)
+            embedding = residual_embedding[group](code).unsqueeze(1)
+            embedding_sum = embedding_sum + embedding
+            sequence = torch.cat([sequence, embedding], dim=1)
+        return torch.stack(codes, dim=1), embedding_sum
+
+    def _choose(self, logits: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        if noise is None:
+            return torch.argmax(logits, dim=-1)
+        scores = _filtered_scores(logits, 1.0, self.sampling.predictor_top_k, self.sampling.predictor_top_p)
+        return torch.argmax(scores + noise, dim=-1)
+
+
+class _PredictorGraph:
+    """One captured `UnrolledCodePredictor.frame` for a fixed batch size, with its static input buffers."""
+
+    def __init__(
+        self,
+        predictor: UnrolledCodePredictor,
+        hidden: torch.Tensor,
+        first_codes: torch.Tensor,
+        noise: torch.Tensor | None,
+    ) -> None:
+        self._hidden, self._first_codes = hidden.clone(), first_codes.clone()
+        self._noise = None if noise is None else noise.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
+            predictor.frame(self._hidden, self._first_codes, self._noise)
+        torch.cuda.current_stream().wait_stream(side)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._codes, self._embedding_sum = predictor.frame(self._hidden, self._first_codes, self._noise)
+
+    def replay(
+        self, hidden: torch.Tensor, first_codes: torch.Tensor, noise: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._hidden.copy_(hidden)
+        self._first_codes.copy_(first_codes)
+        if self._noise is not None and noise is not None:
+            self._noise.copy_(noise)
+        self._graph.replay()
+        return self._codes.clone(), self._embedding_sum.clone()
+
+
+def _next_position(past_length: int, rope_delta: torch.Tensor) -> torch.Tensor:
+    """`[3, 1, 1]` mrope position of the next token: cache length plus the prompt's rope offset."""
+    return (rope_delta.reshape(1, 1, 1) + past_length).expand(3, 1, 1)
+
+
+def _codec_bias(logits: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """0 for allowed codebook-0 ids, -inf for the special ids `generate()` suppresses (all but codec EOS)."""
+    bias = torch.zeros_like(logits)
+    bias[..., logits.shape[-1] - SUPPRESSED_CODEC_TAIL :] = -float("inf")
+    if eos_id is not None:
+        bias[..., eos_id] = 0.0
+    return bias
+
+
+def _user_turn_mask(ids: torch.Tensor, im_start_id: int, user_id: int) -> torch.Tensor:
+    """True at every position of a user turn (from its `<|im_start|>` to the next one): the talker's prompt."""
+    starts = torch.nonzero(ids == im_start_id).flatten().tolist()
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for start, end in zip(starts, [*starts[1:], ids.shape[0]], strict=True):
+        if start + 1 < ids.shape[0] and int(ids[start + 1]) == user_id:
+            mask[start:end] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+class Qwen3OmniEngine(QwenOmniEngine):
+    """Qwen3-Omni-30B-A3B (or any local checkpoint of that architecture) streamed through one GPU worker."""
+
+    name = ENGINE_NAME
+
+    def __init__(self, model: str = DEFAULT_MODEL, **options: Any) -> None:
+        self.options = options_from_mapping(Qwen3OmniOptions, options, engine=ENGINE_NAME)
+        super().__init__(model, max_active=self.options.max_active, max_queued=self.options.max_queued)
+        self.runtime = Runtime.resolve(
+            device=self.options.device,
+            dtype=self.options.dtype,
+            attn_implementation=self.options.attn_implementation,
+            engine=ENGINE_NAME,
+        )
+        self._model: Qwen3OmniMoeForConditionalGeneration | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._prompts: PromptBuilder | None = None
+        self.text_eos_ids: frozenset[int] = frozenset()
+        self.default_text_sampling = Sampling(temperature=0.0)
+        self._code_predictor: CodePredictor | None = None
+
+    @property
+    def code_predictor(self) -> CodePredictor:
+        if self._code_predictor is None:
+            raise EngineError(f"{ENGINE_NAME}: the model is not loaded or has no talker")
+        return self._code_predictor
+
+    @property
+    def model(self) -> Qwen3OmniMoeForConditionalGeneration:
+        if self._model is None:
+            raise EngineError(f"{ENGINE_NAME}: the model is not loaded")
+        return self._model
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            raise EngineError(f"{ENGINE_NAME}: the model is not loaded")
+        return self._tokenizer
+
+    @property
+    def audio_enabled(self) -> bool:
+        return self._model is not None and self._model.has_talker
+
+    def load(self) -> None:
+        self.install(*self.load_weights())
+
+    def load_weights(self) -> tuple[Qwen3OmniMoeForConditionalGeneration, PreTrainedTokenizerBase]:
+        """The checkpoint and its tokenizer through `from_pretrained` (benchmarks override this with random weights)."""
+        experts = self.options.experts_implementation
+        tokenizer = load_tokenizer(self.model_id, engine=ENGINE_NAME)
+        model = load_pretrained(
+            Qwen3OmniMoeForConditionalGeneration,
+            self.model_id,
+            self.runtime,
+            engine=ENGINE_NAME,
+            **({} if experts is None else {"experts_implementation": experts}),
+        )
+        return model, tokenizer
+
+    def install(self, model: Qwen3OmniMoeForConditionalGeneration, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Check a loaded model against the options and derive the per-model constants every request uses."""
+        if not self.options.enable_audio and model.has_talker:
+            model.disable_talker()
+        if model.has_talker:
+            if not hasattr(model.talker.config, "audio_config"):
+                # transformers 5.23: the talker's rope index reads `config.audio_config.n_window` for prompts with
+                # both an image and audio, and its config has none (generate() fails the same way)
+                model.talker.config.audio_config = model.config.thinker_config.audio_config
+            speakers = {name.lower() for name in model.config.talker_config.speaker_id}
+            missing = [voice for voice in VOICES if voice.lower() not in speakers]
+            if missing:
+                raise EngineError(f"{ENGINE_NAME}: {self.model_id!r} lacks the speakers {missing}")
+            predictor_class = UnrolledCodePredictor if self.options.cuda_graphs else CodePredictor
+            self._code_predictor = predictor_class(model.talker, self.options.talker_sampling)
+            if self.options.prewarm and self.runtime.device.type == "cuda":
+                prewarm_code2wav(model.code2wav, self.options.chunk_frames + self.options.left_context_frames)
+        eos = {tokenizer.convert_tokens_to_ids(token) for token in TEXT_EOS_TOKENS}
+        configured = model.thinker.generation_config.eos_token_id
+        eos |= set(configured if isinstance(configured, list) else [] if configured is None else [configured])
+        self.text_eos_ids = frozenset(token for token in eos if isinstance(token, int) and token >= 0)
+        self.default_text_sampling = Sampling.from_generation_config(model.thinker.generation_config)
+        self._prompts = PromptBuilder(
+            tokenizer,
+            prompt_format(model.config.thinker_config.vision_config),
+            system_prompt=self.options.system_prompt,
+        )
+        self._tokenizer, self._model = tokenizer, model
+        log.info(
+            "%s: loaded %s (%.2f B parameters, audio %s, experts %s)",
+            ENGINE_NAME,
+            self.model_id,
+            sum(p.numel() for p in model.parameters()) / 1e9,
+            "on" if self.audio_enabled else "off",
+            self.options.experts_implementation or "default",
+        )
+
+    def unload(self) -> None:
+        self._code_predictor = None
+        self._model = None
+        self._tokenizer = None
+        self._prompts = None
+
+    def step_batch(self) -> StepBatch | None:
+        if not self.options.batched_predictor:
+            return None
+        return lambda generations: step_generations(generations)  # type: ignore[arg-type]
+
+    def prepare(self, request: ResponseRequest) -> TurnPlan:
+        if self._prompts is None:
+            raise EngineError(f"{ENGINE_NAME}: the model is not loaded")
+        sampling = request.sampling
+        speaker = resolve_speaker(request.voice, VOICES, self.options.voice)
+        return TurnPlan(
+            inputs=self._prompts.build(request),
+            speaker_id=self.model.config.talker_config.speaker_id[speaker.lower()] if self.audio_enabled else -1,
+            text_sampling=self.default_text_sampling.overridden(
+                temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p
+            ),
+            max_text_tokens=sampling.max_tokens or self.options.max_text_tokens,
+            output_audio=request.output_audio,
+            seed=sampling.seed,
+            request_id=request.request_id,
+        )
+
+    def make_generation(self, prepared: TurnPlan) -> Qwen3Generation:
+        return Qwen3Generation(self, prepared)

@@ -1,0 +1,523 @@
+"""The Qwen3-Omni streaming engine on a tiny random model: the same answer as `generate()`, heard from the start."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+import torch
+from tiny_qwen3 import build_tiny_qwen3
+from transformers import PreTrainedTokenizerBase, Qwen3OmniMoeForConditionalGeneration
+
+from omnivox.pipeline.engines import qwen3_omni
+from omnivox.pipeline.engines.base import (
+    AudioDelta,
+    AudioPart,
+    Delta,
+    EngineError,
+    ImagePart,
+    Message,
+    ResponseRequest,
+    SamplingParams,
+    TextDelta,
+    TextPart,
+    Usage,
+)
+from omnivox.pipeline.engines.qwen3_omni import (
+    CausalCode2WavStream,
+    Qwen3Generation,
+    Qwen3OmniEngine,
+    UnrolledCodePredictor,
+    pick_tokens,
+    step_generations,
+)
+
+MAX_TEXT_TOKENS = 20
+MAX_FRAMES = 30
+SAMPLES_PER_FRAME = 1920
+WINDOW_TAIL = 555
+GREEDY = {"talker_temperature": 0.0, "talker_repetition_penalty": 1.0}
+
+
+@dataclass
+class Tiny:
+    path: Path
+    model: Qwen3OmniMoeForConditionalGeneration
+    tokenizer: PreTrainedTokenizerBase
+
+    def engine(self, **options: Any) -> Qwen3OmniEngine:
+        """An engine on the shared, already loaded tiny model (greedy codecs and test-sized limits by default)."""
+        settings = {"device": "cpu", "max_audio_frames": MAX_FRAMES, **GREEDY, **options}
+        engine = Qwen3OmniEngine(str(self.path), **settings)
+        engine.install(self.model, self.tokenizer)
+        return engine
+
+
+@dataclass
+class Reference:
+    """What stock `generate()` makes of the same request, greedy."""
+
+    text_ids: list[int]
+    codes: torch.Tensor
+    wav: np.ndarray
+
+
+def _tone(seconds: float, hz: float) -> np.ndarray:
+    t = np.arange(int(seconds * 16_000)) / 16_000
+    return (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def _request(
+    *messages: Message,
+    voice: str = "Ethan",
+    output_audio: bool = True,
+    max_tokens: int = MAX_TEXT_TOKENS,
+    **sampling: Any,
+) -> ResponseRequest:
+    return ResponseRequest(
+        messages=messages or (Message("user", (AudioPart(_tone(1.5, 220)),)),),
+        instructions="You are a helpful assistant.",
+        voice=voice,
+        output_audio=output_audio,
+        sampling=SamplingParams(max_tokens=max_tokens, **sampling),
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tiny]:
+    """The tiny checkpoint, loaded once. Torch runs on one thread meanwhile: the model is too small to gain from
+    more, and spinning intra-op threads slow it 15x when other processes share the two cores (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        path = build_tiny_qwen3(tmp_path_factory.mktemp("tiny-qwen3-omni"))
+        loader = Qwen3OmniEngine(str(path), device="cpu")
+        loader.load()
+        yield Tiny(path, loader.model, loader.tokenizer)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _generate(
+    tiny: Tiny, request: ResponseRequest, *, text_tokens: int, frames: int, penalty: float = 1.0
+) -> Reference:
+    engine = tiny.engine()
+    inputs = engine.prepare(request).inputs.tensors(torch.device("cpu"), torch.float32)
+    vocoder_inputs: list[torch.Tensor] = []
+    hook = tiny.model.code2wav.register_forward_pre_hook(lambda _module, args: vocoder_inputs.append(args[0]))
+    try:
+        sequences, wav = tiny.model.generate(
+            **inputs,
+            speaker="Ethan",
+            thinker_max_new_tokens=text_tokens,
+            thinker_do_sample=False,
+            thinker_eos_token_id=sorted(engine.text_eos_ids),
+            talker_max_new_tokens=frames + 1,  # its last code never gets residuals: N tokens make N-1 frames
+            talker_do_sample=False,
+            talker_repetition_penalty=penalty,
+        )
+    finally:
+        hook.remove()
+    prompt_length = inputs["input_ids"].shape[1]
+    return Reference(sequences[0, prompt_length:].tolist(), vocoder_inputs[0][0], wav.reshape(-1).numpy())
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: Tiny) -> Reference:
+    return _generate(tiny, _request(), text_tokens=MAX_TEXT_TOKENS, frames=MAX_FRAMES)
+
+
+@pytest.fixture(scope="module")
+def streamed(tiny: Tiny) -> tuple[Qwen3Generation, list[list[Delta]]]:
+    """The default request streamed step by step (greedy), with the deltas of every step."""
+    generation = _generation(tiny)
+    return generation, _run(generation)
+
+
+def _generation(tiny: Tiny, request: ResponseRequest | None = None, **options: Any) -> Qwen3Generation:
+    engine = tiny.engine(**options)
+    return engine.make_generation(engine.prepare(request or _request()))
+
+
+def _run(generation: Qwen3Generation) -> list[list[Delta]]:
+    steps = []
+    while not generation.finished:
+        steps.append(generation.step())
+    return steps
+
+
+def _audio(steps: list[list[Delta]]) -> np.ndarray:
+    return np.concatenate([d.pcm for deltas in steps for d in deltas if isinstance(d, AudioDelta)])
+
+
+def _text(steps: list[list[Delta]]) -> str:
+    return "".join(d.text for deltas in steps for d in deltas if isinstance(d, TextDelta))
+
+
+def _codes(generation: Qwen3Generation) -> torch.Tensor:
+    return torch.stack(generation.frames, dim=-1)
+
+
+def test_stream_equals_generate_under_greedy_decoding(
+    reference: Reference, streamed: tuple[Qwen3Generation, list[list[Delta]]]
+) -> None:
+    generation, steps = streamed
+
+    assert generation.text_ids == reference.text_ids
+    assert torch.equal(_codes(generation), reference.codes)
+    assert _text(steps)  # random byte tokens: the text itself is noise, its ids are checked above
+    usage = steps[-1][-1]
+    assert isinstance(usage, Usage) and usage.output_tokens == MAX_TEXT_TOKENS
+
+
+def test_a_multi_turn_conversation_equals_generate(tiny: Tiny) -> None:
+    request = _request(
+        Message("user", (AudioPart(_tone(1.0, 300)),)),
+        Message("assistant", (TextPart("Sure, go on."),)),
+        Message("user", (TextPart("Tell me more"), AudioPart(_tone(0.6, 180)))),
+    )
+    expected = _generate(tiny, request, text_tokens=MAX_TEXT_TOKENS, frames=12)
+    generation = _generation(tiny, request, max_audio_frames=12)
+    _run(generation)
+
+    assert generation.text_ids == expected.text_ids
+    assert torch.equal(_codes(generation), expected.codes)
+
+
+def test_a_turn_with_only_instructions_is_answered_in_speech(tiny: Tiny) -> None:
+    """A Realtime `response.create` before the caller said anything (a greeting): no user turn at all."""
+    request = ResponseRequest(messages=(), instructions="Greet the caller.", sampling=SamplingParams(max_tokens=6))
+    generation = _generation(tiny, request, max_audio_frames=4)
+    audio = _audio(_run(generation))
+
+    assert len(generation.text_ids) == 6
+    assert audio.shape[0] == SAMPLES_PER_FRAME * 4 - WINDOW_TAIL
+
+
+def _png(height: int, width: int) -> bytes:
+    pixels = (np.random.default_rng(0).random((height, width, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="image2pipe") as container:
+        stream = container.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = width, height, "rgb24"
+        for packet in [*stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")), *stream.encode()]:
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def test_an_image_with_audio_equals_generate(tiny: Tiny) -> None:
+    request = _request(Message("user", (ImagePart(_png(64, 96)), AudioPart(_tone(1.0, 220)))))
+    plan = tiny.engine().prepare(request)
+    expected = _generate(tiny, request, text_tokens=MAX_TEXT_TOKENS, frames=10)
+    generation = _generation(tiny, request, max_audio_frames=10)
+    _run(generation)
+
+    assert plan.inputs.image_grid_thw is not None and plan.inputs.image_grid_thw.tolist() == [[1, 4, 6]]
+    assert generation.text_ids == expected.text_ids
+    assert torch.equal(_codes(generation), expected.codes)
+
+
+@pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`")
+def test_repetition_penalty_matches_generate(tiny: Tiny) -> None:
+    """A codec head with two near-tied favourites makes the penalty decide every step."""
+    head = tiny.model.talker.codec_head.weight
+    saved = head.detach().clone()
+    direction = torch.randn(head.shape[1], generator=torch.Generator().manual_seed(3))
+    try:
+        with torch.no_grad():
+            head.zero_()
+            for token, scale in ((3, 1.0), (4, 0.99), (5, -1.0), (6, -0.99)):
+                head[token] = scale * direction
+        short = _request(max_tokens=8)
+        expected = _generate(tiny, short, text_tokens=8, frames=12, penalty=1.5)
+        penalised = _generation(tiny, short, max_audio_frames=12, talker_repetition_penalty=1.5)
+        plain = _generation(tiny, short, max_audio_frames=12)
+        _run(penalised)
+        _run(plain)
+    finally:
+        with torch.no_grad():
+            head.copy_(saved)
+
+    assert torch.equal(_codes(penalised), expected.codes)
+    assert not torch.equal(_codes(penalised)[0], _codes(plain)[0])
+
+
+def test_streamed_audio_has_every_sample_once_and_matches_a_whole_decode(
+    reference: Reference, streamed: tuple[Qwen3Generation, list[list[Delta]]]
+) -> None:
+    audio = _audio(streamed[1])
+
+    assert audio.shape[0] == SAMPLES_PER_FRAME * MAX_FRAMES - WINDOW_TAIL == reference.wav.shape[0]
+    assert np.abs(audio - reference.wav).max() <= 1e-2 * np.abs(reference.wav).max()
+
+
+def test_first_audio_comes_at_the_first_step_long_before_the_thinker_ends(
+    streamed: tuple[Qwen3Generation, list[list[Delta]]],
+) -> None:
+    steps = streamed[1]
+
+    first_audio = next(i for i, deltas in enumerate(steps) if any(isinstance(d, AudioDelta) for d in deltas))
+    last_text = max(i for i, deltas in enumerate(steps) if any(isinstance(d, TextDelta) for d in deltas))
+    assert first_audio == 0 < last_text
+    first = next(d for d in steps[0] if isinstance(d, AudioDelta))
+    assert first.pcm.shape[0] == SAMPLES_PER_FRAME - WINDOW_TAIL  # a 1-frame first window
+
+
+def test_text_only_requests_run_no_talker_and_keep_the_text(tiny: Tiny, reference: Reference) -> None:
+    generation = _generation(tiny, _request(output_audio=False))
+    steps = _run(generation)
+
+    assert generation.text_ids == reference.text_ids
+    assert generation.frames == []
+    assert not any(isinstance(d, AudioDelta) for deltas in steps for d in deltas)
+    assert len(steps) == MAX_TEXT_TOKENS  # one thinker token per step, nothing else
+
+
+def test_the_talker_stops_at_the_frame_limit_and_flushes_the_rest(tiny: Tiny) -> None:
+    generation = _generation(tiny, max_audio_frames=5, first_chunk_frames=4)
+    audio = _audio(_run(generation))
+
+    assert len(generation.frames) == 5
+    assert audio.shape[0] == SAMPLES_PER_FRAME * 5 - WINDOW_TAIL
+
+
+def test_interleaved_generations_do_not_disturb_each_other(tiny: Tiny, reference: Reference) -> None:
+    other = _request(Message("user", (AudioPart(_tone(2.5, 330)),)))
+    alone = _generation(tiny, other)
+    _run(alone)
+    first, second = _generation(tiny), _generation(tiny, other)
+    while not (first.finished and second.finished):
+        for generation in (first, second):
+            if not generation.finished:
+                generation.step()
+
+    assert first.text_ids == reference.text_ids
+    assert torch.equal(_codes(first), reference.codes)
+    assert second.text_ids == alone.text_ids
+    assert torch.equal(_codes(second), _codes(alone))
+
+
+def test_batched_steps_give_each_session_its_own_answer(tiny: Tiny, reference: Reference) -> None:
+    other = _request(Message("user", (AudioPart(_tone(2.5, 330)),)))
+    alone = _generation(tiny, other)
+    _run(alone)
+    sessions = [_generation(tiny), _generation(tiny, other), _generation(tiny, _request(output_audio=False))]
+    while not all(generation.finished for generation in sessions):
+        step_generations([generation for generation in sessions if not generation.finished])
+
+    assert sessions[0].text_ids == reference.text_ids == sessions[2].text_ids
+    assert torch.equal(_codes(sessions[0]), reference.codes)
+    assert sessions[1].text_ids == alone.text_ids
+    assert torch.equal(_codes(sessions[1]), _codes(alone))
+
+
+def test_a_failed_batch_retried_one_by_one_loses_nothing(
+    tiny: Tiny,
+    reference: Reference,
+    streamed: tuple[Qwen3Generation, list[list[Delta]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The GPU worker retries a failed batched step generation by generation (e.g. after running out of memory)."""
+    real_predictor = qwen3_omni.predict_residuals
+    calls = iter(range(1000))
+
+    def flaky_predictor(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if next(calls) == 3:  # the fourth batched step
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_predictor(*args, **kwargs)
+
+    monkeypatch.setattr(qwen3_omni, "predict_residuals", flaky_predictor)
+    talker_passes: list[int] = []
+    hook = tiny.model.talker.model.register_forward_hook(lambda *_: talker_passes.append(1))
+    sessions = [_generation(tiny), _generation(tiny)]
+    steps: list[list[Delta]] = []
+    for _ in range(3):
+        steps += step_generations(sessions)[:1]
+    with pytest.raises(RuntimeError, match="simulated"):
+        step_generations(sessions)
+    try:
+        while not sessions[0].finished:
+            steps.append(sessions[0].step())
+        _run(sessions[1])
+    finally:
+        hook.remove()
+
+    assert len(talker_passes) == 2 * MAX_FRAMES  # no talker step was run twice: one pass per frame
+    assert all(session.text_ids == reference.text_ids for session in sessions)
+    assert all(torch.equal(_codes(session), reference.codes) for session in sessions)
+    assert _text(steps) == _text(streamed[1])
+    assert np.array_equal(_audio(steps), _audio(streamed[1]))
+
+
+def test_the_unrolled_code_predictor_for_cuda_graphs_gives_the_same_frames(tiny: Tiny, reference: Reference) -> None:
+    """With `cuda_graphs` the predictor re-reads its few positions without a cache, so every pass has a fixed shape
+    (on a CPU the same passes run eagerly): greedy frames stay those of `generate()`."""
+    generation = _generation(tiny, cuda_graphs=True)
+    _run(generation)
+
+    assert isinstance(generation.predictor, UnrolledCodePredictor)
+    assert torch.equal(_codes(generation), reference.codes)
+
+
+def test_a_seeded_sampled_request_repeats_itself(tiny: Tiny) -> None:
+    def sampled(seed: int, cuda_graphs: bool) -> Qwen3Generation:
+        request = _request(temperature=1.0, seed=seed)
+        generation = _generation(tiny, request, max_audio_frames=6, talker_temperature=0.9, cuda_graphs=cuda_graphs)
+        _run(generation)
+        return generation
+
+    for cuda_graphs in (False, True):
+        one, two, other = sampled(7, cuda_graphs), sampled(7, cuda_graphs), sampled(8, cuda_graphs)
+        assert one.text_ids == two.text_ids
+        assert torch.equal(_codes(one), _codes(two))
+        assert one.text_ids != other.text_ids
+        assert not torch.equal(_codes(one)[1:], _codes(other)[1:])  # the residual codes are sampled too
+
+
+def test_voices_map_to_the_model_speakers(tiny: Tiny) -> None:
+    engine = tiny.engine(voice="Aiden")
+    speaker_ids = tiny.model.config.talker_config.speaker_id
+
+    assert engine.prepare(_request(voice="Chelsie")).speaker_id == speaker_ids["chelsie"]
+    assert engine.prepare(_request(voice="echo")).speaker_id == speaker_ids["ethan"]
+    assert engine.prepare(_request(voice="no-such-voice")).speaker_id == speaker_ids["aiden"]
+
+
+def test_options_are_checked_when_the_engine_is_built() -> None:
+    with pytest.raises(EngineError, match="unknown engine option"):
+        Qwen3OmniEngine("unused", device="cpu", chunk_size=4)
+    with pytest.raises(EngineError, match="first_chunk_frames"):
+        Qwen3OmniEngine("unused", device="cpu", first_chunk_frames=8, chunk_frames=4)
+    with pytest.raises(EngineError, match="left_context_frames"):
+        Qwen3OmniEngine("unused", device="cpu", left_context_frames=0)
+    with pytest.raises(EngineError, match="voice"):
+        Qwen3OmniEngine("unused", device="cpu", voice="Alloy")
+
+
+# ---------------------------------------------------------------------------------------------- through the worker
+async def test_respond_streams_text_and_audio_through_the_gpu_worker(
+    tiny: Tiny, streamed: tuple[Qwen3Generation, list[list[Delta]]]
+) -> None:
+    engine = Qwen3OmniEngine(str(tiny.path), device="cpu", max_audio_frames=MAX_FRAMES, **GREEDY)
+    await engine.start()
+    try:
+        deltas = [delta async for delta in engine.respond(_request())]
+    finally:
+        await engine.close()
+
+    direct = streamed[1]
+    assert _text([deltas]) == _text(direct)
+    assert np.array_equal(_audio([deltas]), _audio(direct))
+    assert isinstance(deltas[-1], Usage)
+    assert not engine.ready
+
+
+async def test_cancelling_the_stream_stops_the_generation_and_frees_it(tiny: Tiny) -> None:
+    engine = Qwen3OmniEngine(str(tiny.path), device="cpu", max_audio_frames=MAX_FRAMES, **GREEDY)
+    generations: list[Qwen3Generation] = []
+
+    def make_generation(prepared: Any) -> Qwen3Generation:
+        generations.append(Qwen3OmniEngine.make_generation(engine, prepared))
+        return generations[-1]
+
+    engine.make_generation = make_generation  # type: ignore[method-assign]  # keep a handle on the generation
+    await engine.start()
+    try:
+        stream = engine.respond(_request())
+        async for delta in stream:
+            if isinstance(delta, AudioDelta):
+                break
+        await stream.aclose()
+        for _ in range(200):
+            if engine.load_info == (0, 0):
+                break
+            await asyncio.sleep(0.01)
+        load_after_cancel = engine.load_info
+    finally:
+        await engine.close()
+
+    assert load_after_cancel == (0, 0)
+    (generation,) = generations
+    assert generation.finished
+    assert generation._thinker_cache is None and generation._talker_cache is None
+    assert len(generation.frames) < MAX_FRAMES  # stopped, not run to the end
+
+
+async def test_an_engine_without_audio_answers_in_text(tiny: Tiny) -> None:
+    engine = Qwen3OmniEngine(str(tiny.path), device="cpu", enable_audio=False)
+    await engine.start()
+    try:
+        deltas = [delta async for delta in engine.respond(_request())]
+    finally:
+        await engine.close()
+
+    assert not any(isinstance(d, AudioDelta) for d in deltas)
+    assert any(isinstance(d, TextDelta) for d in deltas)
+
+
+def test_codec_sampling_keeps_to_top_k_and_top_p() -> None:
+    logits = torch.log(torch.tensor([[0.05, 0.6, 0.3, 0.05], [0.4, 0.3, 0.2, 0.1]]))
+    generators = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+
+    def drawn(**kwargs: Any) -> set[tuple[int, int]]:
+        return {tuple(pick_tokens(logits, generators=generators, **kwargs).tolist()) for _ in range(200)}
+
+    assert drawn(temperature=0.0) == {(1, 0)}
+    assert {first for first, _ in drawn(temperature=1.0, top_k=2)} == {1, 2}
+    assert {second for _, second in drawn(temperature=1.0, top_p=0.65)} == {0, 1}  # 0.4 + 0.3 covers 0.65
+    assert len({second for _, second in drawn(temperature=1.0)}) == 4
+
+
+# ---------------------------------------------------------------------------------------------- the vocoder stream
+@pytest.mark.parametrize(("first", "chunk"), [(1, 4), (4, 4), (2, 3), (1, 1)])
+def test_code2wav_stream_emits_each_sample_once(tiny: Tiny, first: int, chunk: int) -> None:
+    frames = torch.randint(0, 2048, (17, 16), generator=torch.Generator().manual_seed(1))
+    stream = CausalCode2WavStream(
+        tiny.model.code2wav, chunk_frames=chunk, first_chunk_frames=first, left_context_frames=80
+    )
+
+    with torch.inference_mode():
+        whole = tiny.model.code2wav(frames.T.unsqueeze(0)).reshape(-1).numpy()
+        pieces = [pcm for frame in frames if (pcm := stream.push(frame)) is not None]
+        if (tail := stream.flush()) is not None:
+            pieces.append(tail)
+    audio = np.concatenate(pieces)
+
+    assert pieces[0].shape[0] == first * SAMPLES_PER_FRAME - WINDOW_TAIL
+    assert audio.shape[0] == whole.shape[0] == 17 * SAMPLES_PER_FRAME - WINDOW_TAIL
+    # left context >= the receptive field of the 1-layer tiny decoder: streaming is exact
+    assert np.abs(audio - whole).max() <= 1e-5 * np.abs(whole).max()
+
+
+def test_code2wav_windows_ramp_up_to_the_chunk_size(tiny: Tiny) -> None:
+    stream = CausalCode2WavStream(tiny.model.code2wav, chunk_frames=4, first_chunk_frames=1, left_context_frames=25)
+    fired = []
+    with torch.inference_mode():
+        for index in range(16):
+            if stream.push(torch.zeros(16, dtype=torch.long)) is not None:
+                fired.append(index + 1)
+
+    assert fired == [1, 2, 4, 8, 12, 16]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`")
+def test_the_latency_benchmark_runs_on_the_tiny_model(capsys: pytest.CaptureFixture[str]) -> None:
+    benchmark = importlib.import_module("benchmarks.engine_latency")
+    arguments = ["--model", "qwen3-omni", "--tiny", "--device", "cpu", "--text-tokens", "6", "--codes", "8"]
+    benchmark.main(
+        [*arguments, "--seconds", "1", "--reps", "1", "--warmup", "0", "--sessions", "1,2", "--history", "0"]
+    )
+    printed = capsys.readouterr().out
+
+    for figure in ("first audio (request -> first PCM)", "code predictor (15 passes a frame)", "RTF", "generate()"):
+        assert figure in printed
+    assert "sessions sustained at real time" in printed

@@ -15,8 +15,15 @@ from omnivox.pipeline.engines.scheduler import GpuWorker
 class CountingGeneration:
     """Emits `steps` text deltas named after itself, one per step, recording every step it runs."""
 
-    def __init__(self, name: str, steps: int, log: list[str], step_s: float = 0.0,
-                 fail_at: int | None = None, error: Exception | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        steps: int,
+        log: list[str],
+        step_s: float = 0.0,
+        fail_at: int | None = None,
+        error: Exception | None = None,
+    ) -> None:
         self.name, self.steps, self.log, self.step_s = name, steps, log, step_s
         self.fail_at, self.error = fail_at, error
         self.done = 0
@@ -52,7 +59,7 @@ async def test_active_generations_interleave_step_by_step() -> None:
         worker.close()
     assert results[1] == [f"S{i}" for i in range(1, 6)]
     assert log.index("S") < 3  # the short answer starts at once, not after the long one
-    assert log[: 10].count("S") == 5  # and finishes within the first ten steps
+    assert log[:10].count("S") == 5  # and finishes within the first ten steps
     assert long.closed.is_set() and short.closed.is_set()
 
 
@@ -111,8 +118,9 @@ async def test_one_failing_request_does_not_stop_the_others() -> None:
         bad = CountingGeneration("bad", 10, log, 0.001, fail_at=2)
         oom = CountingGeneration("oom", 10, log, 0.001, fail_at=1, error=RuntimeError("CUDA out of memory"))
         good = CountingGeneration("ok", 10, log, 0.001)
-        results = await asyncio.gather(collect(worker, bad), collect(worker, oom), collect(worker, good),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            collect(worker, bad), collect(worker, oom), collect(worker, good), return_exceptions=True
+        )
     finally:
         worker.close()
     assert isinstance(results[0], EngineError) and "boom" in str(results[0])

@@ -23,6 +23,7 @@ from omnivox.pipeline.engines.base import (
     AudioPart,
     Delta,
     Engine,
+    EngineBusy,
     EngineError,
     EngineNotReady,
     ImagePart,
@@ -40,7 +41,13 @@ from omnivox.pipeline.engines.qwen2_5_omni import (
     Token2WavStream,
     TurnPlan,
 )
-from omnivox.pipeline.engines.qwen_common import IncrementalText, resolve_speaker
+from omnivox.pipeline.engines.qwen_common import (
+    TRANSCRIPTION_INSTRUCTION,
+    TRANSCRIPTION_MIN_TOKENS,
+    IncrementalText,
+    resolve_speaker,
+    transcription_request,
+)
 
 SAMPLES_PER_CODE = 480
 GREEDY = {"talker_temperature": 0.0, "talker_repetition_penalty": 1.0}
@@ -480,3 +487,89 @@ def test_bad_options_are_clear_errors(tiny_qwen2_5_dir: Path) -> None:
 async def test_a_voice_the_checkpoint_lacks_is_refused_at_start(tiny_qwen2_5_dir: Path) -> None:
     with pytest.raises(EngineError, match="voice 'Aiden' is not a speaker"):
         await Qwen25OmniEngine(str(tiny_qwen2_5_dir), device="cpu", voice="Aiden").start()
+
+
+def test_a_transcription_prompt_holds_the_instruction_the_audio_and_the_hints(engine: Qwen25OmniEngine) -> None:
+    request = transcription_request(tone(2.0), "fr", "Omnivox, Qwen")
+    plan: TurnPlan = engine.prepare(request)
+    prompt = engine.tokenizer.decode(plan.inputs.input_ids[0])
+    user_turn = prompt.split("<|im_start|>user\n")[1]
+    assert user_turn.startswith("<|audio_bos|>" + "<|AUDIO|>" * 50 + "<|audio_eos|>" + TRANSCRIPTION_INSTRUCTION)
+    assert "'fr'" in user_turn and "Omnivox, Qwen" in user_turn
+    assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert (plan.output_audio, plan.text_sampling.temperature) == (False, 0.0)
+    assert plan.max_text_tokens >= TRANSCRIPTION_MIN_TOKENS
+    assert TRANSCRIPTION_INSTRUCTION in engine.tokenizer.decode(
+        engine.prepare(transcription_request(tone(1))).inputs.input_ids[0]
+    )
+
+
+async def until_idle(engine: Qwen25OmniEngine) -> None:
+    """The worker retires a generation just after closing it: wait (bounded) until nothing is active or queued."""
+    deadline = time.monotonic() + 5
+    while engine.load_info != (0, 0):
+        assert time.monotonic() < deadline, f"the worker still holds {engine.load_info}"
+        await asyncio.sleep(0.01)
+
+
+class _Gated(_Spy):
+    """A spy whose steps wait until the test opens the gate, so it stays active on the worker as long as needed."""
+
+    def __init__(self, inner: Qwen25Generation, first_step: threading.Event, gate: threading.Event) -> None:
+        super().__init__(inner, first_step)
+        self._gate = gate
+
+    def step(self) -> list[Delta]:
+        self.step_starts.append(time.perf_counter())
+        self._gate.wait(10)
+        return self._inner.step()
+
+
+async def test_transcription_runs_on_the_worker_counts_against_the_queue_and_cancels(tiny_qwen2_5_dir: Path) -> None:
+    engine = Qwen25OmniEngine(str(tiny_qwen2_5_dir), device="cpu", max_active=1, max_queued=1)
+    await engine.start()
+    gate, first_step = threading.Event(), threading.Event()
+    spies: list[_Gated] = []
+    original = engine.make_generation
+    step_threads: list[str] = []
+
+    def spied(prepared: TurnPlan) -> _Gated:
+        step_threads.append(threading.current_thread().name)
+        spies.append(_Gated(original(prepared), first_step, gate))
+        return spies[-1]
+
+    engine.make_generation = spied  # type: ignore[method-assign]
+    try:
+        gate.set()
+        text = await engine.transcribe(tone(1.0), "en", "a tone")
+        assert isinstance(text, str) and text == text.strip()
+        assert len(spies) == 1 and step_threads[0] != threading.current_thread().name
+        assert await asyncio.to_thread(spies[0].closed.wait, 5.0)
+        await until_idle(engine)
+        assert await engine.transcribe(np.zeros(0, dtype=np.float32)) == ""
+        assert len(spies) == 1  # nothing to recognise never reaches the model
+
+        gate.clear()
+        first_step.clear()
+        held = asyncio.create_task(engine.transcribe(tone(1.0)))
+        while engine.load_info != (1, 0):
+            await asyncio.sleep(0.01)
+        queued = asyncio.create_task(engine.transcribe(tone(1.0)))
+        while engine.load_info != (1, 1):
+            await asyncio.sleep(0.01)
+        with pytest.raises(EngineBusy):
+            await engine.transcribe(tone(1.0))
+        queued.cancel()
+        held.cancel()
+        cancelled_at = time.perf_counter()
+        gate.set()
+        assert await asyncio.to_thread(spies[1].closed.wait, 5.0)
+        await until_idle(engine)
+        assert [start for start in spies[1].step_starts if start > cancelled_at] == []
+        assert len(spies) == 2  # the cancelled queued request never started
+        for task in (held, queued):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    finally:
+        gate.set()
+        await engine.close()

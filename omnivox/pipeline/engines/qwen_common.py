@@ -48,6 +48,8 @@ from omnivox.pipeline.engines.base import (
     ImagePart,
     Message,
     ResponseRequest,
+    SamplingParams,
+    TextDelta,
     TextPart,
 )
 from omnivox.pipeline.engines.scheduler import Generation, GpuWorker, StepBatch
@@ -607,6 +609,34 @@ def resolve_speaker(voice: str, available: Sequence[str], default: str) -> str:
     return default
 
 
+# ---------------------------------------------------------------------------------------------- transcription
+TRANSCRIPTION_INSTRUCTION = "Transcribe the audio into text, word for word. Reply with the transcript only."
+TRANSCRIPTION_TOKENS_PER_SECOND = 8
+"""Fast speech is about 4 words (5-6 tokens) a second; the bound only stops a model that keeps talking."""
+TRANSCRIPTION_MIN_TOKENS = 32
+
+
+def transcription_request(audio_16k: np.ndarray, language: str | None = None, prompt: str = "") -> ResponseRequest:
+    """A text-only, greedy request asking the thinker for the verbatim transcript of one 16 kHz clip.
+
+    The instruction follows the audio in the user turn (the layout of the official ASR examples); a language hint
+    and the caller's prompt (names, spellings, previous context) are appended to it.
+    """
+    pcm = np.asarray(audio_16k, dtype=np.float32).reshape(-1)
+    instruction = TRANSCRIPTION_INSTRUCTION
+    if language:
+        instruction += f" The speech is in the language {language!r}."
+    if prompt.strip():
+        instruction += f" Context that may help with names and spelling: {prompt.strip()}"
+    max_tokens = max(TRANSCRIPTION_MIN_TOKENS, math.ceil(len(pcm) / INPUT_RATE * TRANSCRIPTION_TOKENS_PER_SECOND))
+    return ResponseRequest(
+        messages=(Message("user", (AudioPart(pcm), TextPart(instruction))),),
+        output_audio=False,
+        sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens),
+        request_id="transcription",
+    )
+
+
 # ---------------------------------------------------------------------------------------------- engine shell
 class QwenOmniEngine(ABC):
     """The Engine protocol around one model on one `GpuWorker`.
@@ -680,6 +710,21 @@ class QwenOmniEngine(ABC):
         prepared = await asyncio.to_thread(self.prepare, request)
         async for delta in worker.stream(lambda: self.make_generation(prepared)):
             yield delta
+
+    async def transcribe(self, audio_16k: np.ndarray, language: str | None = None, prompt: str = "") -> str:
+        """Speech recognition by the thinker itself, as one more text-only request on the same worker.
+
+        It shares the queue and its limits with the answers (a full queue is `EngineBusy`), and cancelling the
+        calling task cancels the generation, as for `respond`.
+        """
+        seconds = np.asarray(audio_16k).size / INPUT_RATE
+        if seconds == 0:
+            return ""
+        request = transcription_request(audio_16k, language, prompt)
+        pieces = [delta.text async for delta in self.respond(request) if isinstance(delta, TextDelta)]
+        transcript = "".join(pieces).strip()
+        log.debug("%s: transcribed %.2f s of audio into %d characters", self.name, seconds, len(transcript))
+        return transcript
 
     async def close(self) -> None:
         self._ready = False

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from omnivox.pipeline.audio import synthesize_speech
-from omnivox.pipeline.vad import VAD_RATE, SileroVad, Vad, WebRtcVad, create_vad
+from omnivox.pipeline.vad import VAD_RATE, BatchedSileroVad, SileroVad, Vad, WebRtcVad, create_vad
 
 LEAD_SILENCE_S = 1.0
 TRAIL_SILENCE_S = 1.0
@@ -25,8 +25,17 @@ def frames_of(audio: np.ndarray, frame_samples: int) -> list[np.ndarray]:
     return [audio[start : start + frame_samples] for start in range(0, len(audio) - frame_samples + 1, frame_samples)]
 
 
+def probability_now(vad: Vad, frame: np.ndarray) -> float:
+    """The probability of `frame` itself (the batched silero answers a frame late unless waited for)."""
+    value = vad.probability(frame)
+    if isinstance(vad, BatchedSileroVad):
+        assert vad.wait()
+        return vad.latest
+    return value
+
+
 def probabilities(vad: Vad, audio: np.ndarray) -> np.ndarray:
-    return np.array([vad.probability(frame) for frame in frames_of(audio, vad.frame_samples)])
+    return np.array([probability_now(vad, frame) for frame in frames_of(audio, vad.frame_samples)])
 
 
 def frame_times(vad: Vad, count: int) -> np.ndarray:
@@ -72,8 +81,8 @@ def test_interleaved_sessions_keep_independent_state(kind: str, caller_audio: tu
     for speech_frame, silence_frame in zip(
         frames_of(speech_stream, first.frame_samples), frames_of(silence_stream, second.frame_samples), strict=True
     ):
-        interleaved_speech.append(first.probability(speech_frame))
-        interleaved_silence.append(second.probability(silence_frame))
+        interleaved_speech.append(probability_now(first, speech_frame))
+        interleaved_silence.append(probability_now(second, silence_frame))
 
     assert np.allclose(interleaved_speech, alone_speech, atol=1e-6)
     assert np.allclose(interleaved_silence, alone_silence, atol=1e-6)
@@ -111,3 +120,34 @@ def test_webrtc_aggressiveness_is_validated() -> None:
 def test_create_vad_rejects_unknown_kind() -> None:
     with pytest.raises(ValueError, match="'cobra'"):
         create_vad("cobra")
+
+
+def test_batched_silero_matches_silero_frame_by_frame_across_many_sessions(
+    caller_audio: tuple[np.ndarray, float],
+) -> None:
+    """Eight sessions submit frames together (one batch each round) and get what one silero per session gives."""
+    audio, _ = caller_audio
+    frames = frames_of(audio, SileroVad.frame_samples)
+    reference = probabilities(SileroVad(), audio)
+    sessions = [BatchedSileroVad() for _ in range(8)]
+    results: list[list[float]] = [[] for _ in sessions]
+    for frame in frames:
+        for vad in sessions:
+            vad.probability(frame)
+        for vad, collected in zip(sessions, results, strict=True):
+            assert vad.wait()
+            collected.append(vad.latest)
+    for collected in results:
+        assert np.allclose(collected, reference, atol=1e-4)
+
+
+def test_batched_silero_returns_each_result_once_one_frame_late_even_in_a_burst(
+    caller_audio: tuple[np.ndarray, float],
+) -> None:
+    """A client may send audio faster than real time: every frame's result still reaches the turn detector."""
+    audio, _ = caller_audio
+    reference = probabilities(SileroVad(), audio)
+    vad = BatchedSileroVad()
+    returned = [vad.probability(frame) for frame in frames_of(audio, vad.frame_samples)]
+    assert returned[0] == 0.0
+    assert np.allclose(returned[1:], reference[:-1], atol=1e-4)

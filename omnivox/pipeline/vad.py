@@ -7,9 +7,11 @@ a new session costs two small arrays, not a model load.
 
 from __future__ import annotations
 
+import atexit
 import importlib.resources
 import logging
 import threading
+from collections import deque
 from typing import Protocol
 
 import numpy as np
@@ -93,6 +95,119 @@ class SileroVad:
         return float(output[0, 0])
 
 
+class _SileroBatcher:
+    """Runs silero for every session of the process in batches, on its own thread.
+
+    onnxruntime releases the GIL, so inference leaves the event loop free (and can use another core), and one call
+    for B sessions costs about a third per frame of B calls (measured 94 us per frame at batch 8, 268 us alone).
+    Each instance has at most one frame in a batch, so its recurrent state advances frame by frame.
+    """
+
+    max_batch = 64
+    _instance: _SileroBatcher | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._session = _SharedSileroModel.get()
+        self._sample_rate = np.array(VAD_RATE, dtype=np.int64)
+        self._waiting: dict[BatchedSileroVad, list[np.ndarray]] = {}
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="omnivox-silero", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)  # a native call still running at interpreter exit aborts the process
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=5)
+
+    @classmethod
+    def get(cls) -> _SileroBatcher:
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def submit(self, vad: BatchedSileroVad, model_input: np.ndarray) -> None:
+        with self._wake:
+            self._waiting.setdefault(vad, []).append(model_input)
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                batch = list(self._waiting)[: self.max_batch]
+                inputs = [self._waiting[vad].pop(0) for vad in batch]
+                for vad in batch:
+                    if not self._waiting[vad]:
+                        del self._waiting[vad]
+            states = np.concatenate([vad.state for vad in batch], axis=1)
+            try:
+                output, new_states = self._session.run(
+                    None, {"input": np.stack(inputs), "state": states, "sr": self._sample_rate}
+                )
+            except Exception:
+                logger.exception("silero batch of %d failed", len(batch))
+                continue
+            for row, vad in enumerate(batch):
+                vad.completed(float(output[row, 0]), new_states[:, row : row + 1])
+
+
+class BatchedSileroVad:
+    """silero-vad for servers: frames go to the process-wide batcher, and `probability(frame k)` returns the result of
+    frame k-1. Decisions lag the audio by one 32 ms frame in exchange for a fraction of the CPU per session; in real
+    time the previous frame is long done, and a burst of audio (a client sending faster than real time) waits for
+    each previous frame, so every frame's result is used exactly once, in order."""
+
+    frame_samples = SileroVad.frame_samples
+    result_timeout_s = 2.0
+
+    def __init__(self) -> None:
+        self._batcher = _SileroBatcher.get()
+        self._done = threading.Condition()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._done:
+            self.state = np.zeros(SileroVad._state_shape, dtype=np.float32)
+            self._context = np.zeros(SileroVad._context_samples, dtype=np.float32)
+            self._results: deque[float] = deque()
+            self._submitted = self._completed = 0
+            self.latest = 0.0
+
+    def probability(self, frame: np.ndarray) -> float:
+        samples = _check_frame(frame, self.frame_samples, "silero")
+        model_input = np.concatenate((self._context, samples))
+        self._context = samples[-SileroVad._context_samples :].copy()
+        self._submitted += 1
+        self._batcher.submit(self, model_input)
+        if self._submitted == 1:
+            return 0.0
+        with self._done:
+            if not self._done.wait_for(lambda: self._results, self.result_timeout_s):
+                raise RuntimeError("silero batcher gave no result in time")
+            return self._results.popleft()
+
+    def completed(self, probability: float, state: np.ndarray) -> None:
+        """Called by the batcher thread with this instance's next result, in frame order."""
+        with self._done:
+            self.state, self.latest = state, probability
+            self._results.append(probability)
+            self._completed += 1
+            self._done.notify_all()
+
+    def wait(self, timeout: float = 5.0) -> bool:
+        """Block until every submitted frame has a result; `latest` is then the last frame's (tests, offline use)."""
+        with self._done:
+            return self._done.wait_for(lambda: self._completed >= self._submitted, timeout)
+
+
 class WebRtcVad:
     """The WebRTC GMM detector: 30 ms frames, a hard 1.0 / 0.0 decision, `aggressiveness` 0 (lenient) to 3."""
 
@@ -116,9 +231,9 @@ VAD_KINDS = ("silero", "webrtc")
 
 
 def create_vad(kind: str) -> Vad:
-    """Make a fresh per-session detector of `kind` ("silero" or "webrtc")."""
+    """Make a fresh per-session detector of `kind` ("silero": batched across sessions, or "webrtc")."""
     if kind == "silero":
-        return SileroVad()
+        return BatchedSileroVad()
     if kind == "webrtc":
         return WebRtcVad()
     raise ValueError(f"unknown VAD kind {kind!r}; expected one of {VAD_KINDS}")

@@ -836,26 +836,10 @@ class Qwen25OmniEngine(QwenOmniEngine):
         self.default_text_sampling = Sampling(temperature=0.0)
 
     @property
-    def model(self) -> Qwen2_5OmniForConditionalGeneration:
-        if self._model is None:
-            raise EngineError(f"{ENGINE_NAME}: the model is not loaded")
-        return self._model
-
-    @property
     def dit_solver(self) -> DitSolver:
         if self._dit_solver is None:
             raise EngineError(f"{ENGINE_NAME}: audio output is not loaded")
         return self._dit_solver
-
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        if self._tokenizer is None:
-            raise EngineError(f"{ENGINE_NAME}: the model is not loaded")
-        return self._tokenizer
-
-    @property
-    def audio_enabled(self) -> bool:
-        return self._model is not None and self._model.has_talker
 
     @property
     def speakers(self) -> list[str]:

@@ -811,22 +811,6 @@ class Qwen3OmniEngine(QwenOmniEngine):
             raise EngineError(f"{ENGINE_NAME}: the model is not loaded or has no talker")
         return self._code_predictor
 
-    @property
-    def model(self) -> Qwen3OmniMoeForConditionalGeneration:
-        if self._model is None:
-            raise EngineError(f"{ENGINE_NAME}: the model is not loaded")
-        return self._model
-
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        if self._tokenizer is None:
-            raise EngineError(f"{ENGINE_NAME}: the model is not loaded")
-        return self._tokenizer
-
-    @property
-    def audio_enabled(self) -> bool:
-        return self._model is not None and self._model.has_talker
-
     def load(self) -> None:
         self.install(*self.load_weights())
 

@@ -684,6 +684,27 @@ class QwenOmniEngine(ABC):
         return self._ready
 
     @property
+    def model(self) -> Any:
+        """The loaded model (the subclass sets `_model` when it loads)."""
+        model = getattr(self, "_model", None)
+        if model is None:
+            raise EngineError(f"{self.name}: the model is not loaded")
+        return model
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        tokenizer = getattr(self, "_tokenizer", None)
+        if tokenizer is None:
+            raise EngineError(f"{self.name}: the model is not loaded")
+        return tokenizer
+
+    @property
+    def audio_enabled(self) -> bool:
+        """The model has its talker and vocoder (speech output)."""
+        model = getattr(self, "_model", None)
+        return model is not None and bool(model.has_talker)
+
+    @property
     def load_info(self) -> tuple[int, int]:
         """(active generations, queued requests)."""
         return self._worker.load if self._worker is not None else (0, 0)

@@ -38,9 +38,9 @@ from omnivox.pipeline.engines.qwen2_5_omni import (
     SYSTEM_PROMPT,
     Qwen25Generation,
     Qwen25OmniEngine,
-    Token2WavStream,
     TurnPlan,
 )
+from omnivox.pipeline.engines.qwen2_5_token2wav import Token2WavStream
 from omnivox.pipeline.engines.qwen_common import (
     TRANSCRIPTION_INSTRUCTION,
     TRANSCRIPTION_MIN_TOKENS,

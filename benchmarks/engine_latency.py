@@ -526,7 +526,7 @@ async def history_cost(engine: QwenOmniEngine, bench: ModelBench, args: argparse
 
 async def concurrency(engine: QwenOmniEngine, request: ResponseRequest, counts: list[int]) -> list[dict[str, Any]]:
     """N sessions at once through the engine's worker; a count passes when no session's playback underruns."""
-    print("\n## concurrent sessions (one worker, interleaved steps)")
+    print("\n## concurrent sessions (one worker; one batched step for all with static_cache, else interleaved)")
     print("sessions  first audio p50/max    worst gap    aggregate RTF  real time")
     rows = []
     for count in counts:

@@ -80,6 +80,29 @@ async def test_batched_step_advances_all_active_generations_together() -> None:
     assert max(batches) == 3
 
 
+async def test_a_failure_inside_a_batched_step_fails_only_its_own_request() -> None:
+    def step_batch(generations):  # type: ignore[no-untyped-def]
+        results = []
+        for generation in generations:
+            try:
+                results.append(generation.step())
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    worker = GpuWorker("test", max_active=4, step_batch=step_batch)
+    log: list[str] = []
+    try:
+        healthy = CountingGeneration("ok", 8, log, 0.001)
+        failing = CountingGeneration("bad", 8, log, 0.001, fail_at=2, error=RuntimeError("out of memory"))
+        results = await asyncio.gather(collect(worker, healthy), collect(worker, failing), return_exceptions=True)
+    finally:
+        worker.close()
+    assert results[0] == [f"ok{i}" for i in range(1, 9)]
+    assert isinstance(results[1], EngineOutOfMemory)
+    assert failing.closed.is_set() and healthy.closed.is_set()
+
+
 async def test_queue_over_limit_is_busy() -> None:
     worker = GpuWorker("test", max_active=1, max_queued=1)
     log: list[str] = []

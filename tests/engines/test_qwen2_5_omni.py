@@ -39,6 +39,7 @@ from omnivox.pipeline.engines.qwen2_5_omni import (
     Qwen25Generation,
     Qwen25OmniEngine,
     TurnPlan,
+    step_generations,
 )
 from omnivox.pipeline.engines.qwen2_5_token2wav import Token2WavStream
 from omnivox.pipeline.engines.qwen_common import (
@@ -143,6 +144,50 @@ def test_streamed_text_and_codes_equal_generate(
     assert streamed_text == engine.tokenizer.decode(expected_text, skip_special_tokens=True)
     assert len(pcm_of(deltas)) == SAMPLES_PER_CODE * len(generation.codes)
     assert deltas[-1] == Usage(input_tokens=plan.inputs.prompt_tokens, output_tokens=len(expected_text))
+
+
+@pytest.mark.slow
+def test_sessions_decoded_as_one_batch_say_what_each_says_alone(
+    engine: Qwen25OmniEngine, static_engine: Qwen25OmniEngine
+) -> None:
+    """Two callers with different turns, the second starting three steps later, share every slot step; each hears
+    exactly the text, codes and audio it gets alone on growing caches."""
+    requests = [
+        ResponseRequest(messages=(Message("user", (AudioPart(tone(1.5)),)),), sampling=SamplingParams(temperature=0.0)),
+        ResponseRequest(
+            messages=(Message("user", (AudioPart(tone(1.0, frequency=440.0)),)),),
+            sampling=SamplingParams(temperature=0.0),
+        ),
+    ]
+    alone = [run_to_end(engine, request) for request in requests]
+    batch_sizes: list[int] = []
+    pool = static_engine._slots
+    assert pool is not None
+    step_of_all_slots = pool.thinker.step
+
+    def counting_step(slots: list[int], embeds: torch.Tensor) -> torch.Tensor:
+        batch_sizes.append(len(slots))
+        return step_of_all_slots(slots, embeds)
+
+    pool.thinker.step = counting_step  # type: ignore[method-assign]
+    try:
+        together = [static_engine.make_generation(static_engine.prepare(request)) for request in requests]
+        deltas: list[list[Delta]] = [[], []]
+        for _ in range(3):
+            deltas[0] += together[0].step()
+        while live := [index for index in range(2) if not together[index].finished]:
+            for index, result in zip(live, step_generations([together[index] for index in live]), strict=True):
+                assert not isinstance(result, BaseException)
+                deltas[index] += result
+    finally:
+        del pool.thinker.step
+    assert max(batch_sizes) == 2
+    for (solo, solo_deltas), batched, batched_deltas in zip(alone, together, deltas, strict=True):
+        assert batched.decoding == "static"
+        assert batched.text_ids == solo.text_ids
+        assert batched.codes == solo.codes
+        np.testing.assert_allclose(pcm_of(batched_deltas), pcm_of(solo_deltas), atol=1e-4)
+    assert pool.thinker.free_slots == pool.talker.free_slots == 2
 
 
 @pytest.mark.slow

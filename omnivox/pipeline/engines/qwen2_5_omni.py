@@ -18,22 +18,23 @@ price is a longer thinker prefill on long conversations (one batched forward, te
 thousand tokens), which `benchmarks/engine_latency.py` reports.
 
 Decode steps run either through the model's own `forward` on growing caches (`EagerDecoder`, the default and the
-reference) or on preallocated slots with fixed shapes (`StaticDecoder`, option `static_cache`), which on CUDA can be
-replayed as CUDA graphs (option `cuda_graphs`). Rope offsets are kept per generation and positions are passed
-explicitly, because the model classes store them on the module and interleaved sessions would overwrite each
-other's. Text-only requests (`output_audio=False`) run the thinker alone.
+reference, one session per call) or on preallocated slots with fixed shapes (`SlotPool`, option `static_cache`),
+where the steps of all sessions run as one batch and can be replayed as CUDA graphs (option `cuda_graphs`). Rope
+offsets are kept per generation and positions are passed explicitly, because the model classes store them on the
+module and interleaved sessions would overwrite each other's. Text-only requests (`output_audio=False`) run the
+thinker alone.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import Cache, PreTrainedTokenizerBase, Qwen2_5OmniForConditionalGeneration, StaticCache
+from transformers import Cache, PreTrainedTokenizerBase, Qwen2_5OmniForConditionalGeneration
 
 from omnivox.pipeline.engines.base import (
     INPUT_RATE,
@@ -66,6 +67,9 @@ from omnivox.pipeline.engines.qwen_common import (
     qwen2_5_audio_tokens,
     resolve_speaker,
 )
+from omnivox.pipeline.engines.scheduler import StepBatch
+from omnivox.pipeline.engines.slots import SlotBatch
+from omnivox.pipeline.engines.stepping import Call, StepPlan, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +190,19 @@ class Qwen25OmniOptions:
 
 
 # ---------------------------------------------------------------------------------------------- decode steps
+DECODE_ORDER = ("thinker", "talker")
+"""Within one step the thinker's call comes first: the talker step reads the reply vector it makes."""
+
+
 class EagerDecoder:
-    """Decode steps through the model's own `forward` on growing `DynamicCache`s: the reference path."""
+    """One request's decode steps through the model's own `forward` on growing `DynamicCache`s: the reference path.
+
+    It answers its own calls, one at a time (growing caches of different lengths do not batch).
+    """
 
     def __init__(self, model: Qwen2_5OmniForConditionalGeneration) -> None:
         self._model = model
+        self._device = next(model.thinker.parameters()).device
         self._thinker_cache: Cache | None = None
         self._thinker_rope_delta = 0
         self._talker_cache: Cache | None = None
@@ -199,33 +211,20 @@ class EagerDecoder:
     def begin_thinker(self, cache: Cache, rope_delta: int) -> None:
         self._thinker_cache, self._thinker_rope_delta = cache, rope_delta
 
-    def thinker_step(self, token: torch.Tensor, *, want_reply: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Feed one text token `[1, 1]`: (its reply vector `[1, hidden]` if wanted, next-token logits `[1, vocab]`)."""
-        assert self._thinker_cache is not None
-        output = self._model.thinker(
-            input_ids=token,
-            position_ids=_position(self._thinker_cache.get_seq_length() + self._thinker_rope_delta, token.device),
-            past_key_values=self._thinker_cache,
-            use_cache=True,
-            output_hidden_states=want_reply,
-        )
-        reply = output.hidden_states[-1][:, -1] + output.hidden_states[0][:, -1] if want_reply else None
-        return reply, output.logits[:, -1]
+    def thinker_call(self, token: int, *, want_reply: bool) -> Call:
+        """Feed one text token; answered with (its reply vector `[1, hidden]` if wanted, next-token logits)."""
+        return Call(self, "thinker", (token, want_reply))
 
     def begin_talker(self, cache: Cache, rope_delta: int) -> None:
         self._talker_cache, self._talker_rope_delta = cache, rope_delta
 
-    def talker_step(self, code: torch.Tensor, reply: torch.Tensor) -> torch.Tensor:
-        """Feed one codec code `[1, 1]` plus the reply vector of its text slot: next-code logits `[1, codec vocab]`."""
-        assert self._talker_cache is not None
-        output = self._model.talker(
-            input_ids=code,
-            thinker_reply_part=reply[:, None],
-            position_ids=_position(self._talker_cache.get_seq_length() + self._talker_rope_delta, code.device),
-            past_key_values=self._talker_cache,
-            use_cache=True,
-        )
-        return output.logits[:, -1]
+    def talker_call(self, code: int, reply: torch.Tensor) -> Call:
+        """Feed one codec code plus the reply vector of its text slot; answered with next-code logits."""
+        return Call(self, "talker", (code, reply))
+
+    def run(self, part: str, calls: list[Any]) -> list[Any]:
+        step = self._thinker_step if part == "thinker" else self._talker_step
+        return [step(*args) for args in calls]
 
     def end_talker(self) -> None:
         self._talker_cache = None
@@ -233,143 +232,105 @@ class EagerDecoder:
     def release(self) -> None:
         self._thinker_cache = self._talker_cache = None
 
+    def _thinker_step(self, token: int, want_reply: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        assert self._thinker_cache is not None
+        output = self._model.thinker(
+            input_ids=torch.tensor([[token]], device=self._device),
+            position_ids=_position(self._thinker_cache.get_seq_length() + self._thinker_rope_delta, self._device),
+            past_key_values=self._thinker_cache,
+            use_cache=True,
+            output_hidden_states=want_reply,
+        )
+        reply = output.hidden_states[-1][:, -1] + output.hidden_states[0][:, -1] if want_reply else None
+        return reply, output.logits[:, -1]
 
-class StaticDecoder:
-    """A reusable decode slot: preallocated KV caches and fixed input buffers, so a decode step has fixed shapes and
-    never waits for the host; with `graphs` each step is captured once in a CUDA graph and replayed.
+    def _talker_step(self, code: int, reply: torch.Tensor) -> torch.Tensor:
+        assert self._talker_cache is not None
+        output = self._model.talker(
+            input_ids=torch.tensor([[code]], device=self._device),
+            thinker_reply_part=reply[:, None],
+            position_ids=_position(self._talker_cache.get_seq_length() + self._talker_rope_delta, self._device),
+            past_key_values=self._talker_cache,
+            use_cache=True,
+        )
+        return output.logits[:, -1]
 
-    The prefills stay eager (their lengths vary); their KV is copied into the slot. Positions are explicit mrope
-    positions and attention goes through a boolean mask over the whole slot. The engine keeps `max_active` slots,
-    so graphs are captured once per slot (about 0.1-0.8 s each at 7B size, measured in the research).
+
+class SlotPool:
+    """The engine's decode slots: one thinker and one talker `SlotBatch`, stepped for every session at once.
+
+    Each call group becomes one embedding lookup, one batched decoder step (a CUDA graph replay with
+    `cuda_graphs`) and one head, whatever the number of sessions in it.
     """
 
     def __init__(
-        self, model: Qwen2_5OmniForConditionalGeneration, *, thinker_tokens: int, talker_tokens: int, graphs: bool
+        self,
+        model: Qwen2_5OmniForConditionalGeneration,
+        *,
+        slots: int,
+        thinker_tokens: int,
+        talker_tokens: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        graphs: bool,
     ) -> None:
         thinker, talker = model.thinker, model.talker
-        device = next(thinker.parameters()).device
-        self.thinker_tokens, self.talker_tokens, self._graphs = thinker_tokens, talker_tokens, graphs
-        self._text_model, self._text_embed, self._lm_head = (
-            thinker.model.language_model,
-            thinker.get_input_embeddings(),
-            thinker.lm_head,
-        )
-        self._talker_model, self._codec_embed = talker.model, talker.get_input_embeddings()
-        self._to_talker, self._codec_head = talker.thinker_to_talker_proj, talker.codec_head
-        self._thinker_cache = StaticCache(config=self._text_model.config, max_cache_len=thinker_tokens)
-        self._talker_cache = StaticCache(config=self._talker_model.config, max_cache_len=talker_tokens)
-        self._token = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self._thinker_position = torch.zeros(3, 1, 1, dtype=torch.long, device=device)
-        self._thinker_mask = torch.zeros(1, 1, 1, thinker_tokens, dtype=torch.bool, device=device)
-        self._code = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self._reply = torch.zeros(
-            1, 1, self._text_embed.weight.shape[1], dtype=self._text_embed.weight.dtype, device=device
-        )
-        self._talker_position = torch.zeros(3, 1, 1, dtype=torch.long, device=device)
-        self._talker_mask = torch.zeros(1, 1, 1, talker_tokens, dtype=torch.bool, device=device)
-        self._thinker_length = self._talker_length = 0
-        self._thinker_rope_delta = self._talker_rope_delta = 0
-        self._captured: dict[str, tuple[torch.cuda.CUDAGraph, Any]] = {}
+        self._text_embed, self._lm_head = thinker.get_input_embeddings(), thinker.lm_head
+        self._codec_embed, self._codec_head = talker.get_input_embeddings(), talker.codec_head
+        self._to_talker = talker.thinker_to_talker_proj
+        self._device = device
+        shared = {"slots": slots, "dtype": dtype, "device": device, "graphs": graphs}
+        self.thinker = SlotBatch(thinker.model.language_model, name="thinker", tokens=thinker_tokens, **shared)
+        self.talker = SlotBatch(talker.model, name="talker", tokens=talker_tokens, **shared)
+
+    def run(self, part: str, calls: list[Any]) -> list[Any]:
+        slots = [args[0] for args in calls]
+        if part == "thinker":
+            tokens = torch.tensor([[args[1]] for args in calls], device=self._device)
+            embeds = self._text_embed(tokens)
+            hidden = self.thinker.step(slots, embeds)
+            logits = self._lm_head(hidden)
+            replies = hidden + embeds[:, -1]
+            return [
+                (replies[row : row + 1] if args[2] else None, logits[row : row + 1]) for row, args in enumerate(calls)
+            ]
+        codes = torch.tensor([[args[1]] for args in calls], device=self._device)
+        replies = torch.cat([args[2].reshape(1, 1, -1) for args in calls])
+        hidden = self.talker.step(slots, self._to_talker(self._codec_embed(codes) + replies))
+        logits = self._codec_head(hidden).float()
+        return [logits[row : row + 1] for row in range(len(calls))]
+
+
+class SlotDecoder:
+    """One request's seats in the `SlotPool`: a thinker slot from the prefill on, a talker slot while it speaks."""
+
+    def __init__(self, pool: SlotPool) -> None:
+        self._pool = pool
+        self._thinker_slot: int | None = None
+        self._talker_slot: int | None = None
 
     def begin_thinker(self, cache: Cache, rope_delta: int) -> None:
-        self._thinker_length = _copy_into(self._thinker_cache, cache)
-        self._thinker_rope_delta = rope_delta
-        self._thinker_mask.zero_()
-        self._thinker_mask[..., : self._thinker_length] = True
+        self._thinker_slot = self._pool.thinker.admit(cache, rope_delta)
 
-    def thinker_step(self, token: torch.Tensor, *, want_reply: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-        if self._thinker_length >= self.thinker_tokens:
-            raise EngineError(f"{ENGINE_NAME}: the answer outgrew static_cache_tokens ({self.thinker_tokens})")
-        self._token.copy_(token)
-        self._thinker_position.fill_(self._thinker_length + self._thinker_rope_delta)
-        self._thinker_mask[..., self._thinker_length] = True
-        self._thinker_length += 1
-        reply, logits = self._run("thinker", self._thinker_forward, self._thinker_cache)
-        return (reply.clone() if want_reply else None), logits.clone()
+    def thinker_call(self, token: int, *, want_reply: bool) -> Call:
+        return Call(self._pool, "thinker", (self._thinker_slot, token, want_reply))
 
     def begin_talker(self, cache: Cache, rope_delta: int) -> None:
-        self._talker_length = _copy_into(self._talker_cache, cache)
-        self._talker_rope_delta = rope_delta
-        self._talker_mask.zero_()
-        self._talker_mask[..., : self._talker_length] = True
+        self._talker_slot = self._pool.talker.admit(cache, rope_delta)
 
-    def talker_step(self, code: torch.Tensor, reply: torch.Tensor) -> torch.Tensor:
-        if self._talker_length >= self.talker_tokens:
-            raise EngineError(f"{ENGINE_NAME}: the speech outgrew the static talker cache ({self.talker_tokens})")
-        self._code.copy_(code)
-        self._reply.copy_(reply.reshape(self._reply.shape))
-        self._talker_position.fill_(self._talker_length + self._talker_rope_delta)
-        self._talker_mask[..., self._talker_length] = True
-        self._talker_length += 1
-        return self._run("talker", self._talker_forward, self._talker_cache).clone()
+    def talker_call(self, code: int, reply: torch.Tensor) -> Call:
+        return Call(self._pool, "talker", (self._talker_slot, code, reply))
 
     def end_talker(self) -> None:
-        """Nothing to free: the slot is reused by the next request."""
+        if self._talker_slot is not None:
+            self._pool.talker.release(self._talker_slot)
+            self._talker_slot = None
 
     def release(self) -> None:
-        """Nothing to free: the slot is reused by the next request."""
-
-    def _thinker_forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding = self._text_embed(self._token)
-        hidden = self._text_model(
-            inputs_embeds=embedding,
-            position_ids=self._thinker_position,
-            attention_mask=self._thinker_mask,
-            past_key_values=self._thinker_cache,
-            use_cache=True,
-        ).last_hidden_state
-        return hidden[:, -1] + embedding[:, -1], self._lm_head(hidden[:, -1])
-
-    def _talker_forward(self) -> torch.Tensor:
-        inputs = self._to_talker(self._codec_embed(self._code) + self._reply)
-        hidden = self._talker_model(
-            inputs_embeds=inputs,
-            position_ids=self._talker_position,
-            attention_mask=self._talker_mask,
-            past_key_values=self._talker_cache,
-            use_cache=True,
-        ).last_hidden_state
-        return self._codec_head(hidden[:, -1]).float()
-
-    def _run(self, name: str, forward: Callable[[], Any], cache: StaticCache) -> Any:
-        if not self._graphs:
-            return forward()
-        if name not in self._captured:
-            self._captured[name] = _capture(forward, cache)
-        graph, outputs = self._captured[name]
-        graph.replay()
-        return outputs
-
-
-def _copy_into(static: StaticCache, dynamic: Cache) -> int:
-    """Copy a prefill's KV into a static cache; returns the prefill length."""
-    length = dynamic.get_seq_length()
-    if length >= static.layers[0].max_cache_len:
-        raise EngineError(f"{ENGINE_NAME}: the prompt ({length} tokens) does not fit the static cache")
-    for static_layer, dynamic_layer in zip(static.layers, dynamic.layers, strict=True):
-        if not static_layer.is_initialized:
-            static_layer.lazy_initialization(dynamic_layer.keys, dynamic_layer.values)
-        static_layer.keys[:, :, :length].copy_(dynamic_layer.keys)
-        static_layer.values[:, :, :length].copy_(dynamic_layer.values)
-        static_layer.cumulative_length.fill_(length)
-    return length
-
-
-def _capture(forward: Callable[[], Any], cache: StaticCache) -> tuple[torch.cuda.CUDAGraph, Any]:
-    """Record one decode step in a CUDA graph (after two warm-up runs on a side stream, as PyTorch requires)."""
-    lengths = [layer.cumulative_length.clone() for layer in cache.layers]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            forward()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = forward()
-    for layer, length in zip(cache.layers, lengths, strict=True):  # the warm-up runs advanced the cache
-        layer.cumulative_length.copy_(length)
-    return graph, outputs
+        self.end_talker()
+        if self._thinker_slot is not None:
+            self._pool.thinker.release(self._thinker_slot)
+            self._thinker_slot = None
 
 
 def _position(value: int, device: torch.device) -> torch.Tensor:
@@ -398,6 +359,9 @@ class Qwen25Generation:
     Step 0 runs the thinker prefill, feeds the first text token (the talker prefill needs its reply vector) and
     runs the talker prefill. Every later step draws one codec code, feeds it to the vocoder stream, advances the
     thinker by one token and runs one talker step. Text-only requests advance the thinker alone.
+
+    A step is written as a `StepPlan` that yields its decode calls, so the engine can run the steps of all sessions
+    with one batched thinker call and one batched talker call (`step_generations`).
     """
 
     def __init__(self, engine: Qwen25OmniEngine, plan: TurnPlan) -> None:
@@ -421,7 +385,7 @@ class Qwen25Generation:
         self._text_history: list[int] = plan.inputs.input_ids[0].tolist()
         self._started = False
         self._finished = False
-        self._decoder: EagerDecoder | StaticDecoder | None = None
+        self._decoder: EagerDecoder | SlotDecoder | None = None
         self.decoding = ""
         """"static" (a preallocated slot) or "eager" (growing caches), once the prefill has run."""
         self._thinker_done = False
@@ -441,23 +405,29 @@ class Qwen25Generation:
     def close(self) -> None:
         """Drop every cache and tensor of this request so its memory can be reused at once."""
         if self._decoder is not None:
-            self._engine.release_decoder(self._decoder)
+            self._decoder.release()
             self._decoder = None
         self._talker_logits = None
         self._replies = []
         self._vocoder = None
         self._finished = True
 
-    @torch.inference_mode()
     def step(self) -> list[Delta]:
+        """One step of this generation alone."""
+        result = step_generations([self])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def plan_step(self) -> StepPlan:
         deltas: list[Delta] = []
         if not self._started:
             self._started = True
-            self._prefill(deltas)
+            yield from self._prefill(deltas)
         elif not self._talker_done:
-            self._talker_step(deltas)
+            yield from self._talker_step(deltas)
         else:
-            self._advance_thinker(deltas)
+            yield from self._advance_thinker(deltas)
         if self._thinker_done and self._talker_done:
             tail = self._text.flush()
             if tail:
@@ -467,16 +437,16 @@ class Qwen25Generation:
         return deltas
 
     # -------------------------------------------------------------------------------- thinker
-    def _prefill(self, deltas: list[Delta]) -> None:
+    def _prefill(self, deltas: list[Delta]) -> StepPlan:
         thinker = self._model.thinker
         inputs = self._plan.inputs.tensors(self._device, self._engine.runtime.dtype)
         output = thinker(**inputs, use_cache=True, output_hidden_states=self._audio)
         self._decoder = self._engine.acquire_decoder(self._plan)
-        self.decoding = "static" if isinstance(self._decoder, StaticDecoder) else "eager"
+        self.decoding = "static" if isinstance(self._decoder, SlotDecoder) else "eager"
         self._decoder.begin_thinker(output.past_key_values, int(thinker.model.rope_deltas.reshape(-1)[0]))
         self._accept_text(self._text_sampler(output.logits[:, -1], self._history_tensor()), deltas)
         if not self._audio:
-            return
+            return deltas
         input_ids = inputs["input_ids"]
         embeddings = output.hidden_states[0].clone()
         config = self._model.config.thinker_config
@@ -484,26 +454,27 @@ class Qwen25Generation:
         embeddings[multimodal] = 0  # generate() hides audio and image positions from the talker
         prompt = output.hidden_states[-1] + embeddings
         del output
-        self._advance_thinker(deltas)
+        yield from self._advance_thinker(deltas)
         self._talker_prefill(input_ids, prompt, inputs.get("feature_attention_mask"), inputs.get("image_grid_thw"))
+        return deltas
 
-    def _advance_thinker(self, deltas: list[Delta]) -> None:
+    def _advance_thinker(self, deltas: list[Delta]) -> StepPlan:
         """Feed the newest text token: its reply vector for the talker and the next token (the thinker runs ahead)."""
         if self._thinker_done:
-            return
+            return deltas
         newest = self.text_ids[-1]
         talker_listens = self._audio and not self._talker_done
         if newest in self._eos_ids or len(self.text_ids) >= self._plan.max_text_tokens:
             self._thinker_done = True  # the last token is never fed: its talker slot carries tts_eos instead
             if talker_listens:
                 self._replies.append(self._tts_embedding("eos"))
-            return
+            return deltas
         assert self._decoder is not None
-        token = torch.tensor([[newest]], device=self._device)
-        reply, logits = self._decoder.thinker_step(token, want_reply=talker_listens)
+        reply, logits = yield self._decoder.thinker_call(newest, want_reply=talker_listens)
         if reply is not None:
             self._replies.append(reply)
         self._accept_text(self._text_sampler(logits, self._history_tensor()), deltas)
+        return deltas
 
     def _accept_text(self, token_id: int, deltas: list[Delta]) -> None:
         self.text_ids.append(token_id)
@@ -572,25 +543,26 @@ class Qwen25Generation:
             first_chunk_codes=self._options.first_chunk_codes,
         )
 
-    def _talker_step(self, deltas: list[Delta]) -> None:
+    def _talker_step(self, deltas: list[Delta]) -> StepPlan:
         assert self._talker_sampler is not None and self._vocoder is not None and self._talker_logits is not None
         needed = self._talker_sampler.needs_history
         history = torch.tensor([self._talker_history if needed else self._talker_history[-1:]], device=self._device)
         code = self._talker_sampler(self._talker_logits, history)
         if code in self._engine.codec_stop_ids:
             self._finish_speech(deltas)
-            return
+            return deltas
         self.codes.append(code)
         self._talker_history.append(code)
         deltas.extend(AudioDelta(pcm) for pcm in self._vocoder.push(code))
         if len(self.codes) >= self._plan.max_audio_codes:
             self._finish_speech(deltas)
-            return
-        self._advance_thinker(deltas)
+            return deltas
+        yield from self._advance_thinker(deltas)
         step = len(self.codes)
         reply = self._replies[step] if step < len(self._replies) else self._tts_embedding("pad")
         assert self._decoder is not None
-        self._talker_logits = self._decoder.talker_step(torch.tensor([[code]], device=self._device), reply)
+        self._talker_logits = yield self._decoder.talker_call(code, reply)
+        return deltas
 
     def _finish_speech(self, deltas: list[Delta]) -> None:
         assert self._vocoder is not None
@@ -608,6 +580,12 @@ class Qwen25Generation:
             ids = torch.tensor([talker.text_eos_token, talker.text_pad_token], device=self._device)
             self._tts_eos, self._tts_pad = self._model.thinker.get_input_embeddings()(ids).split(1)
         return self._tts_eos if which == "eos" else self._tts_pad
+
+
+def step_generations(generations: Sequence[Qwen25Generation]) -> list[list[Delta] | BaseException]:
+    """One step of every generation, their decode calls batched per runner (all slot sessions together)."""
+    with torch.inference_mode():
+        return run_steps([generation.plan_step() for generation in generations], DECODE_ORDER)
 
 
 class CodebookGuard:
@@ -646,7 +624,7 @@ class Qwen25OmniEngine(QwenOmniEngine):
                     f"{ENGINE_NAME}: {switch} needs a CUDA device, the engine runs on {self.runtime.device}"
                 )
         self._dit_solver: DitSolver | None = None
-        self._free_slots: list[StaticDecoder] = []
+        self._slots: SlotPool | None = None
         self._model: Qwen2_5OmniForConditionalGeneration | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._prompts: PromptBuilder | None = None
@@ -718,15 +696,15 @@ class Qwen25OmniEngine(QwenOmniEngine):
         if self.options.dit_cuda_graph:
             self._prewarm_dit()
         if self.options.static_cache:
-            self._free_slots = [
-                StaticDecoder(
-                    model,
-                    thinker_tokens=self.options.static_cache_tokens,
-                    talker_tokens=self.options.static_cache_tokens + self.options.max_audio_codes + 2,
-                    graphs=self.options.cuda_graphs,
-                )
-                for _ in range(self.max_active)
-            ]
+            self._slots = SlotPool(
+                model,
+                slots=self.max_active,
+                thinker_tokens=self.options.static_cache_tokens,
+                talker_tokens=self.options.static_cache_tokens + self.options.max_audio_codes + 2,
+                dtype=self.runtime.dtype,
+                device=self.runtime.device,
+                graphs=self.options.cuda_graphs,
+            )
             self._prewarm_slots()
         log.info(
             "%s: loaded %s (%s parameters, audio %s, speakers %s)",
@@ -737,20 +715,17 @@ class Qwen25OmniEngine(QwenOmniEngine):
             sorted(model.speaker_map) if self.audio_enabled else [],
         )
 
-    def acquire_decoder(self, plan: TurnPlan) -> EagerDecoder | StaticDecoder:
-        """A static slot when one is free and the prompt fits it, else the growing-cache path (on the GPU thread)."""
+    def acquire_decoder(self, plan: TurnPlan) -> EagerDecoder | SlotDecoder:
+        """Seats in the decode slots when one is free and the prompt fits, else the growing-cache path."""
         fits = plan.inputs.prompt_tokens + plan.max_text_tokens < self.options.static_cache_tokens
-        if self._free_slots and fits:
-            return self._free_slots.pop()
-        if self.options.static_cache and not fits:
+        if self._slots is not None and self._slots.thinker.free_slots and fits:
+            return SlotDecoder(self._slots)
+        if self._slots is not None and not fits:
             log.info("%s: request %r outgrows static_cache_tokens, decoding it eagerly", ENGINE_NAME, plan.request_id)
         return EagerDecoder(self.model)
 
-    def release_decoder(self, decoder: EagerDecoder | StaticDecoder) -> None:
-        if isinstance(decoder, StaticDecoder):
-            self._free_slots.append(decoder)
-        else:
-            decoder.release()
+    def step_batch(self) -> StepBatch:
+        return step_generations  # type: ignore[return-value]
 
     def _prewarm_dit(self) -> None:
         """Capture the DiT graphs of the regular windows for every speaker's reference length before any caller."""
@@ -766,26 +741,22 @@ class Qwen25OmniEngine(QwenOmniEngine):
                 )
 
     def _prewarm_slots(self) -> None:
-        """Run a short answer on every slot, so graph capture and first-call costs are paid before any caller."""
+        """Run a short answer on every slot at once, so first-call costs are paid before any caller."""
+        assert self._slots is not None
         silence = ResponseRequest(
             messages=(Message("user", (AudioPart(np.zeros(INPUT_RATE, dtype=np.float32)),)),),
             sampling=SamplingParams(temperature=0.0, max_tokens=3, seed=0),
         )
         plan = replace(self.prepare(silence), max_audio_codes=3)
-        generations = [Qwen25Generation(self, plan) for _ in self._free_slots]
-        while not all(generation.finished for generation in generations):
-            for generation in generations:
-                if not generation.finished:
-                    generation.step()
-        log.info(
-            "%s: %d static decode slots ready (graphs: %s)",
-            ENGINE_NAME,
-            len(self._free_slots),
-            self.options.cuda_graphs,
-        )
+        generations = [Qwen25Generation(self, plan) for _ in range(self._slots.thinker.free_slots)]
+        while live := [generation for generation in generations if not generation.finished]:
+            for result in step_generations(live):
+                if isinstance(result, BaseException):
+                    raise result
+        log.info("%s: %d decode slots ready (graphs: %s)", ENGINE_NAME, len(generations), self.options.cuda_graphs)
 
     def unload(self) -> None:
-        self._free_slots = []
+        self._slots = None
         self._dit_solver = None
         self._model = None
         self._tokenizer = None

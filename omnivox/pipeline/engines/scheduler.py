@@ -38,8 +38,9 @@ class Generation(Protocol):
         """Free the request's caches; called exactly once, also after cancellation or failure."""
 
 
-StepBatch = Callable[[Sequence[Generation]], list[list[Delta]]]
-"""Advance several generations in one batched step; returns their deltas in the same order."""
+StepBatch = Callable[[Sequence[Generation]], list[list[Delta] | BaseException]]
+"""Advance several generations in one batched step; returns, in the same order, each one's deltas or the exception
+that failed it (a failure of one session's work must not fail the others)."""
 
 _DONE = object()
 
@@ -162,13 +163,15 @@ class GpuWorker:
         live = [t for t in tickets if not t.cancelled]
         try:
             results = self._step_batch([t.generation for t in live])  # type: ignore[misc]
-        except Exception:  # a batch failure is retried one by one, so only the culprit fails
-            log.exception("%s: batched step failed, falling back to single steps", self.name)
-            for ticket in live:
-                self._guard(ticket, lambda t=ticket: self._deliver(t, t.generation.step()))  # type: ignore[union-attr]
-            return
-        for ticket, deltas in zip(live, results, strict=True):
-            self._deliver(ticket, deltas)
+        except Exception as exc:  # the batching itself broke: every session in it hears about it
+            results = [exc] * len(live)
+        for ticket, result in zip(live, results, strict=True):
+            self._guard(ticket, lambda t=ticket, r=result: self._deliver_result(t, r))
+
+    def _deliver_result(self, ticket: _Ticket, result: list[Delta] | BaseException) -> None:
+        if isinstance(result, BaseException):
+            raise result
+        self._deliver(ticket, result)
 
     def _deliver(self, ticket: _Ticket, deltas: list[Delta]) -> None:
         for delta in deltas:

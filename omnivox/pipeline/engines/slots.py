@@ -1,0 +1,179 @@
+"""Decode steps of many sessions as one batch, on preallocated KV slots where each row is its own sequence.
+
+A decode step of a 7B thinker or talker reads every weight once whatever the batch size, so on a GPU stepping eight
+sessions together costs little more than stepping one. Sessions start, speak and stop at different times, so the
+rows of one batch sit at different positions: `SlotLayer` writes each row's new key and value at that row's own
+position, and each row attends through its own mask. All buffers have fixed shapes, so a whole step of every slot
+can be captured once as a CUDA graph and replayed.
+
+A step always runs every slot. Rows that take no part write into a scratch column that no mask ever shows, and
+their outputs are dropped; a free slot attends only to that scratch column so its row stays finite.
+
+Prefills stay per request (their lengths vary) and their KV is copied into a free slot (`admit`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from transformers import Cache
+from transformers.cache_utils import StaticLayer
+
+from omnivox.pipeline.engines.base import EngineError
+
+log = logging.getLogger(__name__)
+
+DecoderBody = Callable[..., Any]
+"""A decoder stack called as `body(inputs_embeds=, position_ids=, attention_mask=, past_key_values=, use_cache=True)`
+returning an output with `last_hidden_state` (the thinker's or the talker's text model)."""
+
+
+class SlotLayer(StaticLayer):
+    """A static cache layer whose rows are independent sequences, each written at its own position."""
+
+    def __init__(self, max_cache_len: int, write_positions: torch.Tensor) -> None:
+        super().__init__(max_cache_len=max_cache_len)
+        self._write_positions = write_positions
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        index = self._write_positions.view(-1, 1, 1, 1)
+        self.keys.scatter_(2, index.expand_as(key_states), key_states)
+        self.values.scatter_(2, index.expand_as(value_states), value_states)
+        return self.keys, self.values
+
+
+class SlotCache(Cache):
+    """One `SlotLayer` per decoder layer, all reading the same per-row write positions."""
+
+    def __init__(self, num_layers: int, max_cache_len: int, write_positions: torch.Tensor) -> None:
+        super().__init__(layers=[SlotLayer(max_cache_len, write_positions) for _ in range(num_layers)])
+
+
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class SlotBatch:
+    """`slots` sequences of one decoder stack, stepped together one token each.
+
+    Per slot the host keeps the length and the rope offset (positions are explicit: the model classes keep rope
+    offsets on the module, which interleaved sessions would overwrite). With `graphs` (CUDA only) the step of all
+    slots is captured once, at construction, while every slot is free.
+    """
+
+    def __init__(
+        self,
+        body: torch.nn.Module,
+        *,
+        name: str,
+        slots: int,
+        tokens: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        graphs: bool = False,
+    ) -> None:
+        config = body.config
+        self.name, self.slots, self.tokens = name, slots, tokens
+        self._body = body
+        self._scratch = tokens  # one column past the usable length
+        self._write = torch.full((slots,), self._scratch, dtype=torch.long, device=device)
+        self._cache = SlotCache(config.num_hidden_layers, tokens + 1, self._write)
+        shape = (slots, config.num_key_value_heads, 0, _head_dim(config))
+        for layer in self._cache.layers:
+            layer.lazy_initialization(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype))
+        self._embeds = torch.zeros(slots, 1, config.hidden_size, dtype=dtype, device=device)
+        self._positions = torch.zeros(3, slots, 1, dtype=torch.long, device=device)
+        self._mask = torch.zeros(slots, 1, 1, tokens + 1, dtype=torch.bool, device=device)
+        self._mask[..., self._scratch] = True
+        self._lengths = [0] * slots
+        self._rope_deltas = [0] * slots
+        self._free = list(range(slots - 1, -1, -1))
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._hidden: torch.Tensor | None = None
+        if graphs:
+            self._graph, self._hidden = self._capture()
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def admit(self, prefill: Cache, rope_delta: int) -> int:
+        """Copy a batch-1 prefill's KV into a free slot; returns the slot."""
+        length = prefill.get_seq_length()
+        if length >= self.tokens:
+            raise EngineError(f"the prompt ({length} tokens) does not fit the {self.name} slots ({self.tokens})")
+        if not self._free:
+            raise EngineError(f"no free {self.name} slot")
+        slot = self._free.pop()
+        for layer, source in zip(self._cache.layers, prefill.layers, strict=True):
+            layer.keys[slot, :, :length].copy_(source.keys[0])
+            layer.values[slot, :, :length].copy_(source.values[0])
+        self._mask[slot].zero_()
+        self._mask[slot, ..., :length] = True
+        self._lengths[slot], self._rope_deltas[slot] = length, rope_delta
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Free a slot for the next request (its stale KV is hidden by the mask)."""
+        self._mask[slot].zero_()
+        self._mask[slot, ..., self._scratch] = True
+        self._lengths[slot] = 0
+        self._free.append(slot)
+
+    def step(self, slots: Sequence[int], embeds: torch.Tensor) -> torch.Tensor:
+        """Feed one input embedding `[len(slots), 1, hidden]` to each listed slot; returns their last hidden
+        states `[len(slots), hidden]` in the same order."""
+        for slot in slots:
+            if self._lengths[slot] >= self.tokens:
+                raise EngineError(f"a {self.name} sequence outgrew its slot ({self.tokens} tokens)")
+        rows = torch.tensor(slots, dtype=torch.long)
+        lengths = torch.tensor([self._lengths[slot] for slot in slots], dtype=torch.long)
+        positions = lengths + torch.tensor([self._rope_deltas[slot] for slot in slots], dtype=torch.long)
+        write = torch.full((self.slots,), self._scratch, dtype=torch.long)
+        write[rows] = lengths
+        device = self._write.device
+        self._write.copy_(write.to(device, non_blocking=True))
+        self._embeds.zero_()
+        self._embeds[rows.to(device)] = embeds.to(self._embeds.dtype)
+        self._positions.zero_()
+        self._positions[:, rows.to(device), 0] = positions.to(device)
+        self._mask[rows.to(device), 0, 0, lengths.to(device)] = True
+        for slot in slots:
+            self._lengths[slot] += 1
+        if self._graph is not None and self._hidden is not None:
+            self._graph.replay()
+            hidden = self._hidden
+        else:
+            hidden = self._forward()
+        return hidden[rows.to(device)]
+
+    def _forward(self) -> torch.Tensor:
+        return self._body(
+            inputs_embeds=self._embeds,
+            position_ids=self._positions,
+            attention_mask=self._mask,
+            past_key_values=self._cache,
+            use_cache=True,
+        ).last_hidden_state[:, -1]
+
+    def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Record the step of all slots (after warm-up runs on a side stream, as PyTorch requires). Every slot is
+        free and writes to the scratch column, so the warm-up runs leave no trace."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            hidden = self._forward()
+        log.info("captured the %s step of %d slots as a CUDA graph", self.name, self.slots)
+        return graph, hidden

@@ -161,7 +161,7 @@ def test_sessions_decoded_as_one_batch_say_what_each_says_alone(
     ]
     alone = [run_to_end(engine, request) for request in requests]
     batch_sizes: list[int] = []
-    pool = static_engine._slots
+    pool = static_engine.slots
     assert pool is not None
     step_of_all_slots = pool.thinker.step
 

@@ -305,27 +305,41 @@ def test_interleaved_generations_do_not_disturb_each_other(tiny: Tiny, reference
     assert torch.equal(_codes(second), _codes(alone))
 
 
-def test_batched_steps_give_each_session_its_own_answer(tiny: Tiny, reference: Reference) -> None:
+@pytest.mark.parametrize("static_cache", [False, True], ids=["growing caches", "shared slots"])
+def test_batched_steps_give_each_session_its_own_answer(tiny: Tiny, reference: Reference, static_cache: bool) -> None:
+    """Three sessions of one engine (one text-only, one starting two steps late) share every batched call; each
+    gets exactly what it gets alone."""
     other = _request(Message("user", (AudioPart(_tone(2.5, 330)),)))
     alone = _generation(tiny, other)
     _run(alone)
-    sessions = [_generation(tiny), _generation(tiny, other), _generation(tiny, _request(output_audio=False))]
-    while not all(generation.finished for generation in sessions):
-        step_generations([generation for generation in sessions if not generation.finished])
+    engine = tiny.engine(static_cache=static_cache, static_cache_tokens=256, max_active=3)
+    predictor_batches: list[int] = []
+    hook = engine.code_predictor.register_forward_pre_hook(lambda _, args: predictor_batches.append(len(args[0])))
+    sessions = [engine.make_generation(engine.prepare(request)) for request in (_request(), other)]
+    try:
+        step_generations(sessions[:1])
+        step_generations(sessions[:1])
+        sessions.append(engine.make_generation(engine.prepare(_request(output_audio=False))))
+        while live := [generation for generation in sessions if not generation.finished]:
+            assert not any(isinstance(result, BaseException) for result in step_generations(live))
+    finally:
+        hook.remove()
 
+    assert {session.decoding for session in sessions} == {"static" if static_cache else "eager"}
+    assert max(predictor_batches) == 2
     assert sessions[0].text_ids == reference.text_ids == sessions[2].text_ids
     assert torch.equal(_codes(sessions[0]), reference.codes)
     assert sessions[1].text_ids == alone.text_ids
     assert torch.equal(_codes(sessions[1]), _codes(alone))
+    if static_cache:
+        assert engine.slots is not None and engine.slots.thinker.free_slots == engine.slots.talker.free_slots == 3
 
 
-def test_a_failed_batch_retried_one_by_one_loses_nothing(
-    tiny: Tiny,
-    reference: Reference,
-    streamed: tuple[Qwen3Generation, list[list[Delta]]],
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_failed_batched_call_fails_only_its_sessions_and_frees_their_slots(
+    tiny: Tiny, reference: Reference, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The GPU worker retries a failed batched step generation by generation (e.g. after running out of memory)."""
+    """An out-of-memory in the batched code predictor ends the two requests it held (the worker turns that into an
+    error event for each); their slots are free again and the next request is answered as before."""
     real_predictor = qwen3_omni.predict_residuals
     calls = iter(range(1000))
 
@@ -335,35 +349,31 @@ def test_a_failed_batch_retried_one_by_one_loses_nothing(
         return real_predictor(*args, **kwargs)
 
     monkeypatch.setattr(qwen3_omni, "predict_residuals", flaky_predictor)
-    talker_passes: list[int] = []
-    hook = tiny.model.talker.model.register_forward_hook(lambda *_: talker_passes.append(1))
-    sessions = [_generation(tiny), _generation(tiny)]
-    steps: list[list[Delta]] = []
+    engine = tiny.engine(static_cache=True, static_cache_tokens=256, max_active=2)
+    sessions = [engine.make_generation(engine.prepare(_request())) for _ in range(2)]
     for _ in range(3):
-        steps += step_generations(sessions)[:1]
-    with pytest.raises(RuntimeError, match="simulated"):
         step_generations(sessions)
-    try:
-        while not sessions[0].finished:
-            steps.append(sessions[0].step())
-        _run(sessions[1])
-    finally:
-        hook.remove()
+    failed = step_generations(sessions)
+    for session in sessions:
+        session.close()  # what the GPU worker does with a failed request
 
-    assert len(talker_passes) == 2 * MAX_FRAMES  # no talker step was run twice: one pass per frame
-    assert all(session.text_ids == reference.text_ids for session in sessions)
-    assert all(torch.equal(_codes(session), reference.codes) for session in sessions)
-    assert _text(steps) == _text(streamed[1])
-    assert np.array_equal(_audio(steps), _audio(streamed[1]))
+    assert all(isinstance(result, RuntimeError) and "simulated" in str(result) for result in failed)
+    assert engine.slots is not None and engine.slots.thinker.free_slots == engine.slots.talker.free_slots == 2
+    after = engine.make_generation(engine.prepare(_request()))
+    _run(after)
+    assert after.decoding == "static"
+    assert after.text_ids == reference.text_ids
+    assert torch.equal(_codes(after), reference.codes)
 
 
 def test_the_unrolled_code_predictor_for_cuda_graphs_gives_the_same_frames(tiny: Tiny, reference: Reference) -> None:
     """With `cuda_graphs` the predictor re-reads its few positions without a cache, so every pass has a fixed shape
     (on a CPU the same passes run eagerly): greedy frames stay those of `generate()`."""
-    generation = _generation(tiny, cuda_graphs=True)
+    engine = tiny.engine(cuda_graphs=True)
+    generation = engine.make_generation(engine.prepare(_request()))
     _run(generation)
 
-    assert isinstance(generation.predictor, UnrolledCodePredictor)
+    assert isinstance(engine.code_predictor, UnrolledCodePredictor)
     assert torch.equal(_codes(generation), reference.codes)
 
 
@@ -447,7 +457,7 @@ async def test_cancelling_the_stream_stops_the_generation_and_frees_it(tiny: Tin
     assert load_after_cancel == (0, 0)
     (generation,) = generations
     assert generation.finished
-    assert generation._thinker_cache is None and generation._talker_cache is None
+    assert generation._decoder is None  # its caches went with it
     assert len(generation.frames) < MAX_FRAMES  # stopped, not run to the end
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import Cache, PreTrainedTokenizerBase, Qwen2_5OmniForConditionalGeneration
+from transformers import PreTrainedTokenizerBase, Qwen2_5OmniForConditionalGeneration
 
 from omnivox.pipeline.engines.base import (
     INPUT_RATE,
@@ -66,10 +66,11 @@ from omnivox.pipeline.engines.qwen_common import (
     options_from_mapping,
     qwen2_5_audio_tokens,
     resolve_speaker,
+    text_position,
 )
 from omnivox.pipeline.engines.scheduler import StepBatch
-from omnivox.pipeline.engines.slots import SlotBatch
-from omnivox.pipeline.engines.stepping import Call, StepPlan, run_steps
+from omnivox.pipeline.engines.slots import Decoder, GrowingCaches, SlotBatch, SlotPool, SlotSeats
+from omnivox.pipeline.engines.stepping import StepPlan, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -194,70 +195,42 @@ DECODE_ORDER = ("thinker", "talker")
 """Within one step the thinker's call comes first: the talker step reads the reply vector it makes."""
 
 
-class EagerDecoder:
-    """One request's decode steps through the model's own `forward` on growing `DynamicCache`s: the reference path.
-
-    It answers its own calls, one at a time (growing caches of different lengths do not batch).
-    """
+class EagerDecoder(GrowingCaches):
+    """Qwen2.5's decode steps on one request's growing caches."""
 
     def __init__(self, model: Qwen2_5OmniForConditionalGeneration) -> None:
+        super().__init__()
         self._model = model
         self._device = next(model.thinker.parameters()).device
-        self._thinker_cache: Cache | None = None
-        self._thinker_rope_delta = 0
-        self._talker_cache: Cache | None = None
-        self._talker_rope_delta = 0
 
-    def begin_thinker(self, cache: Cache, rope_delta: int) -> None:
-        self._thinker_cache, self._thinker_rope_delta = cache, rope_delta
-
-    def thinker_call(self, token: int, *, want_reply: bool) -> Call:
-        """Feed one text token; answered with (its reply vector `[1, hidden]` if wanted, next-token logits)."""
-        return Call(self, "thinker", (token, want_reply))
-
-    def begin_talker(self, cache: Cache, rope_delta: int) -> None:
-        self._talker_cache, self._talker_rope_delta = cache, rope_delta
-
-    def talker_call(self, code: int, reply: torch.Tensor) -> Call:
-        """Feed one codec code plus the reply vector of its text slot; answered with next-code logits."""
-        return Call(self, "talker", (code, reply))
-
-    def run(self, part: str, calls: list[Any]) -> list[Any]:
-        step = self._thinker_step if part == "thinker" else self._talker_step
-        return [step(*args) for args in calls]
-
-    def end_talker(self) -> None:
-        self._talker_cache = None
-
-    def release(self) -> None:
-        self._thinker_cache = self._talker_cache = None
-
-    def _thinker_step(self, token: int, want_reply: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-        assert self._thinker_cache is not None
+    def thinker_step(self, token: int, want_reply: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Feed one text token: (its reply vector `[1, hidden]` if wanted, next-token logits `[1, vocab]`)."""
+        assert self.thinker_cache is not None
         output = self._model.thinker(
             input_ids=torch.tensor([[token]], device=self._device),
-            position_ids=_position(self._thinker_cache.get_seq_length() + self._thinker_rope_delta, self._device),
-            past_key_values=self._thinker_cache,
+            position_ids=text_position(self.thinker_cache.get_seq_length() + self.thinker_rope_delta, self._device),
+            past_key_values=self.thinker_cache,
             use_cache=True,
             output_hidden_states=want_reply,
         )
         reply = output.hidden_states[-1][:, -1] + output.hidden_states[0][:, -1] if want_reply else None
         return reply, output.logits[:, -1]
 
-    def _talker_step(self, code: int, reply: torch.Tensor) -> torch.Tensor:
-        assert self._talker_cache is not None
+    def talker_step(self, code: int, reply: torch.Tensor) -> torch.Tensor:
+        """Feed one codec code plus the reply vector of its text slot: next-code logits `[1, codec vocab]`."""
+        assert self.talker_cache is not None
         output = self._model.talker(
             input_ids=torch.tensor([[code]], device=self._device),
             thinker_reply_part=reply[:, None],
-            position_ids=_position(self._talker_cache.get_seq_length() + self._talker_rope_delta, self._device),
-            past_key_values=self._talker_cache,
+            position_ids=text_position(self.talker_cache.get_seq_length() + self.talker_rope_delta, self._device),
+            past_key_values=self.talker_cache,
             use_cache=True,
         )
         return output.logits[:, -1]
 
 
-class SlotPool:
-    """The engine's decode slots: one thinker and one talker `SlotBatch`, stepped for every session at once.
+class Qwen25SlotPool(SlotPool):
+    """Qwen2.5's decode slots: the thinker and talker steps of every session at once.
 
     Each call group becomes one embedding lookup, one batched decoder step (a CUDA graph replay with
     `cuda_graphs`) and one head, whatever the number of sessions in it.
@@ -299,43 +272,6 @@ class SlotPool:
         hidden = self.talker.step(slots, self._to_talker(self._codec_embed(codes) + replies))
         logits = self._codec_head(hidden).float()
         return [logits[row : row + 1] for row in range(len(calls))]
-
-
-class SlotDecoder:
-    """One request's seats in the `SlotPool`: a thinker slot from the prefill on, a talker slot while it speaks."""
-
-    def __init__(self, pool: SlotPool) -> None:
-        self._pool = pool
-        self._thinker_slot: int | None = None
-        self._talker_slot: int | None = None
-
-    def begin_thinker(self, cache: Cache, rope_delta: int) -> None:
-        self._thinker_slot = self._pool.thinker.admit(cache, rope_delta)
-
-    def thinker_call(self, token: int, *, want_reply: bool) -> Call:
-        return Call(self._pool, "thinker", (self._thinker_slot, token, want_reply))
-
-    def begin_talker(self, cache: Cache, rope_delta: int) -> None:
-        self._talker_slot = self._pool.talker.admit(cache, rope_delta)
-
-    def talker_call(self, code: int, reply: torch.Tensor) -> Call:
-        return Call(self._pool, "talker", (self._talker_slot, code, reply))
-
-    def end_talker(self) -> None:
-        if self._talker_slot is not None:
-            self._pool.talker.release(self._talker_slot)
-            self._talker_slot = None
-
-    def release(self) -> None:
-        self.end_talker()
-        if self._thinker_slot is not None:
-            self._pool.thinker.release(self._thinker_slot)
-            self._thinker_slot = None
-
-
-def _position(value: int, device: torch.device) -> torch.Tensor:
-    """`[3, 1, 1]` mrope position of the next token (text positions are equal on all three axes)."""
-    return torch.full((3, 1, 1), value, dtype=torch.long, device=device)
 
 
 # ---------------------------------------------------------------------------------------------- one request
@@ -385,7 +321,7 @@ class Qwen25Generation:
         self._text_history: list[int] = plan.inputs.input_ids[0].tolist()
         self._started = False
         self._finished = False
-        self._decoder: EagerDecoder | SlotDecoder | None = None
+        self._decoder: Decoder | None = None
         self.decoding = ""
         """"static" (a preallocated slot) or "eager" (growing caches), once the prefill has run."""
         self._thinker_done = False
@@ -441,8 +377,12 @@ class Qwen25Generation:
         thinker = self._model.thinker
         inputs = self._plan.inputs.tensors(self._device, self._engine.runtime.dtype)
         output = thinker(**inputs, use_cache=True, output_hidden_states=self._audio)
-        self._decoder = self._engine.acquire_decoder(self._plan)
-        self.decoding = "static" if isinstance(self._decoder, SlotDecoder) else "eager"
+        self._decoder = self._engine.acquire_decoder(
+            prompt_tokens=self._plan.inputs.prompt_tokens,
+            answer_tokens=self._plan.max_text_tokens,
+            request_id=self._plan.request_id,
+        )
+        self.decoding = "static" if isinstance(self._decoder, SlotSeats) else "eager"
         self._decoder.begin_thinker(output.past_key_values, int(thinker.model.rope_deltas.reshape(-1)[0]))
         self._accept_text(self._text_sampler(output.logits[:, -1], self._history_tensor()), deltas)
         if not self._audio:
@@ -470,7 +410,7 @@ class Qwen25Generation:
                 self._replies.append(self._tts_embedding("eos"))
             return deltas
         assert self._decoder is not None
-        reply, logits = yield self._decoder.thinker_call(newest, want_reply=talker_listens)
+        reply, logits = yield self._decoder.call("thinker", newest, talker_listens)
         if reply is not None:
             self._replies.append(reply)
         self._accept_text(self._text_sampler(logits, self._history_tensor()), deltas)
@@ -561,7 +501,7 @@ class Qwen25Generation:
         step = len(self.codes)
         reply = self._replies[step] if step < len(self._replies) else self._tts_embedding("pad")
         assert self._decoder is not None
-        self._talker_logits = yield self._decoder.talker_call(code, reply)
+        self._talker_logits = yield self._decoder.call("talker", code, reply)
         return deltas
 
     def _finish_speech(self, deltas: list[Delta]) -> None:
@@ -624,7 +564,6 @@ class Qwen25OmniEngine(QwenOmniEngine):
                     f"{ENGINE_NAME}: {switch} needs a CUDA device, the engine runs on {self.runtime.device}"
                 )
         self._dit_solver: DitSolver | None = None
-        self._slots: SlotPool | None = None
         self._model: Qwen2_5OmniForConditionalGeneration | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._prompts: PromptBuilder | None = None
@@ -696,7 +635,7 @@ class Qwen25OmniEngine(QwenOmniEngine):
         if self.options.dit_cuda_graph:
             self._prewarm_dit()
         if self.options.static_cache:
-            self._slots = SlotPool(
+            self.slots = Qwen25SlotPool(
                 model,
                 slots=self.max_active,
                 thinker_tokens=self.options.static_cache_tokens,
@@ -715,13 +654,7 @@ class Qwen25OmniEngine(QwenOmniEngine):
             sorted(model.speaker_map) if self.audio_enabled else [],
         )
 
-    def acquire_decoder(self, plan: TurnPlan) -> EagerDecoder | SlotDecoder:
-        """Seats in the decode slots when one is free and the prompt fits, else the growing-cache path."""
-        fits = plan.inputs.prompt_tokens + plan.max_text_tokens < self.options.static_cache_tokens
-        if self._slots is not None and self._slots.thinker.free_slots and fits:
-            return SlotDecoder(self._slots)
-        if self._slots is not None and not fits:
-            log.info("%s: request %r outgrows static_cache_tokens, decoding it eagerly", ENGINE_NAME, plan.request_id)
+    def growing_caches(self) -> EagerDecoder:
         return EagerDecoder(self.model)
 
     def step_batch(self) -> StepBatch:
@@ -742,13 +675,13 @@ class Qwen25OmniEngine(QwenOmniEngine):
 
     def _prewarm_slots(self) -> None:
         """Run a short answer on every slot at once, so first-call costs are paid before any caller."""
-        assert self._slots is not None
+        assert self.slots is not None
         silence = ResponseRequest(
             messages=(Message("user", (AudioPart(np.zeros(INPUT_RATE, dtype=np.float32)),)),),
             sampling=SamplingParams(temperature=0.0, max_tokens=3, seed=0),
         )
         plan = replace(self.prepare(silence), max_audio_codes=3)
-        generations = [Qwen25Generation(self, plan) for _ in range(self._slots.thinker.free_slots)]
+        generations = [Qwen25Generation(self, plan) for _ in range(self.slots.thinker.free_slots)]
         while live := [generation for generation in generations if not generation.finished]:
             for result in step_generations(live):
                 if isinstance(result, BaseException):
@@ -756,7 +689,7 @@ class Qwen25OmniEngine(QwenOmniEngine):
         log.info("%s: %d decode slots ready (graphs: %s)", ENGINE_NAME, len(generations), self.options.cuda_graphs)
 
     def unload(self) -> None:
-        self._slots = None
+        self.slots = None
         self._dit_solver = None
         self._model = None
         self._tokenizer = None

@@ -11,7 +11,9 @@ by step instead:
 * the causal code2wav turns new frames into PCM every few frames, with left context and a global sample cursor.
 
 The code predictor (15 small decode steps per frame, the largest cost of a talker step) runs batched over every
-active session in one call (`step_generations`); its inputs have the same shape for every session.
+active session in one call (`step_generations`); its inputs have the same shape for every session. With the
+`static_cache` switch the thinker and talker steps of all sessions also run as one batch each, on shared KV slots
+(`slots.py`), which can be replayed as CUDA graphs.
 
 Multi-turn: every turn re-encodes the whole conversation, as the Qwen2.5 engine does (see its module docstring).
 Rope offsets are kept per generation and positions are passed explicitly, because the model classes store them on
@@ -21,7 +23,7 @@ the module and interleaved sessions would overwrite each other's.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,8 +48,11 @@ from omnivox.pipeline.engines.qwen_common import (
     make_generator,
     options_from_mapping,
     resolve_speaker,
+    text_position,
 )
 from omnivox.pipeline.engines.scheduler import StepBatch
+from omnivox.pipeline.engines.slots import Decoder, GrowingCaches, SlotBatch, SlotPool, SlotSeats
+from omnivox.pipeline.engines.stepping import Call, StepPlan, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +112,16 @@ class Qwen3OmniOptions:
     """Generations advanced together on the GPU worker; more requests wait in the queue."""
     max_queued: int = 32
     """Requests allowed to wait; beyond this the engine answers `server_busy`."""
-    batched_predictor: bool = True
-    """One batched code-predictor run for all active sessions per step (else one run per session)."""
+    batch_sessions: bool = True
+    """One step for all active sessions: their code-predictor runs (and, with `static_cache`, their thinker and
+    talker steps) go to the GPU as one batch each. False steps the sessions one by one."""
+    static_cache: bool = False
+    """Decode the thinker and talker of `max_active` sessions on preallocated KV slots with fixed shapes, one
+    batched step for all (a MoE step reads the routed experts once for the whole batch). Same tokens as growing
+    caches (checked on CPU); costs slot memory up front (30B-A3B: about 0.1 MB per token per slot in bf16)."""
+    static_cache_tokens: int = 4096
+    """Thinker slot length (prompt + answer); the talker slot adds `max_audio_frames`. A longer prompt falls back
+    to growing caches for that request."""
     enable_audio: bool = True
     """False drops the talker and code2wav after loading (3.5 B parameters less): a text-only engine."""
     chunk_frames: int = 4
@@ -131,7 +144,8 @@ class Qwen3OmniOptions:
     predictor_top_p: float = 0.8
     cuda_graphs: bool = False
     """Run each frame's 15 code-predictor passes as one CUDA graph replay per batch size (falls back to eager,
-    with an error in the log, if capture fails). Off by default: not yet measured on a GPU."""
+    with an error in the log, if capture fails), and, with `static_cache`, the thinker and talker steps of all
+    slots as one graph each (captured at start-up). Off by default: not yet measured on a GPU."""
     prewarm: bool = True
     """On CUDA, run code2wav at every window length during `start()`: the first call at a new length picks
     convolution plans (100-130 ms at full size), which would otherwise land on a listener's first chunks."""
@@ -142,7 +156,9 @@ class Qwen3OmniOptions:
         check_windows(self.chunk_frames, self.first_chunk_frames, self.left_context_frames)
         if self.voice.lower() not in {voice.lower() for voice in VOICES}:
             raise ValueError(f"voice must be one of {VOICES}, got {self.voice!r}")
-        for name in ("max_active", "max_text_tokens", "max_audio_frames"):
+        if self.static_cache and not self.enable_audio:
+            raise ValueError("static_cache holds talker slots too: it needs enable_audio: true")
+        for name in ("max_active", "max_text_tokens", "max_audio_frames", "static_cache_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
 
@@ -288,6 +304,81 @@ def prewarm_code2wav(code2wav: torch.nn.Module, longest_window: int) -> None:
             code2wav(torch.zeros(1, quantizers, frames, dtype=torch.long, device=device))
 
 
+# ---------------------------------------------------------------------------------------------- decode steps
+DECODE_ORDER = ("thinker", "talker", "predictor")
+"""Within one step: the thinker's token is the talker's text input, and the talker's state feeds the predictor."""
+
+
+class EagerDecoder(GrowingCaches):
+    """Qwen3's decode steps on one request's growing caches."""
+
+    def __init__(self, model: Qwen3OmniMoeForConditionalGeneration) -> None:
+        super().__init__()
+        self._model = model
+        self._device = next(model.thinker.parameters()).device
+
+    def thinker_step(self, token: int) -> torch.Tensor:
+        """Feed one text token: next-token logits `[1, vocab]`."""
+        assert self.thinker_cache is not None
+        past = self.thinker_cache.get_seq_length()
+        output = self._model.thinker(
+            input_ids=torch.tensor([[token]], device=self._device),
+            position_ids=text_position(past + self.thinker_rope_delta, self._device),
+            past_key_values=self.thinker_cache,
+            use_cache=True,
+        )
+        return output.logits[:, -1]
+
+    def talker_step(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one talker input `[1, 1, hidden]`: (its last hidden state `[1, 1, hidden]`, codebook-0 logits)."""
+        assert self.talker_cache is not None
+        past = self.talker_cache.get_seq_length()
+        talker = self._model.talker
+        hidden = talker.model(
+            inputs_embeds=embeds,
+            position_ids=text_position(past + self.talker_rope_delta, self._device),
+            past_key_values=self.talker_cache,
+            use_cache=True,
+        ).last_hidden_state[:, -1:]
+        return hidden, talker.codec_head(hidden[:, -1]).float()
+
+
+class Qwen3SlotPool(SlotPool):
+    """Qwen3's decode slots: the thinker and talker steps of every session at once."""
+
+    def __init__(
+        self,
+        model: Qwen3OmniMoeForConditionalGeneration,
+        *,
+        slots: int,
+        thinker_tokens: int,
+        talker_tokens: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        graphs: bool,
+    ) -> None:
+        thinker, talker = model.thinker, model.talker
+        self._text_embed, self._lm_head, self._codec_head = (
+            thinker.get_input_embeddings(),
+            thinker.lm_head,
+            talker.codec_head,
+        )
+        self._device = device
+        shared = {"slots": slots, "dtype": dtype, "device": device, "graphs": graphs}
+        self.thinker = SlotBatch(thinker.model.language_model, name="thinker", tokens=thinker_tokens, **shared)
+        self.talker = SlotBatch(talker.model, name="talker", tokens=talker_tokens, **shared)
+
+    def run(self, part: str, calls: list[Any]) -> list[Any]:
+        slots = [args[0] for args in calls]
+        if part == "thinker":
+            tokens = torch.tensor([[args[1]] for args in calls], device=self._device)
+            logits = self._lm_head(self.thinker.step(slots, self._text_embed(tokens)))
+            return [logits[row : row + 1] for row in range(len(calls))]
+        hidden = self.talker.step(slots, torch.cat([args[1] for args in calls]))
+        logits = self._codec_head(hidden).float()
+        return [(hidden[row : row + 1, None], logits[row : row + 1]) for row in range(len(calls))]
+
+
 # ---------------------------------------------------------------------------------------------- one request
 @dataclass(frozen=True)
 class TurnPlan:
@@ -319,11 +410,12 @@ class Qwen3Generation:
     token ahead. The final text token (EOS, or the one that hits the length limit) is never spoken, as in
     `generate()`: its slot carries `tts_eos`, and `tts_pad` follows for ever.
 
-    A step has two halves around the code predictor (`begin_step`, `end_step`) so that `step_generations` can run
-    one batched predictor for every session.
+    A step is a `StepPlan` that yields its thinker, talker and code-predictor calls, so `step_generations` runs
+    each of them once for all sessions.
     """
 
     def __init__(self, engine: Qwen3OmniEngine, plan: TurnPlan) -> None:
+        self._engine = engine
         self._model = engine.model
         self._config = engine.model.config
         self._options = engine.options
@@ -338,17 +430,14 @@ class Qwen3Generation:
         self._text_history: list[int] = plan.inputs.input_ids[0].tolist()
         self._audio = plan.output_audio and engine.audio_enabled
         self.talker_sampling = engine.options.talker_sampling
-        self.predictor = engine.code_predictor if self._audio else None
         self.text_ids: list[int] = []
         self.frames: list[torch.Tensor] = []
         self._started = False
         self._finished = False
-        self._thinker_cache: Cache | None = None
-        self._thinker_rope_delta: torch.Tensor | None = None
+        self._decoder: Decoder | None = None
+        self.decoding = ""
+        """"static" (shared batched slots) or "eager" (growing caches), once the prefill has run."""
         self._thinker_done = False
-        self._talker_cache: Cache | None = None
-        self._talker_rope_delta: torch.Tensor | None = None
-        self._talker_hidden: torch.Tensor | None = None
         self._talker_logits: torch.Tensor | None = None
         self._codec_bias: torch.Tensor | None = None
         self._codes_seen: torch.Tensor | None = None
@@ -358,47 +447,46 @@ class Qwen3Generation:
         self._tts_pad: torch.Tensor | None = None
         self._talker_done = not self._audio
         self._vocoder: CausalCode2WavStream | None = None
-        self._pending_frame: FrameRequest | None = None
-        self._deltas: list[Delta] = []
 
     @property
     def finished(self) -> bool:
         return self._finished
 
     def close(self) -> None:
-        """Drop every cache and tensor of this request so its memory can be reused at once."""
-        self._thinker_cache = self._talker_cache = None
-        self._talker_hidden = self._talker_logits = self._last_frame_embedding = None
-        self._codec_bias = self._codes_seen = self._pending_frame = None
+        """Drop every cache and tensor of this request so its memory (or its slots) can be reused at once."""
+        if self._decoder is not None:
+            self._decoder.release()
+            self._decoder = None
+        self._talker_logits = self._last_frame_embedding = None
+        self._codec_bias = self._codes_seen = None
         self._trailing_text = []
         self._vocoder = None
         self._finished = True
 
     def step(self) -> list[Delta]:
-        """One step of this generation alone (the worker's path when it does not batch)."""
-        return step_generations([self], batched_predictor=False)[0]
+        """One step of this generation alone."""
+        result = step_generations([self])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
-    def begin_step(self) -> FrameRequest | None:
-        """Everything of a step up to the code predictor; returns what the predictor needs, if a frame is due.
-
-        A request left pending by a failed batch (which the worker retries one generation at a time) is returned
-        again, so a retry neither skips a frame nor loses the text that step already produced.
-        """
-        if self._pending_frame is None:
-            self._pending_frame = self._advance(self._deltas)
-        return self._pending_frame
-
-    def take_deltas(self) -> list[Delta]:
-        """What the steps since the last call produced."""
-        deltas, self._deltas = self._deltas, []
-        return deltas
-
-    def _advance(self, deltas: list[Delta]) -> FrameRequest | None:
+    def plan_step(self) -> StepPlan:
+        deltas: list[Delta] = []
         if not self._started:
             self._started = True
-            return self._prefill(deltas)
+            request = self._prefill(deltas)
+        else:
+            request = yield from self._advance(deltas)
+        if request is not None:
+            frame, embedding_sum = yield Call(self._engine.code_predictor, "predictor", (request, self.generator))
+            self._voice_frame(frame, embedding_sum, deltas)
+        return deltas
+
+    def _advance(self, deltas: list[Delta]) -> Generator[Call, Any, FrameRequest | None]:
+        assert self._decoder is not None
         if not self._thinker_done:
-            self._thinker_step(deltas)
+            logits = yield self._decoder.call("thinker", self.text_ids[-1])
+            self._accept_text(self._text_sampler(logits, self._history_tensor()), deltas)
         if self._talker_done:
             self._finish_if_done(deltas)
             return None
@@ -407,14 +495,11 @@ class Qwen3Generation:
             return None
         step = len(self.frames) - 1
         text = self._trailing_text[step] if step < len(self._trailing_text) else self._tts_pad
-        past = self._talker_cache.get_seq_length()
-        self._run_talker(self._last_frame_embedding + text, _next_position(past, self._talker_rope_delta))
-        return FrameRequest(self._talker_hidden, self._pick_first_code())
+        hidden, self._talker_logits = yield self._decoder.call("talker", self._last_frame_embedding + text)
+        return FrameRequest(hidden, self._pick_first_code())
 
-    def end_step(self, frame: torch.Tensor, embedding_sum: torch.Tensor) -> None:
+    def _voice_frame(self, frame: torch.Tensor, embedding_sum: torch.Tensor, deltas: list[Delta]) -> None:
         """Voice the completed 16-code `frame`, or end the speech at codec EOS."""
-        self._pending_frame = None
-        deltas = self._deltas
         if int(frame[0]) == self._config.talker_config.codec_eos_token_id:
             self._end_speech(deltas)
             return
@@ -438,24 +523,19 @@ class Qwen3Generation:
         inputs = self._plan.inputs.tensors(self._device, self._dtype)
         thinker = self._model.thinker
         out = thinker(**inputs, use_cache=True, output_hidden_states=self._audio)
-        self._thinker_cache = out.past_key_values
-        self._thinker_rope_delta = thinker.model.rope_deltas
+        self._decoder = self._engine.acquire_decoder(
+            prompt_tokens=self._plan.inputs.prompt_tokens,
+            answer_tokens=self._plan.max_text_tokens,
+            request_id=self._plan.request_id,
+        )
+        self.decoding = "static" if isinstance(self._decoder, SlotSeats) else "eager"
+        self._decoder.begin_thinker(out.past_key_values, int(thinker.model.rope_deltas.reshape(-1)[0]))
         self._accept_text(self._text_sampler(out.logits[:, -1], self._history_tensor()), deltas)
         if not self._audio:
             self._finish_if_done(deltas)
             return None
-        self._talker_prefill(inputs, out.hidden_states)
-        return FrameRequest(self._talker_hidden, self._pick_first_code())
-
-    def _thinker_step(self, deltas: list[Delta]) -> None:
-        past = self._thinker_cache.get_seq_length()
-        out = self._model.thinker(
-            input_ids=torch.tensor([[self.text_ids[-1]]], device=self._device),
-            position_ids=_next_position(past, self._thinker_rope_delta),
-            past_key_values=self._thinker_cache,
-            use_cache=True,
-        )
-        self._accept_text(self._text_sampler(out.logits[:, -1], self._history_tensor()), deltas)
+        hidden = self._talker_prefill(inputs, out.hidden_states)
+        return FrameRequest(hidden, self._pick_first_code())
 
     def _accept_text(self, token: int, deltas: list[Delta]) -> None:
         """Record a new thinker token, stream its text, and publish it as the talker's text input."""
@@ -478,7 +558,9 @@ class Qwen3Generation:
         return self._model.talker.text_projection(embedding)
 
     # ----------------------------------------------------------------------------------------------- talker
-    def _talker_prefill(self, inputs: dict[str, torch.Tensor], thinker_hidden: tuple[torch.Tensor, ...]) -> None:
+    def _talker_prefill(
+        self, inputs: dict[str, torch.Tensor], thinker_hidden: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
         """The talker prompt, as `generate()` builds it: the user turns (text positions projected from the thinker
         embeddings, audio positions from a middle thinker layer) and the assistant head with the speaker id."""
         model, config = self._model, self._config
@@ -521,20 +603,15 @@ class Qwen3Generation:
             image_grid_thw=inputs.get("image_grid_thw"),
             audio_feature_lengths=feature_mask.sum(1) if feature_mask is not None else None,
         )
-        self._talker_rope_delta = talker.rope_deltas
-        self._run_talker(embeds, positions)
+        out = talker.model(inputs_embeds=embeds, position_ids=positions, use_cache=True)
+        assert self._decoder is not None
+        self._decoder.begin_talker(out.past_key_values, int(talker.rope_deltas.reshape(-1)[0]))
+        hidden = out.last_hidden_state[:, -1:]
+        self._talker_logits = talker.codec_head(hidden[:, -1]).float()
         eos = None if self._options.ignore_eos else config.talker_config.codec_eos_token_id
         self._codec_bias = _codec_bias(self._talker_logits, eos)
         self._codes_seen = torch.zeros_like(self._talker_logits, dtype=torch.bool)
-
-    def _run_talker(self, embeds: torch.Tensor, positions: torch.Tensor) -> None:
-        talker = self._model.talker
-        out = talker.model(
-            inputs_embeds=embeds, position_ids=positions, past_key_values=self._talker_cache, use_cache=True
-        )
-        self._talker_cache = out.past_key_values
-        self._talker_hidden = out.last_hidden_state[:, -1:]
-        self._talker_logits = talker.codec_head(self._talker_hidden[:, -1]).float()
+        return hidden
 
     def _pick_first_code(self) -> torch.Tensor:
         """Codebook 0 as `generate()` draws it: special codec ids but EOS suppressed, repetition penalised."""
@@ -557,7 +634,8 @@ class Qwen3Generation:
             pcm = self._vocoder.flush()
             if pcm is not None and pcm.size:
                 deltas.append(AudioDelta(pcm))
-        self._talker_cache = None
+        if self._decoder is not None:
+            self._decoder.end_talker()
         self._finish_if_done(deltas)
 
     def _finish_if_done(self, deltas: list[Delta]) -> None:
@@ -570,25 +648,12 @@ class Qwen3Generation:
             self.close()
 
 
-def step_generations(generations: Sequence[Qwen3Generation], *, batched_predictor: bool = True) -> list[list[Delta]]:
-    """One step of every generation; the code predictor runs once for all frames due (or once per frame).
-
-    The predictor's work per frame has the same shape for every session (2 prefill positions, then 14 single
-    steps, fresh cache each frame), so it batches without padding.
-    """
+def step_generations(generations: Sequence[Qwen3Generation]) -> list[list[Delta] | BaseException]:
+    """One step of every generation: the thinker and talker calls on shared slots each run once for all sessions,
+    and so does the code predictor (its work per frame has the same shape for every session: 2 prefill positions,
+    then 14 single steps, fresh cache each frame)."""
     with torch.inference_mode():
-        requests = [generation.begin_step() for generation in generations]
-        due = [index for index, request in enumerate(requests) if request is not None]
-        groups = [due] if batched_predictor else [[index] for index in due]
-        for group in (group for group in groups if group):
-            predictor = generations[group[0]].predictor
-            assert predictor is not None  # only generations that speak ask for frames
-            frames, embedding_sums = predictor(
-                [requests[index] for index in group], [generations[index].generator for index in group]
-            )
-            for row, index in enumerate(group):
-                generations[index].end_step(frames[row], embedding_sums[row : row + 1])
-        return [generation.take_deltas() for generation in generations]
+        return run_steps([generation.plan_step() for generation in generations], DECODE_ORDER)
 
 
 def predict_residuals(
@@ -638,6 +703,12 @@ class CodePredictor(torch.nn.Module):
         self, requests: Sequence[FrameRequest], generators: Sequence[torch.Generator | None]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return predict_residuals(self.talker, requests, self.sampling, generators)
+
+    def run(self, part: str, calls: list[Any]) -> list[Any]:
+        """Answer the "predictor" calls `(FrameRequest, generator)` of one step: one complete frame and its summed
+        code embedding each."""
+        frames, embedding_sums = self([request for request, _ in calls], [generator for _, generator in calls])
+        return [(frames[row], embedding_sums[row : row + 1]) for row in range(len(calls))]
 
 
 class UnrolledCodePredictor(CodePredictor):
@@ -759,11 +830,6 @@ class _PredictorGraph:
         return self._codes.clone(), self._embedding_sum.clone()
 
 
-def _next_position(past_length: int, rope_delta: torch.Tensor) -> torch.Tensor:
-    """`[3, 1, 1]` mrope position of the next token: cache length plus the prompt's rope offset."""
-    return (rope_delta.reshape(1, 1, 1) + past_length).expand(3, 1, 1)
-
-
 def _codec_bias(logits: torch.Tensor, eos_id: int | None) -> torch.Tensor:
     """0 for allowed codebook-0 ids, -inf for the special ids `generate()` suppresses (all but codec EOS)."""
     bias = torch.zeros_like(logits)
@@ -844,6 +910,16 @@ class Qwen3OmniEngine(QwenOmniEngine):
             self._code_predictor = predictor_class(model.talker, self.options.talker_sampling)
             if self.options.prewarm and self.runtime.device.type == "cuda":
                 prewarm_code2wav(model.code2wav, self.options.chunk_frames + self.options.left_context_frames)
+            if self.options.static_cache:
+                self.slots = Qwen3SlotPool(
+                    model,
+                    slots=self.max_active,
+                    thinker_tokens=self.options.static_cache_tokens,
+                    talker_tokens=self.options.static_cache_tokens + self.options.max_audio_frames,
+                    dtype=self.runtime.dtype,
+                    device=self.runtime.device,
+                    graphs=self.options.cuda_graphs and self.runtime.device.type == "cuda",
+                )
         eos = {tokenizer.convert_tokens_to_ids(token) for token in TEXT_EOS_TOKENS}
         configured = model.thinker.generation_config.eos_token_id
         eos |= set(configured if isinstance(configured, list) else [] if configured is None else [configured])
@@ -866,14 +942,16 @@ class Qwen3OmniEngine(QwenOmniEngine):
 
     def unload(self) -> None:
         self._code_predictor = None
+        self.slots = None
         self._model = None
         self._tokenizer = None
         self._prompts = None
 
     def step_batch(self) -> StepBatch | None:
-        if not self.options.batched_predictor:
-            return None
-        return lambda generations: step_generations(generations)  # type: ignore[arg-type]
+        return step_generations if self.options.batch_sessions else None  # type: ignore[return-value]
+
+    def growing_caches(self) -> EagerDecoder:
+        return EagerDecoder(self.model)
 
     def prepare(self, request: ResponseRequest) -> TurnPlan:
         if self._prompts is None:

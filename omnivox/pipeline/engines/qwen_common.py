@@ -53,6 +53,7 @@ from omnivox.pipeline.engines.base import (
     TextPart,
 )
 from omnivox.pipeline.engines.scheduler import Generation, GpuWorker, StepBatch
+from omnivox.pipeline.engines.slots import Decoder, GrowingCaches, SlotPool, SlotSeats
 
 log = logging.getLogger(__name__)
 
@@ -638,6 +639,11 @@ def transcription_request(audio_16k: np.ndarray, language: str | None = None, pr
 
 
 # ---------------------------------------------------------------------------------------------- engine shell
+def text_position(value: int, device: torch.device) -> torch.Tensor:
+    """`[3, 1, 1]` mrope position of one text token (text positions are equal on all three axes)."""
+    return torch.full((3, 1, 1), value, dtype=torch.long, device=device)
+
+
 class QwenOmniEngine(ABC):
     """The Engine protocol around one model on one `GpuWorker`.
 
@@ -658,6 +664,8 @@ class QwenOmniEngine(ABC):
         self._worker: GpuWorker | None = None
         self._ready = False
         self._start_lock = asyncio.Lock()
+        self.slots: SlotPool | None = None
+        """The shared decode slots, when the engine decodes its sessions as one batch (option `static_cache`)."""
 
     @abstractmethod
     def load(self) -> None:
@@ -678,6 +686,19 @@ class QwenOmniEngine(ABC):
     def step_batch(self) -> StepBatch | None:
         """A batched step over several generations, when the engine has one."""
         return None
+
+    def growing_caches(self) -> GrowingCaches:
+        """A request's own decode path on growing caches (engines with slots override this)."""
+        raise EngineError(f"{self.name}: this engine has no decode loop")
+
+    def acquire_decoder(self, *, prompt_tokens: int, answer_tokens: int, request_id: str) -> Decoder:
+        """Seats in the shared slots when one is free and the answer fits them, else the growing-cache path."""
+        if self.slots is not None:
+            if prompt_tokens + answer_tokens >= self.slots.thinker.tokens:
+                log.info("%s: request %r outgrows static_cache_tokens, decoding it eagerly", self.name, request_id)
+            elif self.slots.thinker.free_slots:
+                return SlotSeats(self.slots)
+        return self.growing_caches()
 
     @property
     def ready(self) -> bool:

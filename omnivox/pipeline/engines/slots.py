@@ -15,7 +15,8 @@ Prefills stay per request (their lengths vary) and their KV is copied into a fre
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,12 +24,9 @@ from transformers import Cache
 from transformers.cache_utils import StaticLayer
 
 from omnivox.pipeline.engines.base import EngineError
+from omnivox.pipeline.engines.stepping import Call
 
 log = logging.getLogger(__name__)
-
-DecoderBody = Callable[..., Any]
-"""A decoder stack called as `body(inputs_embeds=, position_ids=, attention_mask=, past_key_values=, use_cache=True)`
-returning an output with `last_hidden_state` (the thinker's or the talker's text model)."""
 
 
 class SlotLayer(StaticLayer):
@@ -87,7 +85,8 @@ class SlotBatch:
         self._cache = SlotCache(config.num_hidden_layers, tokens + 1, self._write)
         shape = (slots, config.num_key_value_heads, 0, _head_dim(config))
         for layer in self._cache.layers:
-            layer.lazy_initialization(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype))
+            empty = torch.empty(shape, dtype=dtype, device=device)
+            layer.lazy_initialization(empty, empty)
         self._embeds = torch.zeros(slots, 1, config.hidden_size, dtype=dtype, device=device)
         self._positions = torch.zeros(3, slots, 1, dtype=torch.long, device=device)
         self._mask = torch.zeros(slots, 1, 1, tokens + 1, dtype=torch.bool, device=device)
@@ -177,3 +176,82 @@ class SlotBatch:
             hidden = self._forward()
         log.info("captured the %s step of %d slots as a CUDA graph", self.name, self.slots)
         return graph, hidden
+
+
+class SlotPool(ABC):
+    """An engine's decode slots: a thinker and a talker `SlotBatch`, answering the calls of every session at once."""
+
+    thinker: SlotBatch
+    talker: SlotBatch
+
+    @abstractmethod
+    def run(self, part: str, calls: list[Any]) -> list[Any]:
+        """Answer the calls of one part; each call's args start with its slot."""
+
+
+class SlotSeats:
+    """One request's seats in a `SlotPool`: a thinker slot from its prefill on, a talker slot while it speaks."""
+
+    def __init__(self, pool: SlotPool) -> None:
+        self._pool = pool
+        self._slots: dict[str, int] = {}
+
+    def begin_thinker(self, cache: Cache, rope_delta: int) -> None:
+        self._slots["thinker"] = self._pool.thinker.admit(cache, rope_delta)
+
+    def begin_talker(self, cache: Cache, rope_delta: int) -> None:
+        self._slots["talker"] = self._pool.talker.admit(cache, rope_delta)
+
+    def call(self, part: str, *args: Any) -> Call:
+        return Call(self._pool, part, (self._slots[part], *args))
+
+    def end_talker(self) -> None:
+        if "talker" in self._slots:
+            self._pool.talker.release(self._slots.pop("talker"))
+
+    def release(self) -> None:
+        self.end_talker()
+        if "thinker" in self._slots:
+            self._pool.thinker.release(self._slots.pop("thinker"))
+
+
+class GrowingCaches(ABC):
+    """One request's decode steps through the model's own `forward` on growing `DynamicCache`s: the reference
+    path. It answers its own calls one at a time (caches of different lengths do not batch)."""
+
+    def __init__(self) -> None:
+        self.thinker_cache: Cache | None = None
+        self.thinker_rope_delta = 0
+        self.talker_cache: Cache | None = None
+        self.talker_rope_delta = 0
+
+    def begin_thinker(self, cache: Cache, rope_delta: int) -> None:
+        self.thinker_cache, self.thinker_rope_delta = cache, rope_delta
+
+    def begin_talker(self, cache: Cache, rope_delta: int) -> None:
+        self.talker_cache, self.talker_rope_delta = cache, rope_delta
+
+    def call(self, part: str, *args: Any) -> Call:
+        return Call(self, part, args)
+
+    def run(self, part: str, calls: list[Any]) -> list[Any]:
+        step = self.thinker_step if part == "thinker" else self.talker_step
+        return [step(*args) for args in calls]
+
+    @abstractmethod
+    def thinker_step(self, *args: Any) -> Any:
+        """One thinker token through `thinker_cache`."""
+
+    @abstractmethod
+    def talker_step(self, *args: Any) -> Any:
+        """One talker position through `talker_cache`."""
+
+    def end_talker(self) -> None:
+        self.talker_cache = None
+
+    def release(self) -> None:
+        self.thinker_cache = self.talker_cache = None
+
+
+Decoder = SlotSeats | GrowingCaches
+"""Where a request's decode calls go: shared batched slots, or its own growing caches."""

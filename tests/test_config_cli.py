@@ -122,14 +122,15 @@ def test_serve_with_an_invalid_config_exits_2_naming_the_key(tmp_path: Path) -> 
     assert "audio.lead_ms" in result.stderr
 
 
-@pytest.mark.parametrize("name", ["gpu-7b.yaml", "phone.yaml"])
+@pytest.mark.parametrize("name", ["gpu-7b.yaml", "gpu-qwen3.yaml", "phone.yaml"])
 def test_example_configs_load_and_their_engine_options_are_known(name: str) -> None:
     from importlib import resources
 
     from omnivox.pipeline.engines.qwen2_5_omni import Qwen25OmniOptions
+    from omnivox.pipeline.engines.qwen3_omni import Qwen3OmniOptions
     from omnivox.pipeline.engines.qwen_common import options_from_mapping
 
     path = resources.files("omnivox").joinpath("configs", name)
     config = load_config(str(path), environ={})
-    options = config.engine.options.get("qwen2.5-omni") or {}
-    options_from_mapping(Qwen25OmniOptions, options, engine="qwen2.5-omni")
+    for engine, options_class in (("qwen2.5-omni", Qwen25OmniOptions), ("qwen3-omni", Qwen3OmniOptions)):
+        options_from_mapping(options_class, config.engine.options.get(engine) or {}, engine=engine)

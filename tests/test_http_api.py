@@ -162,6 +162,14 @@ def test_text_only_chat_streaming_with_usage(client: openai.OpenAI) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(REPLY.split())
 
 
+def test_a_stop_string_ends_the_reply_before_it(client: openai.OpenAI) -> None:
+    stop = REPLY.split()[3]
+    completion = client.chat.completions.create(
+        model="omni-test", messages=[{"role": "user", "content": "How is the weather?"}], stop=[stop, "never said"]
+    )
+    assert completion.choices[0].message.content == REPLY[: REPLY.index(stop)].rstrip()
+
+
 @pytest.mark.parametrize(
     ("audio_format", "tolerance_s"), [("wav", 0.05), ("pcm16", 0.05), ("flac", 0.05), ("mp3", 0.1), ("opus", 0.1)]
 )

@@ -427,6 +427,39 @@ def test_incremental_text_never_splits_a_character(engine: Qwen25OmniEngine) -> 
     assert deltas[ids.index(tokenizer.convert_tokens_to_ids("Ã"))] == ""  # first byte of "é" is held back
 
 
+@pytest.mark.parametrize(
+    ("stops", "expected", "stopped"),
+    [
+        (("wör",), "héllo → ", True),
+        (("o → w", "xyz"), "héll", True),
+        (("→ x",), "héllo → wörld", False),  # a held-back beginning of a stop string is released at the end
+        (("",), "héllo → wörld", False),
+    ],
+)
+def test_incremental_text_ends_before_a_stop_string_even_across_tokens(
+    engine: Qwen25OmniEngine, stops: tuple[str, ...], expected: str, stopped: bool
+) -> None:
+    tokenizer = engine.tokenizer
+    text = IncrementalText(tokenizer, stops)
+    deltas = [text.push(token) for token in tokenizer("héllo → wörld", add_special_tokens=False).input_ids]
+    deltas.append(text.flush())
+    assert "".join(deltas) == expected
+    assert text.stopped is stopped
+
+
+@pytest.mark.slow
+def test_a_stop_string_ends_the_answer_and_its_speech(engine: Qwen25OmniEngine) -> None:
+    _, free_deltas = run_to_end(engine, audio_turn(max_tokens=20))
+    free_text = "".join(d.text for d in free_deltas if isinstance(d, TextDelta))
+    stop = free_text[len(free_text) // 2 :][:2]
+    generation, deltas = run_to_end(engine, audio_turn(max_tokens=20, stop=(stop,)))
+
+    streamed = "".join(d.text for d in deltas if isinstance(d, TextDelta))
+    assert streamed == free_text[: free_text.index(stop)]
+    assert len(generation.text_ids) < 20
+    assert len(pcm_of(deltas)) == SAMPLES_PER_CODE * len(generation.codes) > 0
+
+
 class _Spy:
     """Wraps a generation and records when steps start and whether it was closed."""
 

@@ -178,6 +178,19 @@ def test_stream_equals_generate_under_greedy_decoding(
     assert isinstance(usage, Usage) and usage.output_tokens == MAX_TEXT_TOKENS
 
 
+def test_a_stop_string_ends_the_answer_and_its_speech(
+    tiny: Tiny, streamed: tuple[Qwen3Generation, list[list[Delta]]]
+) -> None:
+    free_text = _text(streamed[1])
+    stop = free_text[len(free_text) // 2 :][:2]
+    generation = _generation(tiny, _request(stop=(stop,)))
+    steps = _run(generation)
+
+    assert _text(steps) == free_text[: free_text.index(stop)]
+    assert len(generation.text_ids) < MAX_TEXT_TOKENS
+    assert _audio(steps).shape[0] == SAMPLES_PER_FRAME * len(generation.frames) - WINDOW_TAIL
+
+
 def test_a_multi_turn_conversation_equals_generate(tiny: Tiny) -> None:
     request = _request(
         Message("user", (AudioPart(_tone(1.0, 300)),)),

@@ -59,6 +59,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
 
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """`text` up to (not including) the earliest stop string, and whether one was found (OpenAI `stop`)."""
+    cuts = [index for stop in stops if stop and (index := text.find(stop)) >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
 @dataclass(frozen=True)
 class ResponseRequest:
     """Everything an engine needs to answer one turn."""

@@ -287,6 +287,7 @@ class TurnPlan:
     seed: int | None
     max_audio_codes: int
     request_id: str = ""
+    stop: tuple[str, ...] = ()
 
 
 class Qwen25Generation:
@@ -307,7 +308,7 @@ class Qwen25Generation:
         self._plan = plan
         self._options = engine.options
         self._device = engine.runtime.device
-        self._text = IncrementalText(engine.tokenizer)
+        self._text = IncrementalText(engine.tokenizer, plan.stop)
         self._eos_ids = engine.text_eos_ids
         generator, seed = make_generator(plan.seed, self._device)
         log.debug(
@@ -404,7 +405,7 @@ class Qwen25Generation:
             return deltas
         newest = self.text_ids[-1]
         talker_listens = self._audio and not self._talker_done
-        if newest in self._eos_ids or len(self.text_ids) >= self._plan.max_text_tokens:
+        if newest in self._eos_ids or len(self.text_ids) >= self._plan.max_text_tokens or self._text.stopped:
             self._thinker_done = True  # the last token is never fed: its talker slot carries tts_eos instead
             if talker_listens:
                 self._replies.append(self._tts_embedding("eos"))
@@ -710,6 +711,7 @@ class Qwen25OmniEngine(QwenOmniEngine):
             seed=sampling.seed,
             max_audio_codes=self.options.max_audio_codes,
             request_id=request.request_id,
+            stop=sampling.stop,
         )
 
     def make_generation(self, prepared: TurnPlan) -> Qwen25Generation:

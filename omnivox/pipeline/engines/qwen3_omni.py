@@ -391,6 +391,7 @@ class TurnPlan:
     output_audio: bool
     seed: int | None
     request_id: str = ""
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -425,7 +426,7 @@ class Qwen3Generation:
         self._eos_ids = frozenset() if engine.options.ignore_eos else engine.text_eos_ids
         self.generator, seed = make_generator(plan.seed, self._device)
         log.debug("%s: request %s seed %d", ENGINE_NAME, plan.request_id, seed)
-        self._text = IncrementalText(engine.tokenizer)
+        self._text = IncrementalText(engine.tokenizer, plan.stop)
         self._text_sampler = TokenSampler(plan.text_sampling, self.generator)
         self._text_history: list[int] = plan.inputs.input_ids[0].tolist()
         self._audio = plan.output_audio and engine.audio_enabled
@@ -541,11 +542,11 @@ class Qwen3Generation:
         """Record a new thinker token, stream its text, and publish it as the talker's text input."""
         self.text_ids.append(token)
         self._text_history.append(token)
-        final = token in self._eos_ids or len(self.text_ids) >= self._plan.max_text_tokens
         if token not in self._eos_ids:
             text = self._text.push(token)
             if text:
                 deltas.append(TextDelta(text))
+        final = token in self._eos_ids or len(self.text_ids) >= self._plan.max_text_tokens or self._text.stopped
         self._thinker_done = final
         if self._audio and len(self.text_ids) >= 2:  # the first token sits in the talker prefill
             self._trailing_text.append(self._tts_eos if final else self._project_text(token))
@@ -968,6 +969,7 @@ class Qwen3OmniEngine(QwenOmniEngine):
             output_audio=request.output_audio,
             seed=sampling.seed,
             request_id=request.request_id,
+            stop=sampling.stop,
         )
 
     def make_generation(self, prepared: TurnPlan) -> Qwen3Generation:

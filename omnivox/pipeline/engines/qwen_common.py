@@ -51,6 +51,7 @@ from omnivox.pipeline.engines.base import (
     SamplingParams,
     TextDelta,
     TextPart,
+    cut_at_stop,
 )
 from omnivox.pipeline.engines.scheduler import Generation, GpuWorker, StepBatch
 from omnivox.pipeline.engines.slots import Decoder, GrowingCaches, SlotPool, SlotSeats
@@ -468,19 +469,24 @@ def _fill_slots(prompt: str, slot: str, placeholder: str, counts: list[int]) -> 
 
 
 class IncrementalText:
-    """Decodes token ids one at a time into text deltas without splitting multi-byte characters.
+    """Decodes token ids one at a time into text deltas without splitting multi-byte characters, and ends the text
+    before the first of the request's stop strings (OpenAI `stop`: the stop string itself is not returned).
 
     Byte-level BPE tokens concatenate as bytes, so only the ids since the last complete character are decoded:
     a delta whose decoding ends in U+FFFD (an incomplete UTF-8 sequence) waits for the next token, but never for
     more than `MAX_HELD_TOKENS` tokens (a UTF-8 character has at most 4 bytes: beyond that the bytes are invalid).
+    Text that could be the beginning of a stop string is held back until the next tokens decide.
     """
 
     MAX_HELD_TOKENS = 4
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str] = ()) -> None:
         self._tokenizer = tokenizer
         self._pending: list[int] = []
-        self.text = ""
+        self._stops = tuple(stops)
+        self._held = ""
+        self.stopped = False
+        """True once a stop string appeared: the answer must end here."""
 
     def push(self, token_id: int) -> str:
         """Add one token; returns the text that is now complete (possibly empty)."""
@@ -492,12 +498,26 @@ class IncrementalText:
         return self._take(final=True)
 
     def _take(self, *, final: bool) -> str:
+        if self.stopped:
+            return ""
         decoded = self._tokenizer.decode(self._pending, skip_special_tokens=True)
         if decoded.endswith("\ufffd") and not final and len(self._pending) < self.MAX_HELD_TOKENS:
             return ""
         self._pending = []
-        self.text += decoded
-        return decoded
+        text, self.stopped = cut_at_stop(self._held + decoded, self._stops)
+        if self.stopped:
+            self._held = ""
+            return text
+        held = (
+            0
+            if final
+            else max(
+                (size for stop in self._stops for size in range(1, len(stop)) if text.endswith(stop[:size])),
+                default=0,
+            )
+        )
+        self._held = text[len(text) - held :]
+        return text[: len(text) - held]
 
 
 # ---------------------------------------------------------------------------------------------- sampling

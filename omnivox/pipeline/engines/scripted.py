@@ -16,7 +16,16 @@ from typing import Any
 import numpy as np
 
 from omnivox.pipeline.audio import float_to_pcm16, synthesize_speech
-from omnivox.pipeline.engines.base import INPUT_RATE, AudioDelta, Delta, ResponseRequest, TextDelta, TextPart, Usage
+from omnivox.pipeline.engines.base import (
+    INPUT_RATE,
+    AudioDelta,
+    Delta,
+    ResponseRequest,
+    TextDelta,
+    TextPart,
+    Usage,
+    cut_at_stop,
+)
 
 DEFAULT_REPLY = "Hello! This is omnivox, a self hosted voice agent. How can I help you today?"
 
@@ -90,7 +99,7 @@ class ScriptedEngine:
         return reply
 
     async def respond(self, request: ResponseRequest) -> AsyncIterator[Delta]:
-        reply = self.next_reply()
+        reply = cut_at_stop(self.next_reply(), request.sampling.stop)[0].rstrip()
         words = reply.split(" ")
         prompt_chars = sum(len(p.text) for m in request.messages for p in m.parts if isinstance(p, TextPart))
         await asyncio.sleep(self.first_audio_ms / 1000)

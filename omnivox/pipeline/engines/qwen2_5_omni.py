@@ -57,7 +57,6 @@ from omnivox.pipeline.engines.qwen_common import (
     PromptBuilder,
     PromptFormat,
     QwenOmniEngine,
-    Runtime,
     Sampling,
     TokenSampler,
     load_pretrained,
@@ -549,29 +548,19 @@ class Qwen25OmniEngine(QwenOmniEngine):
     """Qwen2.5-Omni 3B/7B (or any local checkpoint of that architecture) streamed through one GPU worker."""
 
     name = ENGINE_NAME
+    _model: Qwen2_5OmniForConditionalGeneration | None
 
     def __init__(self, model: str = DEFAULT_MODEL, **options: Any) -> None:
         self.options = options_from_mapping(Qwen25OmniOptions, options, engine=ENGINE_NAME)
-        super().__init__(model, max_active=self.options.max_active, max_queued=self.options.max_queued)
-        self.runtime = Runtime.resolve(
-            device=self.options.device,
-            dtype=self.options.dtype,
-            attn_implementation=self.options.attn_implementation,
-            engine=ENGINE_NAME,
-        )
+        super().__init__(model, self.options)
         for switch in ("cuda_graphs", "dit_cuda_graph"):
             if getattr(self.options, switch) and self.runtime.device.type != "cuda":
                 raise EngineError(
                     f"{ENGINE_NAME}: {switch} needs a CUDA device, the engine runs on {self.runtime.device}"
                 )
         self._dit_solver: DitSolver | None = None
-        self._model: Qwen2_5OmniForConditionalGeneration | None = None
-        self._tokenizer: PreTrainedTokenizerBase | None = None
-        self._prompts: PromptBuilder | None = None
-        self.text_eos_ids: frozenset[int] = frozenset()
         self.codec_stop_ids: tuple[int, ...] = ()
         self.codebook_guard: CodebookGuard | None = None
-        self.default_text_sampling = Sampling(temperature=0.0)
 
     @property
     def dit_solver(self) -> DitSolver:

@@ -40,7 +40,6 @@ from omnivox.pipeline.engines.qwen_common import (
     PromptBuilder,
     PromptFormat,
     QwenOmniEngine,
-    Runtime,
     Sampling,
     TokenSampler,
     load_pretrained,
@@ -855,21 +854,11 @@ class Qwen3OmniEngine(QwenOmniEngine):
     """Qwen3-Omni-30B-A3B (or any local checkpoint of that architecture) streamed through one GPU worker."""
 
     name = ENGINE_NAME
+    _model: Qwen3OmniMoeForConditionalGeneration | None
 
     def __init__(self, model: str = DEFAULT_MODEL, **options: Any) -> None:
         self.options = options_from_mapping(Qwen3OmniOptions, options, engine=ENGINE_NAME)
-        super().__init__(model, max_active=self.options.max_active, max_queued=self.options.max_queued)
-        self.runtime = Runtime.resolve(
-            device=self.options.device,
-            dtype=self.options.dtype,
-            attn_implementation=self.options.attn_implementation,
-            engine=ENGINE_NAME,
-        )
-        self._model: Qwen3OmniMoeForConditionalGeneration | None = None
-        self._tokenizer: PreTrainedTokenizerBase | None = None
-        self._prompts: PromptBuilder | None = None
-        self.text_eos_ids: frozenset[int] = frozenset()
-        self.default_text_sampling = Sampling(temperature=0.0)
+        super().__init__(model, self.options)
         self._code_predictor: CodePredictor | None = None
 
     @property

@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -664,6 +664,16 @@ def text_position(value: int, device: torch.device) -> torch.Tensor:
     return torch.full((3, 1, 1), value, dtype=torch.long, device=device)
 
 
+class EngineOptions(Protocol):
+    """The options every Qwen engine has (each engine's options dataclass adds its own)."""
+
+    device: str
+    dtype: str
+    attn_implementation: str
+    max_active: int
+    max_queued: int
+
+
 class QwenOmniEngine(ABC):
     """The Engine protocol around one model on one `GpuWorker`.
 
@@ -675,12 +685,23 @@ class QwenOmniEngine(ABC):
     name: ClassVar[str]
     native_rate: ClassVar[int] = OUTPUT_RATE
 
-    def __init__(self, model_id: str, *, max_active: int, max_queued: int) -> None:
-        if max_active < 1 or max_queued < 0:
+    def __init__(self, model_id: str, options: EngineOptions) -> None:
+        if options.max_active < 1 or options.max_queued < 0:
             raise EngineError(f"{self.name}: max_active must be >= 1 and max_queued >= 0")
         self.model_id = model_id
-        self.max_active = max_active
-        self.max_queued = max_queued
+        self.max_active = options.max_active
+        self.max_queued = options.max_queued
+        self.runtime = Runtime.resolve(
+            device=options.device,
+            dtype=options.dtype,
+            attn_implementation=options.attn_implementation,
+            engine=self.name,
+        )
+        self._model: Any = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._prompts: PromptBuilder | None = None
+        self.text_eos_ids: frozenset[int] = frozenset()
+        self.default_text_sampling = Sampling(temperature=0.0)
         self._worker: GpuWorker | None = None
         self._ready = False
         self._start_lock = asyncio.Lock()

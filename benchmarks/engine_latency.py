@@ -464,7 +464,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     steps.remove()
     turn, calls, quiet_steps = sorted(runs, key=lambda run: run[0].first_audio or 0.0)[len(runs) // 2]
     gap_total, gap_count = turn.gaps()
+    preparations = []
+    for _ in range(args.reps):
+        prepare_started = time.perf_counter()
+        engine.prepare(request)  # type: ignore[attr-defined]
+        preparations.append(time.perf_counter() - prepare_started)
     print("\n## engine, one session (median run; CUDA-graph replays are invisible to the per-module hooks)")
+    print(f"prompt and audio features (CPU)       {median_ms(preparations)}")
     print(f"thinker prefill (incl. audio encoder) {calls['thinker'][0] * 1000:8.1f} ms")
     print(f"audio encoder                         {median_ms(calls['audio encoder'])}")
     print(f"thinker step                          {median_ms(calls['thinker LM'][1:])}")
@@ -488,6 +494,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "module_ms": {label: statistics.median(v) * 1000 for label, v in calls.items() if v},
         "quiet_step_ms": statistics.median(quiet_steps) * 1000 if quiet_steps else None,
         "thinker_prefill_ms": calls["thinker"][0] * 1000,
+        "prepare_ms": statistics.median(preparations) * 1000,
     }
 
     results["concurrency"] = await concurrency(engine, request, args.sessions)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
 
+import numpy as np
 import pytest
 
-from omnivox.pipeline.engines.base import EngineBusy, EngineError, EngineOutOfMemory, TextDelta
+from omnivox.pipeline.engines.base import AudioDelta, EngineBusy, EngineError, EngineOutOfMemory, TextDelta
 from omnivox.pipeline.engines.scheduler import GpuWorker
 
 
@@ -43,6 +45,10 @@ class CountingGeneration:
 
     def close(self) -> None:
         self.closed.set()
+
+
+async def collect_items(stream: Any) -> list[Any]:
+    return [item async for item in stream]
 
 
 async def collect(worker: GpuWorker, generation: CountingGeneration) -> list[str]:
@@ -101,6 +107,40 @@ async def test_a_failure_inside_a_batched_step_fails_only_its_own_request() -> N
     assert results[0] == [f"ok{i}" for i in range(1, 9)]
     assert isinstance(results[1], EngineOutOfMemory)
     assert failing.closed.is_set() and healthy.closed.is_set()
+
+
+class SpeakingGeneration(CountingGeneration):
+    """Text for its first `silent_steps` steps (prefill, first chunk being made), then audio."""
+
+    def __init__(self, name: str, steps: int, log: list[str], silent_steps: int) -> None:
+        super().__init__(name, steps, log, 0.001)
+        self.silent_steps = silent_steps
+
+    def step(self) -> list[TextDelta | AudioDelta]:  # type: ignore[override]
+        deltas = super().step()
+        if self.done > self.silent_steps:
+            return [AudioDelta(np.zeros(480, dtype=np.float32))]
+        return deltas
+
+
+async def test_background_work_waits_until_every_answer_is_speaking() -> None:
+    """A caller transcript queued first must not delay the first audio of the answer queued just after it."""
+    worker = GpuWorker("test", max_active=4)
+    log: list[str] = []
+    try:
+        transcript = CountingGeneration("T", 5, log, 0.001)
+        answer = SpeakingGeneration("A", 8, log, silent_steps=3)
+        background = asyncio.create_task(
+            collect_items(worker.stream(lambda: transcript, background=True))  # type: ignore[arg-type,return-value]
+        )
+        await asyncio.sleep(0)
+        spoken = await collect_items(worker.stream(lambda: answer))  # type: ignore[arg-type,return-value]
+        heard = await background
+    finally:
+        worker.close()
+    assert log[:4] == ["A"] * 4  # the answer's silent steps and its first audio come before any transcript step
+    assert "T" in log[4:8]  # then both advance together
+    assert len(spoken) == 8 and [d.text for d in heard] == [f"T{i}" for i in range(1, 6)]
 
 
 async def test_queue_over_limit_is_busy() -> None:

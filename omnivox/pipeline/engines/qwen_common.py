@@ -788,24 +788,29 @@ class QwenOmniEngine(ABC):
             log.info("%s: %s ready", self.name, self.model_id)
 
     async def respond(self, request: ResponseRequest) -> AsyncIterator[Delta]:
+        async for delta in self._stream(request, background=False):
+            yield delta
+
+    async def _stream(self, request: ResponseRequest, *, background: bool) -> AsyncIterator[Delta]:
         worker = self._worker
         if not self._ready or worker is None:
             raise EngineNotReady(f"{self.name}: the model is not loaded yet")
         prepared = await asyncio.to_thread(self.prepare, request)
-        async for delta in worker.stream(lambda: self.make_generation(prepared)):
+        async for delta in worker.stream(lambda: self.make_generation(prepared), background=background):
             yield delta
 
     async def transcribe(self, audio_16k: np.ndarray, language: str | None = None, prompt: str = "") -> str:
         """Speech recognition by the thinker itself, as one more text-only request on the same worker.
 
-        It shares the queue and its limits with the answers (a full queue is `EngineBusy`), and cancelling the
-        calling task cancels the generation, as for `respond`.
+        It shares the queue and its limits with the answers (a full queue is `EngineBusy`) as background work:
+        it waits while an answer has yet to produce its first audio. Cancelling the calling task cancels the
+        generation, as for `respond`.
         """
         seconds = np.asarray(audio_16k).size / INPUT_RATE
         if seconds == 0:
             return ""
         request = transcription_request(audio_16k, language, prompt)
-        pieces = [delta.text async for delta in self.respond(request) if isinstance(delta, TextDelta)]
+        pieces = [delta.text async for delta in self._stream(request, background=True) if isinstance(delta, TextDelta)]
         transcript = "".join(pieces).strip()
         log.debug("%s: transcribed %.2f s of audio into %d characters", self.name, seconds, len(transcript))
         return transcript

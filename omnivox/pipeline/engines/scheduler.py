@@ -6,6 +6,9 @@ batched step for all of them, when the engine offers `step_batch`), so one long 
 another caller. Deltas travel back to the event loop through per-request asyncio queues. Model code
 never runs on the event loop, so the 20 ms audio deadlines of other sessions never wait on a GPU step.
 A cancelled request is dropped before its next step and its caches are freed at once.
+
+Background work (caller transcripts) never stands between a caller and the first audio of an answer: it is
+admitted after waiting answers, and it is not stepped while an active answer has not yet produced audio.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from omnivox.pipeline.engines.base import Delta, EngineBusy, EngineError, EngineOutOfMemory
+from omnivox.pipeline.engines.base import AudioDelta, Delta, EngineBusy, EngineError, EngineOutOfMemory
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,11 @@ class _Ticket:
     make_generation: Callable[[], Generation]
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[object]
+    background: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    audible: bool = False
+    """True once the request delivered audio: from then on background work may share the GPU with it."""
     generation: Generation | None = None
 
     def push(self, item: object) -> None:
@@ -96,10 +102,13 @@ class GpuWorker:
         with self._wake:
             return len(self._active), len(self._pending)
 
-    async def stream(self, make_generation: Callable[[], Generation]) -> AsyncIterator[Delta]:
-        """Submit a request and yield its deltas; closing the iterator cancels the work."""
+    async def stream(
+        self, make_generation: Callable[[], Generation], *, background: bool = False
+    ) -> AsyncIterator[Delta]:
+        """Submit a request and yield its deltas; closing the iterator cancels the work. `background` requests yield
+        to answers that have not started speaking yet."""
         loop = asyncio.get_running_loop()
-        ticket = _Ticket(make_generation, loop, asyncio.Queue())
+        ticket = _Ticket(make_generation, loop, asyncio.Queue(), background)
         with self._wake:
             if self._closed:
                 raise EngineError("the engine is shutting down")
@@ -137,11 +146,18 @@ class GpuWorker:
                 for ticket in [t for t in self._active if t.cancelled]:
                     self._retire(ticket)
                 while self._pending and len(self._active) < self.max_active:
-                    ticket = self._pending.popleft()
+                    ticket = self._next_pending()
                     if not ticket.cancelled:
                         self._active.append(ticket)
-                active = list(self._active)
-            self._advance(active)
+                waiting_for_audio = any(not t.background and not t.audible for t in self._active)
+                runnable = [t for t in self._active if not (t.background and waiting_for_audio)]
+            self._advance(runnable)
+
+    def _next_pending(self) -> _Ticket:
+        """The oldest waiting answer, else the oldest background request."""
+        ticket = next((t for t in self._pending if not t.background), self._pending[0])
+        self._pending.remove(ticket)
+        return ticket
 
     def _advance(self, tickets: list[_Ticket]) -> None:
         runnable = []
@@ -176,6 +192,7 @@ class GpuWorker:
     def _deliver(self, ticket: _Ticket, deltas: list[Delta]) -> None:
         for delta in deltas:
             ticket.push(delta)
+            ticket.audible = ticket.audible or isinstance(delta, AudioDelta)
         if ticket.generation is not None and ticket.generation.finished:
             ticket.push(_DONE)
             self._retire(ticket)

@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -513,23 +513,43 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def history_cost(engine: QwenOmniEngine, bench: ModelBench, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Each turn re-encodes the whole conversation: what that costs the thinker prefill and the first audio."""
-    print("\n## multi-turn: the conversation is re-encoded every turn")
-    print("earlier turns  prompt tokens  thinker prefill  first audio")
+    """What a longer conversation costs the thinker prefill and the first audio: encoded whole every turn, and
+    continued from the previous turn's stored prompt (engines with `prefix_cache_sessions`)."""
+    print("\n## multi-turn: the conversation encoded whole, and continued from the previous turn's prompt")
+    print("earlier turns  prompt tokens  whole: prefill  first audio  continued: prefill  first audio")
     rows = []
     for earlier in args.history:
         request = user_turn(args.seconds, earlier)
         prompt_tokens = engine.prepare(request).inputs.prompt_tokens  # type: ignore[attr-defined]
-        timer = ModuleTimer(engine.runtime.device)  # type: ignore[attr-defined]
-        bench.watch(engine, timer)
-        turn = await timed_turn(engine, request)
-        timer.remove()
-        prefill = timer.calls["thinker"][0]
-        print(
-            f"{earlier:13d}  {prompt_tokens:13d}  {prefill * 1000:12.1f} ms  {(turn.first_audio or 0) * 1000:8.1f} ms"
+        whole = await timed_prefill(engine, bench, request)
+        continued = None
+        if earlier and engine.prefixes.capacity:
+            conversation = f"bench-{earlier}"
+            await timed_turn(engine, replace(user_turn(args.seconds, earlier - 1), conversation_id=conversation))
+            continued = await timed_prefill(engine, bench, replace(request, conversation_id=conversation))
+            engine.forget_conversation(conversation)
+        shown = f"{continued[0] * 1000:12.1f} ms  {continued[1] * 1000:8.1f} ms" if continued else "           -"
+        print(f"{earlier:13d}  {prompt_tokens:13d}  {whole[0] * 1000:11.1f} ms  {whole[1] * 1000:8.1f} ms  {shown}")
+        rows.append(
+            {
+                "earlier_turns": earlier,
+                "prompt_tokens": prompt_tokens,
+                "prefill_s": whole[0],
+                "first_audio_s": whole[1],
+                "continued_prefill_s": continued[0] if continued else None,
+                "continued_first_audio_s": continued[1] if continued else None,
+            }
         )
-        rows.append({"earlier_turns": earlier, "prompt_tokens": prompt_tokens, "prefill_s": prefill})
     return rows
+
+
+async def timed_prefill(engine: QwenOmniEngine, bench: ModelBench, request: ResponseRequest) -> tuple[float, float]:
+    """(thinker prefill, first audio) of one turn, in seconds."""
+    timer = ModuleTimer(engine.runtime.device)  # type: ignore[attr-defined]
+    bench.watch(engine, timer)
+    turn = await timed_turn(engine, request)
+    timer.remove()
+    return timer.calls["thinker"][0], turn.first_audio or 0.0
 
 
 async def with_transcript(engine: QwenOmniEngine, request: ResponseRequest, reps: int) -> dict[str, float]:

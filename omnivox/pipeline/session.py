@@ -689,6 +689,7 @@ class Session:
                 max_tokens=None if max_tokens == "inf" else max_tokens,
             ),
             request_id=response_id,
+            conversation_id=self.id,
         )
         out.append(StartResponse(response_id, request))
 

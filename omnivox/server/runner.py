@@ -14,7 +14,13 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from omnivox.pipeline.engines.base import Engine, EngineError, EngineNotReady, ResponseRequest
+from omnivox.pipeline.engines.base import (
+    Engine,
+    EngineError,
+    EngineNotReady,
+    ResponseRequest,
+    forget_conversation,
+)
 from omnivox.pipeline.events import (
     AudioOut,
     CancelResponse,
@@ -92,6 +98,7 @@ class SessionRunner:
             self._closed = True
             self.session.close()
             await self._cancel_all()
+            forget_conversation(self.engine, self.session.id)
             log.info("%s: session closed", self.session.id)
 
     def _handle(self, item: SessionInput) -> list[SessionOutput]:

@@ -8,6 +8,7 @@ import io
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,45 @@ def test_sessions_decoded_as_one_batch_say_what_each_says_alone(
         assert batched.codes == solo.codes
         np.testing.assert_allclose(pcm_of(batched_deltas), pcm_of(solo_deltas), atol=1e-4)
     assert pool.thinker.free_slots == pool.talker.free_slots == 2
+
+
+@pytest.mark.slow
+def test_a_continued_conversation_encodes_only_its_new_turn_and_answers_as_if_encoded_whole(
+    engine: Qwen25OmniEngine,
+) -> None:
+    first_turn = Message("user", (AudioPart(tone(1.0)),))
+    later_turns = (Message("assistant", (TextPart("Sure, go on."),)), Message("user", (AudioPart(tone(0.8, 330.0)),)))
+    greedy = SamplingParams(temperature=0.0, max_tokens=12)
+    prefill_lengths: list[int] = []
+    hook = engine.model.thinker.register_forward_pre_hook(
+        lambda _, args, kwargs: prefill_lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        run_to_end(engine, ResponseRequest((first_turn,), sampling=greedy, conversation_id="call-1"))
+        first_prompt = engine.prefixes._entries["call-1"].ids
+        prefill_lengths.clear()
+        second = ResponseRequest((first_turn, *later_turns), sampling=greedy, conversation_id="call-1")
+        reused, reused_deltas = run_to_end(engine, second)
+        reused_prefill = prefill_lengths[0]
+    finally:
+        hook.remove()
+    whole, whole_deltas = run_to_end(engine, replace(second, conversation_id="call-2"))  # nothing stored: whole
+
+    assert reused_prefill == whole._plan.inputs.prompt_tokens - len(first_prompt)  # only the new turns
+    stored_reused, stored_whole = engine.prefixes._entries["call-1"], engine.prefixes._entries["call-2"]
+    assert stored_reused.ids == stored_whole.ids
+    torch.testing.assert_close(stored_reused.cache.layers[0].keys, stored_whole.cache.layers[0].keys)
+    torch.testing.assert_close(stored_reused.talker_states, stored_whole.talker_states)
+    assert reused.text_ids == whole.text_ids
+    assert reused.codes == whole.codes
+    np.testing.assert_allclose(pcm_of(reused_deltas), pcm_of(whole_deltas), atol=1e-4)
+
+    edited = ResponseRequest((Message("user", (AudioPart(tone(1.0, 500.0)),)), *later_turns), sampling=greedy)
+    misses = engine.prefixes.misses
+    run_to_end(engine, replace(edited, conversation_id="call-1"))  # the first turn's audio changed: encoded whole
+    assert engine.prefixes.misses == misses + 1
+    engine.forget_conversation("call-1")
+    assert "call-1" not in engine.prefixes._entries
 
 
 @pytest.mark.slow
@@ -406,10 +446,13 @@ def test_the_latency_benchmark_runs_on_the_tiny_model(capsys: pytest.CaptureFixt
         "first audio",
         "RTF",
         "sustained",
-        "re-encoded",
+        "continued: prefill",
+        "caller transcript",
         "generate()",
     ):
         assert figure in printed
+    continued_row = printed.split("continued: prefill")[1].splitlines()[2]  # the row of one earlier turn
+    assert continued_row.split()[0] == "1" and continued_row.count(" ms") == 4
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ audio and the conversation each request carried.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,6 +126,14 @@ async def test_spoken_turns_stream_speech_and_the_next_request_carries_the_first
 
     answers = [r for r in engine.requests if r.output_audio]
     assert len(answers) == 2
+    conversation = answers[0].conversation_id
+    assert conversation and answers[1].conversation_id == conversation
+    assert engine.prefixes.hits >= 1  # the second turn encoded only what the first prompt did not hold
+    for _ in range(100):  # the session is over: its stored prompt is dropped
+        if conversation not in engine.prefixes._entries:
+            break
+        await asyncio.sleep(0.02)
+    assert conversation not in engine.prefixes._entries
     history = answers[1].messages
     assert [m.role for m in history] == ["user", "assistant", "user"]
     assistant_text = "".join(p.text for p in history[1].parts if isinstance(p, TextPart))

@@ -75,6 +75,9 @@ class ResponseRequest:
     output_audio: bool = True
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
+    conversation_id: str = ""
+    """The same for every turn of one conversation (the session id); an engine may keep per-conversation state
+    under it until `forget_conversation`. Empty for one-off requests."""
 
 
 @dataclass(frozen=True)
@@ -144,3 +147,10 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """Release the model and any worker threads."""
+
+
+def forget_conversation(engine: Engine, conversation_id: str) -> None:
+    """Tell an engine that keeps per-conversation state (an optional `forget_conversation` method) to drop it."""
+    forget = getattr(engine, "forget_conversation", None)
+    if forget is not None:
+        forget(conversation_id)

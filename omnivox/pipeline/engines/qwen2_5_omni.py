@@ -12,10 +12,10 @@ speech exists only when the answer is complete. This engine drives the same modu
   BigVGAN re-run with 20 mel of overlap each side) with one seeded noise tensor per utterance, so 480 samples come
   out per codec code.
 
-Multi-turn: every turn re-encodes the whole conversation (user audio, assistant turns as the text that was heard).
-That keeps no per-session GPU state between turns, so truncated or edited history is always honoured exactly; the
-price is a longer thinker prefill on long conversations (one batched forward, tens of ms on a GPU for a few
-thousand tokens), which `benchmarks/engine_latency.py` reports.
+Multi-turn: each prompt holds the whole conversation (user audio, assistant turns as the text that was heard). The
+thinker KV of a conversation's last prompt is kept (`prefix_cache.py`, option `prefix_cache_sessions`), and a turn
+whose prompt continues it encodes only its new part; truncated or edited history does not continue it and is
+encoded whole, so what was heard is always honoured exactly. `benchmarks/engine_latency.py` reports both prefills.
 
 Decode steps run either through the model's own `forward` on growing caches (`EagerDecoder`, the default and the
 reference, one session per call) or on preallocated slots with fixed shapes (`SlotPool`, option `static_cache`),
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase, Qwen2_5OmniForConditionalGeneration
+from transformers import Cache, PreTrainedTokenizerBase, Qwen2_5OmniForConditionalGeneration
 
 from omnivox.pipeline.engines.base import (
     INPUT_RATE,
@@ -48,6 +48,7 @@ from omnivox.pipeline.engines.base import (
     TextDelta,
     Usage,
 )
+from omnivox.pipeline.engines.prefix_cache import Prefix, PrefixStore
 from omnivox.pipeline.engines.qwen2_5_token2wav import DitSolver, Token2WavStream
 from omnivox.pipeline.engines.qwen_common import (
     DTYPES,
@@ -147,6 +148,9 @@ class Qwen25OmniOptions:
     """Codes (20 ms each) before the first vocoder chunk. 48 is the official schedule (72 mel kept, 24 of
     look-ahead, 0.52 s of audio first). Fewer gives earlier first audio with less look-ahead for the first chunk
     (down to 24: 48 mel kept with no look-ahead, 0.28 s of audio first), at the risk of a gap before chunk two."""
+    prefix_cache_sessions: int = 16
+    """Conversations whose last prompt stays encoded on the GPU, so that their next turn prefills only the new
+    part (about 57 KB of KV per prompt token at 7B, plus the talker's prompt states); 0 re-encodes every turn."""
     static_cache: bool = False
     """Decode on `max_active` preallocated KV slots with fixed shapes instead of growing caches. Same tokens (checked
     on CPU); costs slot memory up front (7B: about 0.6 GB per slot at the default lengths). Needed by `cuda_graphs`."""
@@ -175,6 +179,8 @@ class Qwen25OmniOptions:
             raise ValueError(f"dit_steps must be in [2, 64], got {self.dit_steps}")
         if self.first_chunk_codes < Token2WavStream.MIN_FIRST_CHUNK_CODES:
             raise ValueError(f"first_chunk_codes must be >= {Token2WavStream.MIN_FIRST_CHUNK_CODES}")
+        if self.prefix_cache_sessions < 0:
+            raise ValueError("prefix_cache_sessions must be >= 0")
         for name in ("max_active", "max_text_tokens", "max_audio_codes", "static_cache_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -286,6 +292,7 @@ class TurnPlan:
     seed: int | None
     max_audio_codes: int
     request_id: str = ""
+    conversation_id: str = ""
     stop: tuple[str, ...] = ()
 
 
@@ -322,6 +329,8 @@ class Qwen25Generation:
         self._started = False
         self._finished = False
         self._decoder: Decoder | None = None
+        self._prompt: Prefix | None = None
+        """The encoded prompt, stored for the conversation's next turn when this request ends."""
         self.decoding = ""
         """"static" (a preallocated slot) or "eager" (growing caches), once the prefill has run."""
         self._thinker_done = False
@@ -339,10 +348,17 @@ class Qwen25Generation:
         return self._finished
 
     def close(self) -> None:
-        """Drop every cache and tensor of this request so its memory can be reused at once."""
+        """Drop every cache and tensor of this request so its memory can be reused at once; the encoded prompt goes
+        back to the conversation's store for its next turn."""
         if self._decoder is not None:
             self._decoder.release()
             self._decoder = None
+        if self._prompt is not None:
+            prompt, self._prompt = self._prompt, None
+            grown = prompt.cache.get_seq_length() - len(prompt.ids)
+            if grown:
+                prompt.cache.crop(-grown)  # drop the answer's own tokens: the next prompt holds what was heard
+            self._engine.prefixes.put(self._plan.conversation_id, prompt)
         self._talker_logits = None
         self._replies = []
         self._vocoder = None
@@ -374,29 +390,84 @@ class Qwen25Generation:
 
     # -------------------------------------------------------------------------------- thinker
     def _prefill(self, deltas: list[Delta]) -> StepPlan:
-        thinker = self._model.thinker
         inputs = self._plan.inputs.tensors(self._device, self._engine.runtime.dtype)
-        output = thinker(**inputs, use_cache=True, output_hidden_states=self._audio)
+        logits, cache, rope_delta, talker_states = self._encode_prompt(inputs)
         self._decoder = self._engine.acquire_decoder(
             prompt_tokens=self._plan.inputs.prompt_tokens,
             answer_tokens=self._plan.max_text_tokens,
             request_id=self._plan.request_id,
         )
         self.decoding = "static" if isinstance(self._decoder, SlotSeats) else "eager"
-        self._decoder.begin_thinker(output.past_key_values, int(thinker.model.rope_deltas.reshape(-1)[0]))
-        self._accept_text(self._text_sampler(output.logits[:, -1], self._history_tensor()), deltas)
-        if not self._audio:
+        self._decoder.begin_thinker(cache, rope_delta)
+        self._accept_text(self._text_sampler(logits, self._history_tensor()), deltas)
+        if talker_states is None:
             return deltas
-        input_ids = inputs["input_ids"]
-        embeddings = output.hidden_states[0].clone()
-        config = self._model.config.thinker_config
-        multimodal = (input_ids == config.audio_token_index) | (input_ids == config.image_token_index)
-        embeddings[multimodal] = 0  # generate() hides audio and image positions from the talker
-        prompt = output.hidden_states[-1] + embeddings
-        del output
         yield from self._advance_thinker(deltas)
-        self._talker_prefill(input_ids, prompt, inputs.get("feature_attention_mask"), inputs.get("image_grid_thw"))
+        self._talker_prefill(
+            inputs["input_ids"], talker_states, inputs.get("feature_attention_mask"), inputs.get("image_grid_thw")
+        )
         return deltas
+
+    def _encode_prompt(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Cache, int, torch.Tensor | None]:
+        """The thinker prefill: (next-token logits, KV cache, rope offset, the talker's prompt states if it speaks).
+
+        When this conversation's previous prompt is stored and the new one continues it, only the new part is
+        encoded, at the positions the whole prompt gives it (audio stretches positions in TMRoPE).
+        """
+        thinker, plan_inputs = self._model.thinker, self._plan.inputs
+        ids = plan_inputs.input_ids[0].tolist()
+        prefix = None
+        if plan_inputs.pixel_values is None:  # image positions are not reused (keeps the slicing to audio)
+            prefix = self._engine.prefixes.take(self._plan.conversation_id, ids, plan_inputs.audio_keys)
+        if prefix is not None and self._audio and prefix.talker_states is None:
+            prefix = None
+        if prefix is None:
+            output = thinker(**inputs, use_cache=True, output_hidden_states=self._audio)
+            start, rope_delta = 0, int(thinker.model.rope_deltas.reshape(-1)[0])
+        else:
+            start = len(prefix.ids)
+            continuation, rope_delta = self._continuation(inputs, start, len(prefix.audio_keys))
+            output = thinker(
+                **continuation, past_key_values=prefix.cache, use_cache=True, output_hidden_states=self._audio
+            )
+        talker_states = None
+        if self._audio:
+            input_ids = inputs["input_ids"][:, start:]
+            embeddings = output.hidden_states[0].clone()
+            config = self._model.config.thinker_config
+            multimodal = (input_ids == config.audio_token_index) | (input_ids == config.image_token_index)
+            embeddings[multimodal] = 0  # generate() hides audio and image positions from the talker
+            talker_states = output.hidden_states[-1] + embeddings
+            if prefix is not None and prefix.talker_states is not None:
+                talker_states = torch.cat([prefix.talker_states, talker_states], dim=1)
+        self._prompt = Prefix(ids, plan_inputs.audio_keys, output.past_key_values, talker_states)
+        return output.logits[:, -1], output.past_key_values, rope_delta, talker_states
+
+    def _continuation(
+        self, inputs: dict[str, torch.Tensor], start: int, clips: int
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """The thinker inputs of the prompt from token `start` on (its audio from clip `clips` on), with the
+        positions of the whole prompt; and the prompt's rope offset."""
+        thinker = self._model.thinker
+        feature_mask = inputs.get("feature_attention_mask")
+        positions, rope_deltas = thinker.model.get_rope_index(
+            inputs["input_ids"],
+            None,
+            None,
+            inputs["attention_mask"],
+            False,
+            None if feature_mask is None else feature_mask.sum(-1),
+            None,
+        )
+        continuation = {
+            "input_ids": inputs["input_ids"][:, start:],
+            "attention_mask": inputs["attention_mask"],
+            "position_ids": positions[:, :, start:],
+        }
+        if feature_mask is not None and clips < feature_mask.shape[0]:
+            continuation["input_features"] = inputs["input_features"][clips:]
+            continuation["feature_attention_mask"] = feature_mask[clips:]
+        return continuation, int(rope_deltas.reshape(-1)[0])
 
     def _advance_thinker(self, deltas: list[Delta]) -> StepPlan:
         """Feed the newest text token: its reply vector for the talker and the next token (the thinker runs ahead)."""
@@ -553,6 +624,7 @@ class Qwen25OmniEngine(QwenOmniEngine):
     def __init__(self, model: str = DEFAULT_MODEL, **options: Any) -> None:
         self.options = options_from_mapping(Qwen25OmniOptions, options, engine=ENGINE_NAME)
         super().__init__(model, self.options)
+        self.prefixes = PrefixStore(self.options.prefix_cache_sessions)
         for switch in ("cuda_graphs", "dit_cuda_graph"):
             if getattr(self.options, switch) and self.runtime.device.type != "cuda":
                 raise EngineError(
@@ -700,6 +772,7 @@ class Qwen25OmniEngine(QwenOmniEngine):
             seed=sampling.seed,
             max_audio_codes=self.options.max_audio_codes,
             request_id=request.request_id,
+            conversation_id=request.conversation_id,
             stop=sampling.stop,
         )
 

@@ -15,7 +15,8 @@ active session in one call (`step_generations`); its inputs have the same shape 
 `static_cache` switch the thinker and talker steps of all sessions also run as one batch each, on shared KV slots
 (`slots.py`), which can be replayed as CUDA graphs.
 
-Multi-turn: every turn re-encodes the whole conversation, as the Qwen2.5 engine does (see its module docstring).
+Multi-turn: every turn encodes the whole conversation (the stored-prompt reuse of the Qwen2.5 engine is not built
+here yet: the talker prompt reads two thinker layers over the user turns, which would have to be kept too).
 Rope offsets are kept per generation and positions are passed explicitly, because the model classes store them on
 the module and interleaved sessions would overwrite each other's.
 """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import importlib.util
 import io
 import json
@@ -53,6 +54,7 @@ from omnivox.pipeline.engines.base import (
     TextPart,
     cut_at_stop,
 )
+from omnivox.pipeline.engines.prefix_cache import PrefixStore
 from omnivox.pipeline.engines.scheduler import Generation, GpuWorker, StepBatch
 from omnivox.pipeline.engines.slots import Decoder, GrowingCaches, SlotPool, SlotSeats
 
@@ -349,6 +351,8 @@ class ModelInputs:
     feature_attention_mask: torch.Tensor | None
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
+    audio_keys: tuple[str, ...] = ()
+    """A content digest per audio clip, in prompt order: a prompt prefix is reusable only with the same audio."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -418,6 +422,7 @@ class PromptBuilder:
             feature_attention_mask=mask,
             pixel_values=pixel_values,
             image_grid_thw=grid,
+            audio_keys=tuple(hashlib.blake2b(clip.tobytes(), digest_size=16).hexdigest() for clip in audio),
         )
 
     def _message_text(
@@ -708,6 +713,8 @@ class QwenOmniEngine(ABC):
         self._start_lock = asyncio.Lock()
         self.slots: SlotPool | None = None
         """The shared decode slots, when the engine decodes its sessions as one batch (option `static_cache`)."""
+        self.prefixes = PrefixStore(0)
+        """Each conversation's last prompt, encoded (engines that reuse prompts size it from their options)."""
 
     @abstractmethod
     def load(self) -> None:
@@ -728,6 +735,10 @@ class QwenOmniEngine(ABC):
     def step_batch(self) -> StepBatch | None:
         """A batched step over several generations, when the engine has one."""
         return None
+
+    def forget_conversation(self, conversation_id: str) -> None:
+        """The conversation ended: drop its stored prompt."""
+        self.prefixes.forget(conversation_id)
 
     def growing_caches(self) -> GrowingCaches:
         """A request's own decode path on growing caches (engines with slots override this)."""

@@ -724,6 +724,7 @@ class Session:
                 "total_tokens": response.usage.input_tokens + response.usage.output_tokens,
                 "input_tokens": response.usage.input_tokens,
                 "output_tokens": response.usage.output_tokens,
+                "input_token_details": {"cached_tokens": response.usage.cached_input_tokens},
             }
         return {
             "id": response.id,

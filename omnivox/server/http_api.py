@@ -587,12 +587,13 @@ class ChatContext:
         return "stop"
 
 
-def usage_body(usage: Usage | None) -> dict[str, int]:
+def usage_body(usage: Usage | None) -> dict[str, Any]:
     usage = usage or Usage()
     return {
         "prompt_tokens": usage.input_tokens,
         "completion_tokens": usage.output_tokens,
         "total_tokens": usage.input_tokens + usage.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_input_tokens},
     }
 
 

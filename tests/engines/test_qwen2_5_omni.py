@@ -214,6 +214,8 @@ def test_a_continued_conversation_encodes_only_its_new_turn_and_answers_as_if_en
     whole, whole_deltas = run_to_end(engine, replace(second, conversation_id="call-2"))  # nothing stored: whole
 
     assert reused_prefill == whole._plan.inputs.prompt_tokens - len(first_prompt)  # only the new turns
+    assert reused_deltas[-1] == Usage(whole._plan.inputs.prompt_tokens, 12, cached_input_tokens=len(first_prompt))
+    assert whole_deltas[-1] == Usage(whole._plan.inputs.prompt_tokens, 12, cached_input_tokens=0)
     stored_reused, stored_whole = engine.prefixes._entries["call-1"], engine.prefixes._entries["call-2"]
     assert stored_reused.ids == stored_whole.ids
     torch.testing.assert_close(stored_reused.cache.layers[0].keys, stored_whole.cache.layers[0].keys)

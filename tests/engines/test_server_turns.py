@@ -129,6 +129,8 @@ async def test_spoken_turns_stream_speech_and_the_next_request_carries_the_first
     conversation = answers[0].conversation_id
     assert conversation and answers[1].conversation_id == conversation
     assert engine.prefixes.hits >= 1  # the second turn encoded only what the first prompt did not hold
+    cached = [response[-1]["response"]["usage"]["input_token_details"]["cached_tokens"] for response in (first, second)]
+    assert cached[0] == 0 and cached[1] > 0
     for _ in range(100):  # the session is over: its stored prompt is dropped
         if conversation not in engine.prefixes._entries:
             break

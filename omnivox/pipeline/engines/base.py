@@ -98,6 +98,8 @@ class Usage:
 
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_input_tokens: int = 0
+    """Input tokens whose encoding was reused from an earlier turn (OpenAI's `cached_tokens`)."""
 
 
 Delta = TextDelta | AudioDelta | Usage

@@ -330,6 +330,7 @@ class Qwen25Generation:
         self._finished = False
         self._decoder: Decoder | None = None
         self._prompt: Prefix | None = None
+        self._cached_tokens = 0
         """The encoded prompt, stored for the conversation's next turn when this request ends."""
         self.decoding = ""
         """"static" (a preallocated slot) or "eager" (growing caches), once the prefill has run."""
@@ -384,7 +385,13 @@ class Qwen25Generation:
             tail = self._text.flush()
             if tail:
                 deltas.append(TextDelta(tail))
-            deltas.append(Usage(input_tokens=self._plan.inputs.prompt_tokens, output_tokens=self._output_tokens()))
+            deltas.append(
+                Usage(
+                    input_tokens=self._plan.inputs.prompt_tokens,
+                    output_tokens=self._output_tokens(),
+                    cached_input_tokens=self._cached_tokens,
+                )
+            )
             self.close()
         return deltas
 
@@ -425,7 +432,7 @@ class Qwen25Generation:
             output = thinker(**inputs, use_cache=True, output_hidden_states=self._audio)
             start, rope_delta = 0, int(thinker.model.rope_deltas.reshape(-1)[0])
         else:
-            start = len(prefix.ids)
+            start = self._cached_tokens = len(prefix.ids)
             continuation, rope_delta = self._continuation(inputs, start, len(prefix.audio_keys))
             output = thinker(
                 **continuation, past_key_values=prefix.cache, use_cache=True, output_hidden_states=self._audio

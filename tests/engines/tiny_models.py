@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import AddedToken
-from tokenizers.pre_tokenizers import ByteLevel
+from tiny_common import HIDDEN, byte_level_tokenizer, tiny_audio_config, tiny_vision_config
 from transformers import (
     LogitsProcessor,
     PreTrainedTokenizerBase,
     Qwen2_5OmniConfig,
     Qwen2_5OmniForConditionalGeneration,
-    Qwen2Tokenizer,
 )
 
 SPECIAL_TOKENS = (
@@ -38,8 +36,6 @@ SPECIAL_TOKENS = (
     "<|spk_chelsie|>",
     "<|spk_ethan|>",
 )
-ROLE_TOKENS = ("system", "user", "assistant")
-HIDDEN = 32
 CODEBOOK_SIZE = 8193
 """token2wav's code embedding has 8193 rows: talker ids above that are special tokens, not codes."""
 CODEC_STOP_IDS = (8292, 8294)
@@ -47,13 +43,7 @@ CODEC_STOP_IDS = (8292, 8294)
 
 def build_tokenizer() -> PreTrainedTokenizerBase:
     """Byte-level tokenizer with no merges plus the Qwen2.5-Omni special tokens: needs no download."""
-    vocab = {char: index for index, char in enumerate(sorted(ByteLevel.alphabet()))}
-    for token in SPECIAL_TOKENS + ROLE_TOKENS:
-        vocab[token] = len(vocab)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in ROLE_TOKENS])
-    return tokenizer
+    return byte_level_tokenizer(SPECIAL_TOKENS)
 
 
 def tiny_qwen2_5_config(tokenizer: PreTrainedTokenizerBase) -> Qwen2_5OmniConfig:
@@ -74,22 +64,8 @@ def tiny_qwen2_5_config(tokenizer: PreTrainedTokenizerBase) -> Qwen2_5OmniConfig
         thinker_config={
             **multimodal_ids,
             "user_token_id": token_id("user"),
-            "audio_config": {
-                "d_model": HIDDEN,
-                "encoder_layers": 1,
-                "encoder_attention_heads": 2,
-                "encoder_ffn_dim": 64,
-                "num_mel_bins": 128,
-                "output_dim": HIDDEN,
-            },
-            "vision_config": {
-                "depth": 1,
-                "hidden_size": HIDDEN,
-                "intermediate_size": 64,
-                "num_heads": 2,
-                "out_hidden_size": HIDDEN,
-                "fullatt_block_indexes": [0],
-            },
+            "audio_config": tiny_audio_config(),
+            "vision_config": tiny_vision_config(fullatt_block_indexes=[0]),
             "text_config": {
                 **small,
                 "vocab_size": len(tokenizer),

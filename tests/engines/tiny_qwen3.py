@@ -11,14 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import AddedToken
-from tokenizers.pre_tokenizers import ByteLevel
-from transformers import (
-    PreTrainedTokenizerBase,
-    Qwen2Tokenizer,
-    Qwen3OmniMoeConfig,
-    Qwen3OmniMoeForConditionalGeneration,
-)
+from tiny_common import HIDDEN, byte_level_tokenizer, tiny_audio_config, tiny_vision_config
+from transformers import PreTrainedTokenizerBase, Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -35,9 +29,6 @@ SPECIAL_TOKENS = (
     "<|tts_bos|>",
     "<|tts_eos|>",
 )
-ROLE_TOKENS = ("system", "user", "assistant")
-"""Single tokens: Qwen3-Omni's `generate()` reads the role id right after `<|im_start|>`."""
-
 TOP_LEVEL_TOKEN_IDS = (
     "im_start_token_id",
     "im_end_token_id",
@@ -48,20 +39,13 @@ TOP_LEVEL_TOKEN_IDS = (
     "user_token_id",
     "assistant_token_id",
 )
-HIDDEN = 32
 CODEC_EOS = 2150
 
 
 def build_tokenizer() -> PreTrainedTokenizerBase:
     """A byte-level tokenizer with no merges plus the Qwen3-Omni special tokens: needs no download."""
-    vocab = {char: index for index, char in enumerate(sorted(ByteLevel.alphabet()))}
-    for token in SPECIAL_TOKENS + ROLE_TOKENS:
-        vocab[token] = len(vocab)
-    tokenizer = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=[],
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+    return byte_level_tokenizer(
+        SPECIAL_TOKENS,
         extra_special_tokens={
             "audio_token": "<|audio_pad|>",
             "audio_bos_token": "<|audio_start|>",
@@ -72,9 +56,6 @@ def build_tokenizer() -> PreTrainedTokenizerBase:
             "vision_eos_token": "<|vision_end|>",
         },
     )
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in ROLE_TOKENS])
-    return tokenizer
 
 
 def tiny_config(tokenizer: PreTrainedTokenizerBase) -> Qwen3OmniMoeConfig:
@@ -110,23 +91,8 @@ def tiny_config(tokenizer: PreTrainedTokenizerBase) -> Qwen3OmniMoeConfig:
         thinker_config={
             **multimodal_ids,
             "user_token_id": token_id("user"),
-            "audio_config": {
-                "d_model": HIDDEN,
-                "encoder_layers": 1,
-                "encoder_attention_heads": 2,
-                "encoder_ffn_dim": 64,
-                "num_mel_bins": 128,
-                "output_dim": HIDDEN,
-                "downsample_hidden_size": 8,
-            },
-            "vision_config": {
-                "depth": 1,
-                "hidden_size": HIDDEN,
-                "intermediate_size": 64,
-                "num_heads": 2,
-                "out_hidden_size": HIDDEN,
-                "deepstack_visual_indexes": [0],
-            },
+            "audio_config": tiny_audio_config(downsample_hidden_size=8),
+            "vision_config": tiny_vision_config(deepstack_visual_indexes=[0]),
             "text_config": {**moe_text, "vocab_size": len(tokenizer), "num_hidden_layers": 2},
         },
         talker_config={

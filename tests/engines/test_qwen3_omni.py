@@ -6,7 +6,7 @@ import asyncio
 import importlib
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +203,29 @@ def test_a_multi_turn_conversation_equals_generate(tiny: Tiny) -> None:
 
     assert generation.text_ids == expected.text_ids
     assert torch.equal(_codes(generation), expected.codes)
+
+
+def test_a_continued_conversation_encodes_only_its_new_turn_and_answers_as_if_encoded_whole(tiny: Tiny) -> None:
+    engine = tiny.engine(max_audio_frames=12)
+    first_turn = Message("user", (AudioPart(_tone(1.0, 300)),))
+    later = (Message("assistant", (TextPart("Sure, go on."),)), Message("user", (AudioPart(_tone(0.6, 180)),)))
+    _run(engine.make_generation(engine.prepare(replace(_request(first_turn), conversation_id="call-1"))))
+    stored_first = len(engine.prefixes._entries["call-1"].ids)
+    second = _request(first_turn, *later)
+    reused = engine.make_generation(engine.prepare(replace(second, conversation_id="call-1")))
+    reused_steps = _run(reused)
+    whole = engine.make_generation(engine.prepare(replace(second, conversation_id="call-2")))
+    whole_steps = _run(whole)
+
+    stored_reused, stored_whole = engine.prefixes._entries["call-1"], engine.prefixes._entries["call-2"]
+    same = {"atol": 1e-4, "rtol": 1e-4}  # the same numbers up to float32 rounding of differently shaped matmuls
+    torch.testing.assert_close(stored_reused.cache.layers[0].keys, stored_whole.cache.layers[0].keys, **same)
+    torch.testing.assert_close(stored_reused.talker_states, stored_whole.talker_states, **same)
+    assert reused.text_ids == whole.text_ids
+    assert torch.equal(_codes(reused), _codes(whole))
+    assert np.array_equal(_audio(reused_steps), _audio(whole_steps))
+    assert reused_steps[-1][-1].cached_input_tokens == stored_first  # type: ignore[union-attr]
+    assert whole_steps[-1][-1].cached_input_tokens == 0  # type: ignore[union-attr]
 
 
 def test_a_turn_with_only_instructions_is_answered_in_speech(tiny: Tiny) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import Cache
@@ -77,3 +78,74 @@ class PrefixStore:
         """The conversation ended: free its KV now rather than when it would be evicted."""
         with self._lock:
             self._entries.pop(conversation_id, None)
+
+
+@dataclass
+class EncodedPrompt:
+    """A thinker prefill over the part of the prompt that was not stored."""
+
+    output: Any
+    """The thinker's forward output over that part (logits, `past_key_values` for the whole prompt, and hidden
+    states when asked for)."""
+    reused: Prefix | None
+    """The stored prompt it continued, or None when the prompt was encoded whole."""
+    rope_delta: int
+
+    @property
+    def start(self) -> int:
+        """Index of the first encoded token (the number of reused ones)."""
+        return 0 if self.reused is None else len(self.reused.ids)
+
+
+def encode_prompt(
+    thinker: Any,
+    store: PrefixStore,
+    conversation_id: str,
+    inputs: dict[str, torch.Tensor],
+    audio_keys: tuple[str, ...],
+    *,
+    talker_states: bool,
+) -> EncodedPrompt:
+    """The thinker prefill of a Qwen-Omni prompt, continuing the conversation's stored prompt when the new one starts
+    with it: only the new part is encoded, at the positions the whole prompt gives it (audio stretches positions in
+    TMRoPE). Prompts with images are encoded whole. `talker_states` asks for hidden states (the talker needs them)
+    and refuses a stored prompt that has none."""
+    ids = inputs["input_ids"][0].tolist()
+    prefix = None
+    if "pixel_values" not in inputs:
+        prefix = store.take(conversation_id, ids, audio_keys)
+    if prefix is not None and talker_states and prefix.talker_states is None:
+        prefix = None
+    if prefix is None:
+        output = thinker(**inputs, use_cache=True, output_hidden_states=talker_states)
+        return EncodedPrompt(output, None, int(thinker.model.rope_deltas.reshape(-1)[0]))
+    start, clips = len(prefix.ids), len(prefix.audio_keys)
+    feature_mask = inputs.get("feature_attention_mask")
+    positions, rope_deltas = thinker.model.get_rope_index(
+        inputs["input_ids"],
+        None,
+        None,
+        inputs["attention_mask"],
+        False,
+        None if feature_mask is None else feature_mask.sum(-1),
+        None,
+    )
+    continuation = {
+        "input_ids": inputs["input_ids"][:, start:],
+        "attention_mask": inputs["attention_mask"],
+        "position_ids": positions[:, :, start:],
+    }
+    if feature_mask is not None and clips < feature_mask.shape[0]:
+        continuation["input_features"] = inputs["input_features"][clips:]
+        continuation["feature_attention_mask"] = feature_mask[clips:]
+    output = thinker(**continuation, past_key_values=prefix.cache, use_cache=True, output_hidden_states=talker_states)
+    return EncodedPrompt(output, prefix, int(rope_deltas.reshape(-1)[0]))
+
+
+def keep_prompt(store: PrefixStore, conversation_id: str, prompt: Prefix) -> None:
+    """Store a request's prompt when it ends, without the answer tokens its cache may have grown by (the next
+    prompt holds the answer as it was heard)."""
+    grown = prompt.cache.get_seq_length() - len(prompt.ids)
+    if grown:
+        prompt.cache.crop(-grown)
+    store.put(conversation_id, prompt)

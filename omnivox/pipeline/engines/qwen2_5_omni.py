@@ -48,7 +48,7 @@ from omnivox.pipeline.engines.base import (
     TextDelta,
     Usage,
 )
-from omnivox.pipeline.engines.prefix_cache import Prefix, PrefixStore
+from omnivox.pipeline.engines.prefix_cache import Prefix, PrefixStore, encode_prompt, keep_prompt
 from omnivox.pipeline.engines.qwen2_5_token2wav import DitSolver, Token2WavStream
 from omnivox.pipeline.engines.qwen_common import (
     DTYPES,
@@ -355,11 +355,8 @@ class Qwen25Generation:
             self._decoder.release()
             self._decoder = None
         if self._prompt is not None:
-            prompt, self._prompt = self._prompt, None
-            grown = prompt.cache.get_seq_length() - len(prompt.ids)
-            if grown:
-                prompt.cache.crop(-grown)  # drop the answer's own tokens: the next prompt holds what was heard
-            self._engine.prefixes.put(self._plan.conversation_id, prompt)
+            keep_prompt(self._engine.prefixes, self._plan.conversation_id, self._prompt)
+            self._prompt = None
         self._talker_logits = None
         self._replies = []
         self._vocoder = None
@@ -416,65 +413,31 @@ class Qwen25Generation:
         return deltas
 
     def _encode_prompt(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Cache, int, torch.Tensor | None]:
-        """The thinker prefill: (next-token logits, KV cache, rope offset, the talker's prompt states if it speaks).
-
-        When this conversation's previous prompt is stored and the new one continues it, only the new part is
-        encoded, at the positions the whole prompt gives it (audio stretches positions in TMRoPE).
-        """
-        thinker, plan_inputs = self._model.thinker, self._plan.inputs
-        ids = plan_inputs.input_ids[0].tolist()
-        prefix = None
-        if plan_inputs.pixel_values is None:  # image positions are not reused (keeps the slicing to audio)
-            prefix = self._engine.prefixes.take(self._plan.conversation_id, ids, plan_inputs.audio_keys)
-        if prefix is not None and self._audio and prefix.talker_states is None:
-            prefix = None
-        if prefix is None:
-            output = thinker(**inputs, use_cache=True, output_hidden_states=self._audio)
-            start, rope_delta = 0, int(thinker.model.rope_deltas.reshape(-1)[0])
-        else:
-            start = self._cached_tokens = len(prefix.ids)
-            continuation, rope_delta = self._continuation(inputs, start, len(prefix.audio_keys))
-            output = thinker(
-                **continuation, past_key_values=prefix.cache, use_cache=True, output_hidden_states=self._audio
-            )
+        """The thinker prefill (continuing the conversation's stored prompt where it can): (next-token logits, KV
+        cache, rope offset, the talker's prompt states if it speaks)."""
+        plan_inputs = self._plan.inputs
+        encoded = encode_prompt(
+            self._model.thinker,
+            self._engine.prefixes,
+            self._plan.conversation_id,
+            inputs,
+            plan_inputs.audio_keys,
+            talker_states=self._audio,
+        )
+        output, self._cached_tokens = encoded.output, encoded.start
         talker_states = None
         if self._audio:
-            input_ids = inputs["input_ids"][:, start:]
+            input_ids = inputs["input_ids"][:, encoded.start :]
             embeddings = output.hidden_states[0].clone()
             config = self._model.config.thinker_config
             multimodal = (input_ids == config.audio_token_index) | (input_ids == config.image_token_index)
             embeddings[multimodal] = 0  # generate() hides audio and image positions from the talker
             talker_states = output.hidden_states[-1] + embeddings
-            if prefix is not None and prefix.talker_states is not None:
-                talker_states = torch.cat([prefix.talker_states, talker_states], dim=1)
+            if encoded.reused is not None and encoded.reused.talker_states is not None:
+                talker_states = torch.cat([encoded.reused.talker_states, talker_states], dim=1)
+        ids = plan_inputs.input_ids[0].tolist()
         self._prompt = Prefix(ids, plan_inputs.audio_keys, output.past_key_values, talker_states)
-        return output.logits[:, -1], output.past_key_values, rope_delta, talker_states
-
-    def _continuation(
-        self, inputs: dict[str, torch.Tensor], start: int, clips: int
-    ) -> tuple[dict[str, torch.Tensor], int]:
-        """The thinker inputs of the prompt from token `start` on (its audio from clip `clips` on), with the
-        positions of the whole prompt; and the prompt's rope offset."""
-        thinker = self._model.thinker
-        feature_mask = inputs.get("feature_attention_mask")
-        positions, rope_deltas = thinker.model.get_rope_index(
-            inputs["input_ids"],
-            None,
-            None,
-            inputs["attention_mask"],
-            False,
-            None if feature_mask is None else feature_mask.sum(-1),
-            None,
-        )
-        continuation = {
-            "input_ids": inputs["input_ids"][:, start:],
-            "attention_mask": inputs["attention_mask"],
-            "position_ids": positions[:, :, start:],
-        }
-        if feature_mask is not None and clips < feature_mask.shape[0]:
-            continuation["input_features"] = inputs["input_features"][clips:]
-            continuation["feature_attention_mask"] = feature_mask[clips:]
-        return continuation, int(rope_deltas.reshape(-1)[0])
+        return output.logits[:, -1], output.past_key_values, encoded.rope_delta, talker_states
 
     def _advance_thinker(self, deltas: list[Delta]) -> StepPlan:
         """Feed the newest text token: its reply vector for the talker and the next token (the thinker runs ahead)."""

@@ -15,8 +15,8 @@ active session in one call (`step_generations`); its inputs have the same shape 
 `static_cache` switch the thinker and talker steps of all sessions also run as one batch each, on shared KV slots
 (`slots.py`), which can be replayed as CUDA graphs.
 
-Multi-turn: every turn encodes the whole conversation (the stored-prompt reuse of the Qwen2.5 engine is not built
-here yet: the talker prompt reads two thinker layers over the user turns, which would have to be kept too).
+Multi-turn: as in the Qwen2.5 engine, a turn that continues the conversation's stored prompt encodes only its new
+part (`prefix_cache.py`); the stored prompt keeps the two thinker layers the talker prompt reads as well.
 Rope offsets are kept per generation and positions are passed explicitly, because the model classes store them on
 the module and interleaved sessions would overwrite each other's.
 """
@@ -34,6 +34,7 @@ from transformers import Cache, PreTrainedTokenizerBase, Qwen3OmniMoeForConditio
 from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import _get_feat_extract_output_lengths
 
 from omnivox.pipeline.engines.base import AudioDelta, Delta, EngineError, ResponseRequest, TextDelta, Usage
+from omnivox.pipeline.engines.prefix_cache import Prefix, PrefixStore, encode_prompt, keep_prompt
 from omnivox.pipeline.engines.qwen_common import (
     ImageFormat,
     IncrementalText,
@@ -115,6 +116,9 @@ class Qwen3OmniOptions:
     batch_sessions: bool = True
     """One step for all active sessions: their code-predictor runs (and, with `static_cache`, their thinker and
     talker steps) go to the GPU as one batch each. False steps the sessions one by one."""
+    prefix_cache_sessions: int = 16
+    """Conversations whose last prompt stays encoded on the GPU (thinker KV, about 0.1 MB per prompt token, plus two
+    thinker layers' states for the talker), so that their next turn prefills only the new part; 0 re-encodes."""
     static_cache: bool = False
     """Decode the thinker and talker of `max_active` sessions on preallocated KV slots with fixed shapes, one
     batched step for all (a MoE step reads the routed experts once for the whole batch). Same tokens as growing
@@ -158,6 +162,8 @@ class Qwen3OmniOptions:
             raise ValueError(f"voice must be one of {VOICES}, got {self.voice!r}")
         if self.static_cache and not self.enable_audio:
             raise ValueError("static_cache holds talker slots too: it needs enable_audio: true")
+        if self.prefix_cache_sessions < 0:
+            raise ValueError("prefix_cache_sessions must be >= 0")
         for name in ("max_active", "max_text_tokens", "max_audio_frames", "static_cache_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -391,6 +397,7 @@ class TurnPlan:
     output_audio: bool
     seed: int | None
     request_id: str = ""
+    conversation_id: str = ""
     stop: tuple[str, ...] = ()
 
 
@@ -436,6 +443,9 @@ class Qwen3Generation:
         self._started = False
         self._finished = False
         self._decoder: Decoder | None = None
+        self._prompt: Prefix | None = None
+        """The encoded prompt, stored for the conversation's next turn when this request ends."""
+        self._cached_tokens = 0
         self.decoding = ""
         """"static" (shared batched slots) or "eager" (growing caches), once the prefill has run."""
         self._thinker_done = False
@@ -454,10 +464,14 @@ class Qwen3Generation:
         return self._finished
 
     def close(self) -> None:
-        """Drop every cache and tensor of this request so its memory (or its slots) can be reused at once."""
+        """Drop every cache and tensor of this request so its memory (or its slots) can be reused at once; the
+        encoded prompt goes back to the conversation's store for its next turn."""
         if self._decoder is not None:
             self._decoder.release()
             self._decoder = None
+        if self._prompt is not None:
+            keep_prompt(self._engine.prefixes, self._plan.conversation_id, self._prompt)
+            self._prompt = None
         self._talker_logits = self._last_frame_embedding = None
         self._codec_bias = self._codes_seen = None
         self._trailing_text = []
@@ -522,20 +536,35 @@ class Qwen3Generation:
     # ---------------------------------------------------------------------------------------------- thinker
     def _prefill(self, deltas: list[Delta]) -> FrameRequest | None:
         inputs = self._plan.inputs.tensors(self._device, self._dtype)
-        thinker = self._model.thinker
-        out = thinker(**inputs, use_cache=True, output_hidden_states=self._audio)
+        encoded = encode_prompt(
+            self._model.thinker,
+            self._engine.prefixes,
+            self._plan.conversation_id,
+            inputs,
+            self._plan.inputs.audio_keys,
+            talker_states=self._audio,
+        )
+        out, self._cached_tokens = encoded.output, encoded.start
+        talker_states = None
+        if self._audio:  # the embeddings and the talker's accepted layer, for every prompt position
+            layer = self._config.talker_config.accept_hidden_layer
+            talker_states = torch.cat([out.hidden_states[0], out.hidden_states[layer]])
+            if encoded.reused is not None and encoded.reused.talker_states is not None:
+                talker_states = torch.cat([encoded.reused.talker_states, talker_states], dim=1)
+        ids = self._plan.inputs.input_ids[0].tolist()
+        self._prompt = Prefix(ids, self._plan.inputs.audio_keys, out.past_key_values, talker_states)
         self._decoder = self._engine.acquire_decoder(
             prompt_tokens=self._plan.inputs.prompt_tokens,
             answer_tokens=self._plan.max_text_tokens,
             request_id=self._plan.request_id,
         )
         self.decoding = "static" if isinstance(self._decoder, SlotSeats) else "eager"
-        self._decoder.begin_thinker(out.past_key_values, int(thinker.model.rope_deltas.reshape(-1)[0]))
+        self._decoder.begin_thinker(out.past_key_values, encoded.rope_delta)
         self._accept_text(self._text_sampler(out.logits[:, -1], self._history_tensor()), deltas)
-        if not self._audio:
+        if talker_states is None:
             self._finish_if_done(deltas)
             return None
-        hidden = self._talker_prefill(inputs, out.hidden_states)
+        hidden = self._talker_prefill(inputs, talker_states)
         return FrameRequest(hidden, self._pick_first_code())
 
     def _accept_text(self, token: int, deltas: list[Delta]) -> None:
@@ -559,11 +588,10 @@ class Qwen3Generation:
         return self._model.talker.text_projection(embedding)
 
     # ----------------------------------------------------------------------------------------------- talker
-    def _talker_prefill(
-        self, inputs: dict[str, torch.Tensor], thinker_hidden: tuple[torch.Tensor, ...]
-    ) -> torch.Tensor:
+    def _talker_prefill(self, inputs: dict[str, torch.Tensor], thinker_states: torch.Tensor) -> torch.Tensor:
         """The talker prompt, as `generate()` builds it: the user turns (text positions projected from the thinker
-        embeddings, audio positions from a middle thinker layer) and the assistant head with the speaker id."""
+        embeddings, audio positions from a middle thinker layer) and the assistant head with the speaker id.
+        `thinker_states` is `[2, prompt, hidden]`: the thinker's embeddings and its accepted layer."""
         model, config = self._model, self._config
         talker, ids = model.talker, inputs["input_ids"]
         thinker_embedding = model.thinker.get_input_embeddings()
@@ -579,8 +607,7 @@ class Qwen3Generation:
         )
         host_ids = self._plan.inputs.input_ids[0]  # turn boundaries are read on the host: no GPU round trips
         user_positions = _user_turn_mask(host_ids, config.im_start_token_id, config.user_token_id).to(self._device)
-        prompt_embeds = thinker_hidden[0]
-        accepted_hidden = thinker_hidden[config.talker_config.accept_hidden_layer]
+        prompt_embeds, accepted_hidden = thinker_states[:1], thinker_states[1:]
         user_part = model._get_talker_user_parts(0, ids.shape[1], multimodal, accepted_hidden, prompt_embeds)
         assistant_start = int(torch.nonzero(host_ids == config.im_start_token_id)[-1])  # "<|im_start|>assistant\n"
         first_text = thinker_embedding(torch.tensor([self.text_ids[:1]], device=self._device))
@@ -645,7 +672,13 @@ class Qwen3Generation:
             if tail:
                 deltas.append(TextDelta(tail))
             output_tokens = sum(1 for token in self.text_ids if token not in self._eos_ids)
-            deltas.append(Usage(input_tokens=self._plan.inputs.prompt_tokens, output_tokens=output_tokens))
+            deltas.append(
+                Usage(
+                    input_tokens=self._plan.inputs.prompt_tokens,
+                    output_tokens=output_tokens,
+                    cached_input_tokens=self._cached_tokens,
+                )
+            )
             self.close()
 
 
@@ -860,6 +893,7 @@ class Qwen3OmniEngine(QwenOmniEngine):
     def __init__(self, model: str = DEFAULT_MODEL, **options: Any) -> None:
         self.options = options_from_mapping(Qwen3OmniOptions, options, engine=ENGINE_NAME)
         super().__init__(model, self.options)
+        self.prefixes = PrefixStore(self.options.prefix_cache_sessions)
         self._code_predictor: CodePredictor | None = None
 
     @property
@@ -959,6 +993,7 @@ class Qwen3OmniEngine(QwenOmniEngine):
             output_audio=request.output_audio,
             seed=sampling.seed,
             request_id=request.request_id,
+            conversation_id=request.conversation_id,
             stop=sampling.stop,
         )
 

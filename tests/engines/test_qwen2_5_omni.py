@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import io
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -12,10 +11,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import pytest
 import torch
+from tiny_common import png_image
 from tiny_models import OnlyCodes
 from transformers import LogitsProcessorList, WhisperFeatureExtractor
 
@@ -394,24 +393,13 @@ def test_audio_features_equal_the_official_30_s_padding_on_every_valid_frame(eng
         )
 
 
-def png(height: int, width: int) -> bytes:
-    pixels = (np.random.default_rng(0).random((height, width, 3)) * 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="image2pipe") as container:
-        stream = container.add_stream("png")
-        stream.width, stream.height, stream.pix_fmt = width, height, "rgb24"
-        for packet in [*stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")), *stream.encode()]:
-            container.mux(packet)
-    return buffer.getvalue()
-
-
 @pytest.mark.slow
 def test_an_image_in_the_conversation_is_seen_by_the_thinker(tiny_qwen2_5_dir: Path) -> None:
     """generate() itself cannot take images with audio output in transformers 5.23 (it passes pixel_values to the
     talker), so the streamed text is checked against the thinker's own generate()."""
     engine = started(tiny_qwen2_5_dir, max_text_tokens=12, max_audio_codes=60, **GREEDY)
     request = ResponseRequest(
-        messages=(Message("user", (ImagePart(png(60, 90)), AudioPart(tone(1.0)))),),
+        messages=(Message("user", (ImagePart(png_image(60, 90)), AudioPart(tone(1.0)))),),
         sampling=SamplingParams(temperature=0.0),
     )
     plan = engine.prepare(request)

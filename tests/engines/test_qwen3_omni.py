@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import pytest
 import torch
+from tiny_common import png_image
 from tiny_qwen3 import build_tiny_qwen3
 from transformers import PreTrainedTokenizerBase, Qwen3OmniMoeForConditionalGeneration
 
@@ -238,19 +237,8 @@ def test_a_turn_with_only_instructions_is_answered_in_speech(tiny: Tiny) -> None
     assert audio.shape[0] == SAMPLES_PER_FRAME * 4 - WINDOW_TAIL
 
 
-def _png(height: int, width: int) -> bytes:
-    pixels = (np.random.default_rng(0).random((height, width, 3)) * 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="image2pipe") as container:
-        stream = container.add_stream("png")
-        stream.width, stream.height, stream.pix_fmt = width, height, "rgb24"
-        for packet in [*stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")), *stream.encode()]:
-            container.mux(packet)
-    return buffer.getvalue()
-
-
 def test_an_image_with_audio_equals_generate(tiny: Tiny) -> None:
-    request = _request(Message("user", (ImagePart(_png(64, 96)), AudioPart(_tone(1.0, 220)))))
+    request = _request(Message("user", (ImagePart(png_image(64, 96)), AudioPart(_tone(1.0, 220)))))
     plan = tiny.engine().prepare(request)
     expected = _generate(tiny, request, text_tokens=MAX_TEXT_TOKENS, frames=10)
     generation = _generation(tiny, request, max_audio_frames=10)

@@ -1,4 +1,4 @@
-"""What the tiny random Qwen2.5-Omni and Qwen3-Omni share: the offline tokenizer and the encoder configs.
+"""What the tiny random Qwen2.5-Omni and Qwen3-Omni share: the offline tokenizer, the encoder configs, test images.
 
 Both families use a Qwen2 byte-level tokenizer and the same Whisper-style audio encoder and ViT vision encoder
 shapes, so the tiny builders take these from one place and add only their own special tokens and config keys.
@@ -6,8 +6,11 @@ shapes, so the tiny builders take these from one place and add only their own sp
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
+import av
+import numpy as np
 from tokenizers import AddedToken
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import PreTrainedTokenizerBase, Qwen2Tokenizer
@@ -55,3 +58,15 @@ def tiny_vision_config(**extra: Any) -> dict[str, Any]:
         "out_hidden_size": HIDDEN,
         **extra,
     }
+
+
+def png_image(height: int, width: int) -> bytes:
+    """A seeded random RGB picture encoded as PNG (what a client sends as an image part)."""
+    pixels = (np.random.default_rng(0).random((height, width, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="image2pipe") as container:
+        stream = container.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = width, height, "rgb24"
+        for packet in [*stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")), *stream.encode()]:
+            container.mux(packet)
+    return buffer.getvalue()

@@ -69,7 +69,7 @@ from omnivox.pipeline.engines.qwen_common import (
     text_position,
 )
 from omnivox.pipeline.engines.scheduler import StepBatch
-from omnivox.pipeline.engines.slots import Decoder, GrowingCaches, SlotBatch, SlotPool, SlotSeats
+from omnivox.pipeline.engines.slots import Decoder, GrowingCaches, SlotPool, SlotSeats
 from omnivox.pipeline.engines.stepping import StepPlan, run_steps
 
 log = logging.getLogger(__name__)
@@ -241,41 +241,21 @@ class Qwen25SlotPool(SlotPool):
     `cuda_graphs`) and one head, whatever the number of sessions in it.
     """
 
-    def __init__(
-        self,
-        model: Qwen2_5OmniForConditionalGeneration,
-        *,
-        slots: int,
-        thinker_tokens: int,
-        talker_tokens: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        graphs: bool,
-    ) -> None:
-        thinker, talker = model.thinker, model.talker
-        self._text_embed, self._lm_head = thinker.get_input_embeddings(), thinker.lm_head
-        self._codec_embed, self._codec_head = talker.get_input_embeddings(), talker.codec_head
-        self._to_talker = talker.thinker_to_talker_proj
-        self._device = device
-        shared = {"slots": slots, "dtype": dtype, "device": device, "graphs": graphs}
-        self.thinker = SlotBatch(thinker.model.language_model, name="thinker", tokens=thinker_tokens, **shared)
-        self.talker = SlotBatch(talker.model, name="talker", tokens=talker_tokens, **shared)
+    def __init__(self, model: Qwen2_5OmniForConditionalGeneration, **options: Any) -> None:
+        super().__init__(model, **options)
+        self._codec_embed, self._to_talker = model.talker.get_input_embeddings(), model.talker.thinker_to_talker_proj
 
     def run(self, part: str, calls: list[Any]) -> list[Any]:
-        slots = [args[0] for args in calls]
         if part == "thinker":
-            tokens = torch.tensor([[args[1]] for args in calls], device=self._device)
-            embeds = self._text_embed(tokens)
-            hidden = self.thinker.step(slots, embeds)
-            logits = self._lm_head(hidden)
+            embeds, hidden, logits = self.thinker_step(calls)
             replies = hidden + embeds[:, -1]
             return [
                 (replies[row : row + 1] if args[2] else None, logits[row : row + 1]) for row, args in enumerate(calls)
             ]
-        codes = torch.tensor([[args[1]] for args in calls], device=self._device)
+        codes = torch.tensor([[args[1]] for args in calls], device=self.device)
         replies = torch.cat([args[2].reshape(1, 1, -1) for args in calls])
-        hidden = self.talker.step(slots, self._to_talker(self._codec_embed(codes) + replies))
-        logits = self._codec_head(hidden).float()
+        hidden = self.talker.step([args[0] for args in calls], self._to_talker(self._codec_embed(codes) + replies))
+        logits = self.codec_head(hidden).float()
         return [logits[row : row + 1] for row in range(len(calls))]
 
 

@@ -52,7 +52,7 @@ from omnivox.pipeline.engines.qwen_common import (
     text_position,
 )
 from omnivox.pipeline.engines.scheduler import StepBatch
-from omnivox.pipeline.engines.slots import Decoder, GrowingCaches, SlotBatch, SlotPool, SlotSeats
+from omnivox.pipeline.engines.slots import Decoder, GrowingCaches, SlotPool, SlotSeats
 from omnivox.pipeline.engines.stepping import Call, StepPlan, run_steps
 
 log = logging.getLogger(__name__)
@@ -352,36 +352,12 @@ class EagerDecoder(GrowingCaches):
 class Qwen3SlotPool(SlotPool):
     """Qwen3's decode slots: the thinker and talker steps of every session at once."""
 
-    def __init__(
-        self,
-        model: Qwen3OmniMoeForConditionalGeneration,
-        *,
-        slots: int,
-        thinker_tokens: int,
-        talker_tokens: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        graphs: bool,
-    ) -> None:
-        thinker, talker = model.thinker, model.talker
-        self._text_embed, self._lm_head, self._codec_head = (
-            thinker.get_input_embeddings(),
-            thinker.lm_head,
-            talker.codec_head,
-        )
-        self._device = device
-        shared = {"slots": slots, "dtype": dtype, "device": device, "graphs": graphs}
-        self.thinker = SlotBatch(thinker.model.language_model, name="thinker", tokens=thinker_tokens, **shared)
-        self.talker = SlotBatch(talker.model, name="talker", tokens=talker_tokens, **shared)
-
     def run(self, part: str, calls: list[Any]) -> list[Any]:
-        slots = [args[0] for args in calls]
         if part == "thinker":
-            tokens = torch.tensor([[args[1]] for args in calls], device=self._device)
-            logits = self._lm_head(self.thinker.step(slots, self._text_embed(tokens)))
+            logits = self.thinker_step(calls)[2]
             return [logits[row : row + 1] for row in range(len(calls))]
-        hidden = self.talker.step(slots, torch.cat([args[1] for args in calls]))
-        logits = self._codec_head(hidden).float()
+        hidden = self.talker.step([args[0] for args in calls], torch.cat([args[1] for args in calls]))
+        logits = self.codec_head(hidden).float()
         return [(hidden[row : row + 1, None], logits[row : row + 1]) for row in range(len(calls))]
 
 

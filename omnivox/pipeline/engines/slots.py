@@ -179,10 +179,39 @@ class SlotBatch:
 
 
 class SlotPool(ABC):
-    """An engine's decode slots: a thinker and a talker `SlotBatch`, answering the calls of every session at once."""
+    """An engine's decode slots: a thinker and a talker `SlotBatch`, answering the calls of every session at once.
 
-    thinker: SlotBatch
-    talker: SlotBatch
+    Both Qwen-Omni families keep the decoder stacks at `thinker.model.language_model` and `talker.model`.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        slots: int,
+        thinker_tokens: int,
+        talker_tokens: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        graphs: bool,
+    ) -> None:
+        thinker, talker = model.thinker, model.talker
+        self.text_embed, self.lm_head, self.codec_head = (
+            thinker.get_input_embeddings(),
+            thinker.lm_head,
+            talker.codec_head,
+        )
+        self.device = device
+        shared: dict[str, Any] = {"slots": slots, "dtype": dtype, "device": device, "graphs": graphs}
+        self.thinker = SlotBatch(thinker.model.language_model, name="thinker", tokens=thinker_tokens, **shared)
+        self.talker = SlotBatch(talker.model, name="talker", tokens=talker_tokens, **shared)
+
+    def thinker_step(self, calls: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One batched thinker step for calls `(slot, token, ...)`: (input embeddings, last hidden states, logits)."""
+        tokens = torch.tensor([[args[1]] for args in calls], device=self.device)
+        embeds = self.text_embed(tokens)
+        hidden = self.thinker.step([args[0] for args in calls], embeds)
+        return embeds, hidden, self.lm_head(hidden)
 
     @abstractmethod
     def run(self, part: str, calls: list[Any]) -> list[Any]:

@@ -34,6 +34,14 @@ StepPlan = Generator[Call, Any, list[Delta]]
 """One step of one generation: yields its model calls, returns the step's deltas."""
 
 
+def only_result(results: list[list[Delta] | BaseException]) -> list[Delta]:
+    """The deltas of a step run for one generation alone, raising what failed it."""
+    (result,) = results
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 def run_steps(plans: Sequence[StepPlan], part_order: Sequence[str]) -> list[list[Delta] | BaseException]:
     """Advance every plan to its end; returns each step's deltas, or the exception that ended it.
 

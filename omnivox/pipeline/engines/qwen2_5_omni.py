@@ -70,7 +70,7 @@ from omnivox.pipeline.engines.qwen_common import (
 )
 from omnivox.pipeline.engines.scheduler import StepBatch
 from omnivox.pipeline.engines.slots import Decoder, GrowingCaches, SlotPool, SlotSeats
-from omnivox.pipeline.engines.stepping import StepPlan, run_steps
+from omnivox.pipeline.engines.stepping import StepPlan, only_result, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -344,10 +344,7 @@ class Qwen25Generation:
 
     def step(self) -> list[Delta]:
         """One step of this generation alone."""
-        result = step_generations([self])[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result
+        return only_result(step_generations([self]))
 
     def plan_step(self) -> StepPlan:
         deltas: list[Delta] = []

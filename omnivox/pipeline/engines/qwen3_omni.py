@@ -53,7 +53,7 @@ from omnivox.pipeline.engines.qwen_common import (
 )
 from omnivox.pipeline.engines.scheduler import StepBatch
 from omnivox.pipeline.engines.slots import Decoder, GrowingCaches, SlotPool, SlotSeats
-from omnivox.pipeline.engines.stepping import Call, StepPlan, run_steps
+from omnivox.pipeline.engines.stepping import Call, StepPlan, only_result, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -456,10 +456,7 @@ class Qwen3Generation:
 
     def step(self) -> list[Delta]:
         """One step of this generation alone."""
-        result = step_generations([self])[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result
+        return only_result(step_generations([self]))
 
     def plan_step(self) -> StepPlan:
         deltas: list[Delta] = []

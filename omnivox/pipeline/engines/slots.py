@@ -119,6 +119,9 @@ class SlotBatch:
         self._lengths[slot], self._rope_deltas[slot] = length, rope_delta
         return slot
 
+    def is_full(self, slot: int) -> bool:
+        return self._lengths[slot] >= self.tokens
+
     def release(self, slot: int) -> None:
         """Free a slot for the next request (its stale KV is hidden by the mask)."""
         self._mask[slot].zero_()
@@ -128,30 +131,25 @@ class SlotBatch:
 
     def step(self, slots: Sequence[int], embeds: torch.Tensor) -> torch.Tensor:
         """Feed one input embedding `[len(slots), 1, hidden]` to each listed slot; returns their last hidden
-        states `[len(slots), hidden]` in the same order."""
-        for slot in slots:
-            if self._lengths[slot] >= self.tokens:
-                raise EngineError(f"a {self.name} sequence outgrew its slot ({self.tokens} tokens)")
-        rows = torch.tensor(slots, dtype=torch.long)
-        lengths = torch.tensor([self._lengths[slot] for slot in slots], dtype=torch.long)
-        positions = lengths + torch.tensor([self._rope_deltas[slot] for slot in slots], dtype=torch.long)
-        write = torch.full((self.slots,), self._scratch, dtype=torch.long)
-        write[rows] = lengths
+        states `[len(slots), hidden]` in the same order. A full slot is the caller's to refuse (`is_full`)."""
+        lengths = [self._lengths[slot] for slot in slots]
+        write = [self._scratch] * self.slots
+        for slot, length in zip(slots, lengths, strict=True):
+            write[slot] = length
+            self._lengths[slot] = length + 1
         device = self._write.device
-        self._write.copy_(write.to(device, non_blocking=True))
+        rows = torch.tensor(slots, dtype=torch.long, device=device)
+        at = torch.tensor(lengths, dtype=torch.long, device=device)
+        self._write.copy_(torch.tensor(write, dtype=torch.long))
         self._embeds.zero_()
-        self._embeds[rows.to(device)] = embeds.to(self._embeds.dtype)
+        self._embeds[rows] = embeds.to(self._embeds.dtype)
         self._positions.zero_()
-        self._positions[:, rows.to(device), 0] = positions.to(device)
-        self._mask[rows.to(device), 0, 0, lengths.to(device)] = True
-        for slot in slots:
-            self._lengths[slot] += 1
+        self._positions[:, rows, 0] = at + torch.tensor([self._rope_deltas[slot] for slot in slots], device=device)
+        self._mask[rows, 0, 0, at] = True
         if self._graph is not None and self._hidden is not None:
             self._graph.replay()
-            hidden = self._hidden
-        else:
-            hidden = self._forward()
-        return hidden[rows.to(device)]
+            return self._hidden[rows]
+        return self._forward()[rows]
 
     def _forward(self) -> torch.Tensor:
         return self._body(
@@ -232,7 +230,10 @@ class SlotSeats:
         self._slots["talker"] = self._pool.talker.admit(cache, rope_delta)
 
     def call(self, part: str, *args: Any) -> Call:
-        return Call(self._pool, part, (self._slots[part], *args))
+        slot, batch = self._slots[part], self._pool.thinker if part == "thinker" else self._pool.talker
+        if batch.is_full(slot):  # refused here, so the other sessions of the batch go on
+            raise EngineError(f"the {part} sequence outgrew its slot ({batch.tokens} tokens)")
+        return Call(self._pool, part, (slot, *args))
 
     def end_talker(self) -> None:
         if "talker" in self._slots:

@@ -6,15 +6,18 @@ import asyncio
 import fractions
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aioice.ice
+import aioice.stun
 import av
 import httpx
 import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from prometheus_client.parser import text_string_to_metric_families
 
 from omnivox.pipeline.audio import float_to_pcm16, resample, synthesize_speech
 from omnivox.pipeline.engines.scripted import ScriptedEngine
@@ -24,6 +27,7 @@ pytestmark = pytest.mark.slow
 RATE = 48_000
 FRAME = 960
 SHORT_REPLY = "Hello there, how are you today?"
+TINY_REPLY = "Hi there."
 LONG_REPLY = " ".join(["This is a long answer that keeps going so that the caller can interrupt it."] * 4)
 
 
@@ -96,26 +100,28 @@ class Peer:
             self.received.append((time.monotonic(), pcm.reshape(-1, channels).mean(axis=1)))
             self.received_pts.append(int(frame.pts))
 
+    async def offer(self) -> str:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.pc.localDescription.sdp
+
     async def connect(
         self,
         server: RunningServer,
         *,
+        path: str = "/v1/realtime/calls",
         multipart: bool = False,
         headers: dict[str, str] | None = None,
         session: dict[str, Any] | None = None,
     ) -> httpx.Response:
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        offer = self.pc.localDescription.sdp
+        offer = await self.offer()
         async with httpx.AsyncClient(base_url=server.http_url, timeout=20) as client:
             if multipart:
                 files = {"sdp": (None, offer)}
                 if session is not None:
                     files["session"] = (None, json.dumps(session))
-                response = await client.post("/v1/realtime/calls", files=files, headers=headers)
+                response = await client.post(path, files=files, headers=headers)
             else:
-                response = await client.post(
-                    "/v1/realtime/calls", content=offer, headers={"Content-Type": "application/sdp", **(headers or {})}
-                )
+                response = await post_offer(client, offer, path, headers)
         if response.status_code == 201:
             await self.pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
         return response
@@ -129,10 +135,47 @@ class Peer:
     def send(self, event: dict[str, Any]) -> None:
         self.channel.send(json.dumps(event))
 
+    def ask(self, text: str) -> None:
+        """A typed user turn, then a request for the agent's spoken answer."""
+        content = [{"type": "input_text", "text": text}]
+        self.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": content}})
+        self.send({"type": "response.create"})
+
     async def close(self) -> None:
         await self.pc.close()
         for task in self.tasks:
             task.cancel()
+
+
+async def post_offer(
+    client: httpx.AsyncClient, offer: str, path: str = "/v1/realtime/calls", headers: dict[str, str] | None = None
+) -> httpx.Response:
+    return await client.post(path, content=offer, headers={"Content-Type": "application/sdp", **(headers or {})})
+
+
+def without_lines(sdp: str, prefix: str) -> str:
+    return "".join(line for line in sdp.splitlines(keepends=True) if not line.startswith(prefix))
+
+
+async def settles(check: Callable[[], bool], timeout: float = 5) -> bool:
+    """Polls until `check()` holds; False if it still does not after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def scrape(server: RunningServer, name: str, **labels: str) -> float:
+    """One sample of `GET /metrics`, read the way an operator's Prometheus reads it."""
+    async with httpx.AsyncClient(base_url=server.http_url) as client:
+        text = (await client.get("/metrics")).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    raise KeyError(f"{name}{labels} is not in /metrics")
 
 
 def speech_48k(text: str) -> np.ndarray:
@@ -238,9 +281,92 @@ async def test_multipart_offer_with_session_and_auth() -> None:
                     f"/v1/realtime/calls/{call_id}/hangup", headers={"Authorization": "Bearer sk-rtc"}
                 )
             assert hangup.status_code == 200
-            deadline = time.monotonic() + 5
-            while server.state.sessions_open and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert server.state.sessions_open == 0
+            assert await settles(lambda: server.state.sessions_open == 0)
         finally:
+            await peer.close()
+
+
+async def test_beta_route_speaks_the_beta_dialect() -> None:
+    """Clients of the beta SDP flow (`POST /v1/realtime?model=…`) parse beta event names and session shapes."""
+    with running_server(scripted_config(), ScriptedEngine(reply=TINY_REPLY)) as server:
+        peer = Peer()
+        try:
+            response = await peer.connect(server, path="/v1/realtime?model=gpt-4o-realtime-preview")
+            assert response.status_code == 201
+            assert response.headers["content-type"].startswith("application/sdp")
+            created = await peer.wait_for("session.created", timeout=10)
+            peer.send({"type": "session.update", "session": {"voice": "ash", "modalities": ["text", "audio"]}})
+            updated = await peer.wait_for("session.updated")
+            peer.ask("Hi")
+            done = await peer.wait_for("response.done")
+        finally:
+            await peer.close()
+    assert peer.events[0]["type"] == "session.created"
+    session = created["session"]
+    assert session["object"] == "realtime.session"
+    assert session["model"] == "gpt-4o-realtime-preview"
+    assert session["modalities"] == ["text", "audio"]
+    assert "audio" not in session and "type" not in session
+    assert updated["session"]["voice"] == "ash"
+    types = [e["type"] for e in peer.events]
+    assert "error" not in types
+    assert "conversation.item.created" in types
+    assert "response.audio_transcript.done" in types
+    for ga_only in ("conversation.item.added", "conversation.item.done", "response.output_audio_transcript.done"):
+        assert ga_only not in types, ga_only
+    assert done["response"]["status"] == "completed"
+    assert done["response"]["modalities"] == ["text", "audio"]
+    assert done["response"]["output"][0]["content"][0]["type"] == "audio"
+
+
+async def test_offer_beyond_max_sessions_is_refused_and_the_open_call_goes_on() -> None:
+    """A full server answers a further offer with 429 and an OpenAI error body a client can show, without
+    disturbing the call it is already serving."""
+    config = scripted_config(server={"max_sessions": 1})
+    with running_server(config, ScriptedEngine(reply=TINY_REPLY)) as server:
+        first, second = Peer(), Peer()
+        try:
+            assert (await first.connect(server)).status_code == 201
+            await first.wait_for("session.created", timeout=10)
+            refused = await second.connect(server)
+            assert refused.status_code == 429
+            assert refused.headers["content-type"].startswith("application/json")
+            error = refused.json()["error"]
+            assert error["type"] == "rate_limit_error"
+            assert error["code"] == "session_limit_reached"
+            assert "1 sessions" in error["message"]
+            first.ask("Hi")
+            done = await first.wait_for("response.done")
+            await first.wait_for("output_audio_buffer.stopped")
+            assert server.state.sessions_open == 1
+            assert await scrape(server, "omnivox_sessions_active", door="webrtc") == 1
+            assert await scrape(server, "omnivox_sessions_rejected_total", door="webrtc", reason="limit") == 1
+        finally:
+            await first.close()
+            await second.close()
+    assert done["response"]["status"] == "completed"
+    assert any(is_loud for _, is_loud in loud_frames(first))
+
+
+async def test_failed_ice_closes_the_call_and_frees_its_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An offer whose candidates the server cannot reach (here the caller's ports are already closed) fails
+    ICE; that call must give its session slot back, or a server at `max_sessions` would refuse every later caller."""
+    monkeypatch.setattr(aioice.stun, "RETRY_RTO", 0.1)
+    monkeypatch.setattr(aioice.stun, "RETRY_MAX", 1)
+    config = scripted_config(server={"max_sessions": 1})
+    with running_server(config, ScriptedEngine(reply=TINY_REPLY)) as server:
+        ghost, peer = Peer(), Peer()
+        try:
+            offer = await ghost.offer()
+            await ghost.close()
+            async with httpx.AsyncClient(base_url=server.http_url, timeout=20) as client:
+                answered = await post_offer(client, offer)
+            assert answered.status_code == 201
+            assert await settles(lambda: server.state.sessions_open == 0)
+            assert not server.app.state.webrtc_calls
+            assert await scrape(server, "omnivox_sessions_active", door="webrtc") == 0
+            assert (await peer.connect(server)).status_code == 201
+            await peer.wait_for("session.created", timeout=10)
+        finally:
+            await ghost.close()
             await peer.close()

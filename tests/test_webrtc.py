@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from omnivox.pipeline.audio import float_to_pcm16, resample, synthesize_speech
 from omnivox.pipeline.engines.scripted import ScriptedEngine
+from omnivox.server import webrtc
 from tests.server_helpers import RunningServer, running_server, scripted_config
 
 pytestmark = pytest.mark.slow
@@ -367,6 +368,40 @@ async def test_failed_ice_closes_the_call_and_frees_its_slot(monkeypatch: pytest
             assert await scrape(server, "omnivox_sessions_active", door="webrtc") == 0
             assert (await peer.connect(server)).status_code == 201
             await peer.wait_for("session.created", timeout=10)
+        finally:
+            await ghost.close()
+            await peer.close()
+
+
+@pytest.mark.parametrize(
+    "dropped", ["a=end-of-candidates", "a=candidate:"], ids=["browser-offer-without-end", "offer-without-candidates"]
+)
+async def test_peer_that_never_connects_is_hung_up_and_connected_calls_are_not(
+    monkeypatch: pytest.MonkeyPatch, dropped: str
+) -> None:
+    """ICE neither fails nor even starts for these offers once the caller has gone away (browsers' offers carry
+    no end-of-candidates): the server hangs up calls not connected in time, and leaves connected calls alone."""
+    monkeypatch.setattr(webrtc, "CONNECT_TIMEOUT_S", 1.5)
+    config = scripted_config(server={"max_sessions": 1})
+    with running_server(config, ScriptedEngine(reply=TINY_REPLY)) as server:
+        ghost, peer = Peer(), Peer()
+        try:
+            async with httpx.AsyncClient(base_url=server.http_url, timeout=20) as client:
+                answered = await post_offer(client, without_lines(await ghost.offer(), dropped))
+            await ghost.close()
+            assert answered.status_code == 201
+            assert server.state.sessions_open == 1
+            assert await settles(lambda: server.state.sessions_open == 0)
+            assert not server.app.state.webrtc_calls
+            assert await scrape(server, "omnivox_sessions_active", door="webrtc") == 0
+            assert (await peer.connect(server)).status_code == 201
+            answered_at = time.monotonic()
+            await peer.wait_for("session.created", timeout=10)
+            await asyncio.sleep(max(0.0, answered_at + 1.8 - time.monotonic()))
+            peer.send({"type": "session.update", "session": {"type": "realtime", "instructions": "still here"}})
+            updated = await peer.wait_for("session.updated")
+            assert updated["session"]["instructions"] == "still here"
+            assert server.state.sessions_open == 1
         finally:
             await ghost.close()
             await peer.close()

@@ -405,3 +405,22 @@ async def test_peer_that_never_connects_is_hung_up_and_connected_calls_are_not(
         finally:
             await ghost.close()
             await peer.close()
+
+
+async def test_unusable_offer_is_refused_without_leaving_a_call_behind() -> None:
+    """A 400 for an offer the server cannot negotiate must also drop the half-built call and its peer
+    connection: otherwise every bad POST leaves one behind for the life of the server."""
+    config = scripted_config(server={"max_sessions": 1})
+    with running_server(config, ScriptedEngine(reply=TINY_REPLY)) as server:
+        peer = Peer()
+        try:
+            async with httpx.AsyncClient(base_url=server.http_url, timeout=20) as client:
+                refused = await post_offer(client, "v=0\r\ns=not an offer\r\n")
+            assert refused.status_code == 400
+            assert refused.json()["error"]["code"] == "invalid_offer"
+            assert not server.app.state.webrtc_calls
+            assert server.state.sessions_open == 0
+            assert (await peer.connect(server)).status_code == 201
+            await peer.wait_for("session.created", timeout=10)
+        finally:
+            await peer.close()

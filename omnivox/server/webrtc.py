@@ -212,16 +212,16 @@ async def create_call(request: Request) -> Response:
         offer, session_update = await _read_offer(request)
     except (ValueError, UnicodeDecodeError) as exc:
         return _error(400, str(exc), "invalid_offer")
-    slot = state.session_slot(DOOR)
+    slot = contextlib.ExitStack()
     try:
-        slot.__enter__()
+        slot.enter_context(state.session_slot(DOOR))
     except SessionLimitReached as exc:
         return _error(429, str(exc), "session_limit_reached", "rate_limit_error")
     dialect = Dialect.BETA if request.url.path.rstrip("/").endswith("/v1/realtime") else Dialect.GA
     try:
-        call = await _answer(request, state, offer, session_update, dialect, lambda: slot.__exit__(None, None, None))
+        call = await _answer(request, state, offer, session_update, dialect, slot.close)
     except Exception as exc:
-        slot.__exit__(None, None, None)
+        slot.close()
         log.warning("WebRTC offer refused: %s", exc)
         return _error(400, f"could not accept the SDP offer: {exc}", "invalid_offer")
     answer = call.pc.localDescription
@@ -306,8 +306,12 @@ async def _answer(
             await call.close(calls)
 
     pc.addTrack(track)
-    await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
-    await pc.setLocalDescription(await pc.createAnswer())
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+        await pc.setLocalDescription(await pc.createAnswer())
+    except Exception:
+        await call.close(calls)
+        raise
     if session_update:
         runner.feed(ClientEvent("session.update", {"session": {"type": "realtime", **session_update}}))
     call.tasks.append(asyncio.ensure_future(runner.run()))

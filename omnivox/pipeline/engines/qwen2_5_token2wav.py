@@ -6,8 +6,11 @@ so speech can start while the talker is still writing codes.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -94,6 +97,24 @@ class DitSolver:
         return graph, buffers, output
 
 
+class ChunkBounds(NamedTuple):
+    """One chunk of the schedule in mel frames: it keeps [start, end), and its DiT run waits for `look_ahead` more."""
+
+    start: int
+    end: int
+    look_ahead: int
+
+    @property
+    def window_start(self) -> int:
+        """The DiT window reaches back 48 mel of past context, or to the utterance's start."""
+        return max(self.start - Token2WavStream.PAST_MEL, 0)
+
+    @property
+    def window(self) -> int:
+        """The DiT window length (mel) of this chunk when it is not the utterance's last."""
+        return self.end + self.look_ahead - self.window_start
+
+
 class Token2WavStream:
     """Codec codes in, 24 kHz PCM out, chunk by chunk, in the official Qwen2.5-Omni streaming schedule.
 
@@ -102,13 +123,20 @@ class Token2WavStream:
     slice of one noise tensor drawn for the whole utterance, so overlapping windows agree. BigVGAN runs on the last
     40 mel of the previous chunk plus the new ones and the 20 mel at each edge are dropped (the edges of a
     convolution stack are wrong), except at the very start and end. Every code thus yields exactly 480 samples.
+
+    Chunk sizes (see `schedule`): a first chunk of `first_chunk_codes` (trade-off: below 48 codes it loses look-ahead,
+    none at all up to 36 codes, so its last DiT block sees no future), then the kept sizes of `chunk_ramp_mel`, then
+    the official 72 mel. Ramp chunks keep the full past and look-ahead, so they cost no context, only DiT runs: a
+    small first chunk plays out sooner than 72 mel take to arrive, and the ramp bridges that (see `simulate_playout`).
     """
 
     MEL_PER_CODE = 2
+    MEL_PER_SECOND = 100
     CHUNK_MEL = 72
     PAST_MEL = 48
     FUTURE_MEL = 24
     OVERLAP_MEL = 20
+    BLOCK_MEL = 24  # the DiT's attention block: ramp chunks keep whole blocks, so the look-ahead stays one block
     MIN_FIRST_CHUNK_CODES = OVERLAP_MEL  # the first chunk must outlast the BigVGAN overlap it loses at its end
 
     def __init__(
@@ -121,7 +149,10 @@ class Token2WavStream:
         max_codes: int,
         generator: torch.Generator,
         first_chunk_codes: int = 48,
+        chunk_ramp_mel: Sequence[int] = (),
     ) -> None:
+        self._schedule = self.schedule(first_chunk_codes, chunk_ramp_mel)
+        self._bounds = next(self._schedule)  # the chunk being waited for
         self._solver = solver
         self._bigvgan = token2wav.code2wav_bigvgan_model
         self._device = conditioning.device
@@ -132,13 +163,9 @@ class Token2WavStream:
         self.noise = torch.randn(
             1, max_codes * self.MEL_PER_CODE, mel_dim, generator=generator, device=generator.device
         ).to(self._device)
-        first_mel = first_chunk_codes * self.MEL_PER_CODE
-        self._first_look_ahead = min(self.FUTURE_MEL, max(0, first_mel - self.CHUNK_MEL))
-        self._next_end = first_mel - self._first_look_ahead  # end (exclusive) of the chunk being waited for
-        self._start = 0  # start of that chunk
-        self._chunks = 0
         self._codes: list[int] = []
         self._previous_mel: torch.Tensor | None = None
+        self._held_back = torch.zeros(0)  # the last chunk's right BigVGAN edge, voiced by the next chunk
 
     @property
     def codes(self) -> int:
@@ -148,43 +175,71 @@ class Token2WavStream:
         """Add one code; returns the PCM of every chunk that became ready (usually none)."""
         self._codes.append(code)
         ready = []
-        while len(self._codes) * self.MEL_PER_CODE >= self._next_end + self._look_ahead():
+        while len(self._codes) * self.MEL_PER_CODE >= self._bounds.end + self._bounds.look_ahead:
             ready.append(self._chunk(final=False))
         return ready
 
     def flush(self) -> list[np.ndarray]:
         """The rest of the utterance (end of speech)."""
-        if len(self._codes) * self.MEL_PER_CODE <= self._start:
-            return []
-        return [self._chunk(final=True)]
+        if len(self._codes) * self.MEL_PER_CODE > self._bounds.start:
+            return [self._chunk(final=True)]
+        # A first chunk without look-ahead can end exactly at the last code: no new mel, only its held-back edge,
+        # which is the utterance's end, so it is voiced as BigVGAN made it.
+        held_back, self._held_back = self._held_back, self._held_back[:0]
+        return [held_back.float().cpu().numpy()] if held_back.numel() else []
 
     def denoise(self, noise: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Mel `[1, 80, T]` for a noise slice and its codes, with this utterance's speaker."""
         return self._solver.solve(noise, codes, self._conditioning, self._reference_mel)
 
-    @staticmethod
-    def regular_windows(first_chunk_codes: int) -> tuple[int, ...]:
-        """The DiT window lengths (mel) of the first and of the steady chunks: the ones worth a CUDA graph."""
-        first_mel = first_chunk_codes * Token2WavStream.MEL_PER_CODE
-        first_end = first_mel - min(Token2WavStream.FUTURE_MEL, max(0, first_mel - Token2WavStream.CHUNK_MEL))
-        second = min(first_end, Token2WavStream.PAST_MEL) + Token2WavStream.CHUNK_MEL + Token2WavStream.FUTURE_MEL
-        steady = Token2WavStream.PAST_MEL + Token2WavStream.CHUNK_MEL + Token2WavStream.FUTURE_MEL
-        return tuple(sorted({first_mel, second, steady}))
+    @classmethod
+    def check_schedule(cls, first_chunk_codes: int, chunk_ramp_mel: Sequence[int] = ()) -> None:
+        """Raises ValueError for a schedule that would break the 480-samples-per-code join or the look-ahead block."""
+        if first_chunk_codes < cls.MIN_FIRST_CHUNK_CODES:
+            raise ValueError(f"first_chunk_codes must be >= {cls.MIN_FIRST_CHUNK_CODES}, got {first_chunk_codes}")
+        for size in chunk_ramp_mel:
+            if not 0 < size <= cls.CHUNK_MEL or size % cls.BLOCK_MEL:
+                raise ValueError(
+                    f"chunk_ramp_mel sizes must be multiples of {cls.BLOCK_MEL} up to {cls.CHUNK_MEL}, got {size}"
+                )
+
+    @classmethod
+    def schedule(cls, first_chunk_codes: int, chunk_ramp_mel: Sequence[int] = ()) -> Iterator[ChunkBounds]:
+        """Every chunk of an endless utterance, in order: the first, the ramp's, then 72-mel chunks.
+
+        The first chunk waits for `first_chunk_codes` codes and gives up look-ahead to fit in them (the official
+        rule: 72 mel kept, then the rest up to 24 is look-ahead); every later chunk keeps its full 24 of look-ahead.
+        """
+        cls.check_schedule(first_chunk_codes, chunk_ramp_mel)
+        first_mel = first_chunk_codes * cls.MEL_PER_CODE
+        look_ahead = min(cls.FUTURE_MEL, max(0, first_mel - cls.CHUNK_MEL))
+        first = ChunkBounds(0, first_mel - look_ahead, look_ahead)
+        sizes = itertools.chain(chunk_ramp_mel, itertools.repeat(cls.CHUNK_MEL))
+        ends = itertools.accumulate(sizes, initial=first.end)
+        later = (ChunkBounds(start, end, cls.FUTURE_MEL) for start, end in itertools.pairwise(ends))
+        return itertools.chain((first,), later)
+
+    @classmethod
+    def regular_windows(cls, first_chunk_codes: int, chunk_ramp_mel: Sequence[int] = ()) -> tuple[int, ...]:
+        """The DiT window lengths (mel) of every chunk but an utterance's last: the ones worth a CUDA graph.
+
+        From chunk len(ramp) + 2 on (the second 72-mel chunk, which starts past 48 mel) every window is the steady one.
+        """
+        chunks = itertools.islice(cls.schedule(first_chunk_codes, chunk_ramp_mel), len(chunk_ramp_mel) + 3)
+        return tuple(sorted({bounds.window for bounds in chunks}))
 
     def vocode(self, mel: torch.Tensor) -> torch.Tensor:
         return self._bigvgan(mel.float()).reshape(-1)
 
-    def _look_ahead(self) -> int:
-        return self._first_look_ahead if self._chunks == 0 else self.FUTURE_MEL
-
     def _chunk(self, *, final: bool) -> np.ndarray:
+        bounds = self._bounds
         total = len(self._codes) * self.MEL_PER_CODE
-        end = total if final else self._next_end
-        window_start = max(self._start - self.PAST_MEL, 0)
-        window_end = total if final else end + self._look_ahead()
+        end = total if final else bounds.end
+        window_start = bounds.window_start
+        window_end = total if final else end + bounds.look_ahead
         codes = torch.tensor([self._codes[window_start // 2 : window_end // 2]], device=self._device)
         mel = self.denoise(self.noise[:, window_start:window_end], codes)
-        kept = mel[:, :, self._start - window_start : end - window_start]
+        kept = mel[:, :, bounds.start - window_start : end - window_start]
         if self._previous_mel is not None:
             kept = torch.cat([self._previous_mel[:, :, -2 * self.OVERLAP_MEL :], kept], dim=2)
         wav = self.vocode(kept)
@@ -192,6 +247,90 @@ class Token2WavStream:
         first = 0 if self._previous_mel is None else edge
         last = wav.shape[0] if final else wav.shape[0] - edge
         self._previous_mel = kept
-        self._chunks += 1
-        self._start, self._next_end = end, end + self.CHUNK_MEL
+        self._held_back = wav[last:]
+        self._bounds = bounds._replace(start=end) if final else next(self._schedule)
         return wav[first:last].float().cpu().numpy()
+
+
+class PlannedChunk(NamedTuple):
+    """A chunk as playout sees it: it can run once `codes` codes exist, denoises a DiT window of `window` mel (0: no
+    vocoder run, only a held-back edge) and adds `mel` frames of audio."""
+
+    codes: int
+    window: int
+    mel: int
+
+
+def plan_chunks(
+    total_codes: int, first_chunk_codes: int = 48, chunk_ramp_mel: Sequence[int] = ()
+) -> list[PlannedChunk]:
+    """The chunks `Token2WavStream` emits for an utterance of `total_codes` codes, the last one at `flush()`."""
+    total = total_codes * Token2WavStream.MEL_PER_CODE
+    planned: list[PlannedChunk] = []
+    voiced = 0
+    schedule = Token2WavStream.schedule(first_chunk_codes, chunk_ramp_mel)
+    bounds = next(schedule)
+    while bounds.end + bounds.look_ahead <= total:
+        mel = bounds.end - Token2WavStream.OVERLAP_MEL - voiced
+        codes = (bounds.end + bounds.look_ahead) // Token2WavStream.MEL_PER_CODE
+        planned.append(PlannedChunk(codes, bounds.window, mel))
+        voiced += mel
+        bounds = next(schedule)
+    if total > bounds.start:
+        planned.append(PlannedChunk(total_codes, total - bounds.window_start, total - voiced))
+    elif total > voiced:
+        planned.append(PlannedChunk(total_codes, 0, total - voiced))
+    return planned
+
+
+RECOMMENDED_FIRST_CHUNK_CODES = 24
+RECOMMENDED_CHUNK_RAMP_MEL = (24, 24, 48)
+"""First audio after 24 codes with no gap at RTF <= 0.45 and 56-ms vocoder chunks (see `simulate_playout`)."""
+_ROUNDING_SECONDS = 1e-9  # float error in summed times; far below one sample (42 µs)
+
+
+class Playout(NamedTuple):
+    """When speech starts and where it stalls, in seconds (the first code's generation starts at `start_seconds`)."""
+
+    first_audio: float
+    gaps: tuple[tuple[float, float], ...]  # (time playback ran dry, seconds of silence until the next chunk)
+
+
+def simulate_playout(
+    chunks: Sequence[PlannedChunk], code_seconds: float, vocoder_seconds: float, *, start_seconds: float = 0.0
+) -> Playout:
+    """Plays `chunks` out as they are made, to tell whether a schedule is gap-free at a measured speed.
+
+    The model is the engine's decode loop: codes come one after another at `code_seconds` each (real-time factor
+    RTF = code_seconds / 0.02 s), and a chunk's DiT + BigVGAN run (`vocoder_seconds`, whatever its window) holds up
+    the next code, as the vocoder runs inline on the same GPU. Each chunk plays as soon as it is made and the one
+    before it has finished; `start_seconds` (e.g. the prefill) shifts every time. The end-of-speech code is not
+    counted.
+
+    Recommended for the H100 figures of the GPU baseline (thinker + talker in CUDA graphs, DiT bf16 at 5 steps in a
+    graph, about 56 ms per chunk): `RECOMMENDED_FIRST_CHUNK_CODES` = 24 with `RECOMMENDED_CHUNK_RAMP_MEL` =
+    (24, 24, 48). The first chunk plays 0.28 s; the second keeps 24 mel and needs 24 more codes (its end plus 24 of
+    look-ahead), so at RTF 0.45 it is out after 216 + 56 = 272 ms; each later chunk of k mel needs k/2 more codes,
+    and the sizes grow only as fast as the buffered audio allows. This simulator finds no gap for any length up to
+    500 codes while 24 codes plus one chunk fit in 0.28 s: up to 9.3 ms per code (RTF 0.47) with 56-ms chunks, or up
+    to 64 ms per chunk at RTF 0.45 (so an eager BigVGAN, DiT 51 + 30 ms, stalls once for 17 ms). Without the ramp a
+    24-code first chunk stalls at 0.28 s of speech for 64 ms at RTF 0.3 and 208 ms at RTF 0.45; the official 48-code
+    schedule has no gap but speaks 144-216 ms later. Cost: two DiT runs more than the official schedule in the first
+    1.44 s (4 chunks instead of 2); from there on the chunk boundaries are the official ones.
+    """
+    if not chunks:
+        raise ValueError("no chunks to play")
+    clock = start_seconds
+    made = 0
+    first_audio = played_until = math.nan
+    gaps: list[tuple[float, float]] = []
+    for index, chunk in enumerate(chunks):
+        clock += (chunk.codes - made) * code_seconds + (vocoder_seconds if chunk.window else 0.0)
+        made = chunk.codes
+        if index == 0:
+            first_audio = played_until = clock
+        elif clock > played_until + _ROUNDING_SECONDS:
+            gaps.append((played_until, clock - played_until))
+            played_until = clock
+        played_until += chunk.mel / Token2WavStream.MEL_PER_SECOND
+    return Playout(first_audio, tuple(gaps))

@@ -359,6 +359,36 @@ def test_batched_steps_give_each_session_its_own_answer(tiny: Tiny, reference: R
         assert engine.slots is not None and engine.slots.thinker.free_slots == engine.slots.talker.free_slots == 3
 
 
+def test_due_code2wav_windows_of_sessions_are_decoded_together(
+    tiny: Tiny, streamed: tuple[Qwen3Generation, list[list[Delta]]]
+) -> None:
+    """Two callers whose windows fall due in the same step share one code2wav call; each hears its own audio."""
+    other = _request(Message("user", (AudioPart(_tone(2.5, 330)),)))
+    alone = _run(_generation(tiny, other))
+    engine = tiny.engine()
+    batch_sizes: list[int] = []
+    hook = tiny.model.code2wav.register_forward_pre_hook(lambda _, args: batch_sizes.append(args[0].shape[0]))
+    sessions = [engine.make_generation(engine.prepare(request)) for request in (_request(), other)]
+    steps: list[list[list[Delta]]] = [[], []]
+    try:
+        while live := [index for index in range(2) if not sessions[index].finished]:
+            for index, result in zip(live, step_generations([sessions[index] for index in live]), strict=True):
+                assert not isinstance(result, BaseException)
+                steps[index].append(result)
+    finally:
+        hook.remove()
+
+    def error(audio: np.ndarray, expected: np.ndarray) -> float:
+        """Largest difference relative to the signal (the tiny decoder's output is about 1e-7 in size)."""
+        length = min(len(audio), len(expected))
+        return float(np.abs(audio[:length] - expected[:length]).max() / np.abs(expected).max())
+
+    assert 2 in batch_sizes
+    assert len(_audio(steps[0])) == len(_audio(streamed[1])) and len(_audio(steps[1])) == len(_audio(alone))
+    assert error(_audio(steps[0]), _audio(streamed[1])) < 1e-4
+    assert error(_audio(steps[1]), _audio(alone)) < 1e-4
+
+
 def test_a_failed_batched_call_fails_only_its_sessions_and_frees_their_slots(
     tiny: Tiny, reference: Reference, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -520,9 +550,12 @@ def test_code2wav_stream_emits_each_sample_once(tiny: Tiny, first: int, chunk: i
 
     with torch.inference_mode():
         whole = tiny.model.code2wav(frames.T.unsqueeze(0)).reshape(-1).numpy()
-        pieces = [pcm for frame in frames if (pcm := stream.push(frame)) is not None]
-        if (tail := stream.flush()) is not None:
-            pieces.append(tail)
+        windows = [window for frame in frames if (window := stream.add(frame)) is not None]
+        if (tail := stream.rest()) is not None:
+            windows.append(tail)
+        pieces = []
+        for window in windows:  # each window is decoded before the next is handed out, as in a generation
+            pieces.append(stream.audio(tiny.model.code2wav(window)))
     audio = np.concatenate(pieces)
 
     assert pieces[0].shape[0] == first * SAMPLES_PER_FRAME - WINDOW_TAIL
@@ -536,7 +569,8 @@ def test_code2wav_windows_ramp_up_to_the_chunk_size(tiny: Tiny) -> None:
     fired = []
     with torch.inference_mode():
         for index in range(16):
-            if stream.push(torch.zeros(16, dtype=torch.long)) is not None:
+            if (window := stream.add(torch.zeros(16, dtype=torch.long))) is not None:
+                stream.audio(tiny.model.code2wav(window))
                 fired.append(index + 1)
 
     assert fired == [1, 2, 4, 8, 12, 16]

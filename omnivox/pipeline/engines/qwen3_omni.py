@@ -253,6 +253,9 @@ class CausalCode2WavStream:
     new audio starts; the tail missing from one window comes with the next. Window sizes ramp up from
     `first_chunk_frames` (doubling the audio emitted so far) to `chunk_frames`, so a 1-frame first chunk does not
     leave the listener waiting on a full chunk right after it.
+
+    The stream hands out code windows (`add`, `rest`) and takes their decoded waveforms back (`audio`), so the
+    engine can decode the windows of all sessions in one batched code2wav call.
     """
 
     def __init__(
@@ -266,6 +269,7 @@ class CausalCode2WavStream:
         self._samples_per_frame = int(code2wav.total_upsample)
         self._frames: list[torch.Tensor] = []
         self._decoded_frames = 0
+        self._window_start_sample = 0
         self.samples_emitted = 0
 
     @property
@@ -275,26 +279,30 @@ class CausalCode2WavStream:
     def _window_frames(self) -> int:
         return min(self._chunk_frames, max(self._first_chunk_frames, self._decoded_frames))
 
-    def push(self, frame: torch.Tensor) -> np.ndarray | None:
-        """Add one frame of `num_quantizers` codes; returns new PCM when a window is due."""
+    def add(self, frame: torch.Tensor) -> torch.Tensor | None:
+        """Add one frame of `num_quantizers` codes; returns the code window `[1, quantizers, frames]` to decode
+        when one is due."""
         self._frames.append(frame)
         if len(self._frames) - self._decoded_frames >= self._window_frames():
-            return self._decode()
+            return self._window()
         return None
 
-    def flush(self) -> np.ndarray | None:
-        """Decode whatever frames are still pending (end of speech)."""
-        return self._decode() if len(self._frames) > self._decoded_frames else None
+    def rest(self) -> torch.Tensor | None:
+        """The window of whatever frames are still pending (end of speech)."""
+        return self._window() if len(self._frames) > self._decoded_frames else None
 
-    def _decode(self) -> np.ndarray:
-        start = max(0, self._decoded_frames - self._left_context_frames)
-        codes = torch.stack(self._frames[start:], dim=-1).unsqueeze(0)  # [1, quantizers, frames]
-        wav = self._code2wav(codes).reshape(-1)
-        window_start_sample = start * self._samples_per_frame
-        new = wav[self.samples_emitted - window_start_sample :]
-        self._decoded_frames = len(self._frames)
-        self.samples_emitted = window_start_sample + wav.shape[0]
+    def audio(self, wav: torch.Tensor) -> np.ndarray:
+        """The new samples of the last window handed out, from its decoded waveform."""
+        wav = wav.reshape(-1)
+        new = wav[self.samples_emitted - self._window_start_sample :]
+        self.samples_emitted = self._window_start_sample + wav.shape[0]
         return new.float().cpu().numpy()
+
+    def _window(self) -> torch.Tensor:
+        start = max(0, self._decoded_frames - self._left_context_frames)
+        self._window_start_sample = start * self._samples_per_frame
+        self._decoded_frames = len(self._frames)
+        return torch.stack(self._frames[start:], dim=-1).unsqueeze(0)
 
 
 def prewarm_code2wav(code2wav: torch.nn.Module, longest_window: int) -> None:
@@ -311,8 +319,28 @@ def prewarm_code2wav(code2wav: torch.nn.Module, longest_window: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- decode steps
-DECODE_ORDER = ("thinker", "talker", "predictor")
-"""Within one step: the thinker's token is the talker's text input, and the talker's state feeds the predictor."""
+DECODE_ORDER = ("thinker", "talker", "predictor", "code2wav")
+"""Within one step: the thinker's token is the talker's text input, the talker's state feeds the predictor, whose
+frame may complete a code2wav window."""
+
+
+class Code2WavBatcher:
+    """Answers "code2wav" calls: the due code windows of all sessions decoded together, one batched call per
+    window length (steady windows all have `chunk_frames + left_context_frames` frames)."""
+
+    def __init__(self, code2wav: torch.nn.Module) -> None:
+        self._code2wav = code2wav
+
+    def run(self, part: str, calls: list[Any]) -> list[Any]:
+        answers: list[Any] = [None] * len(calls)
+        by_length: dict[int, list[int]] = {}
+        for index, window in enumerate(calls):
+            by_length.setdefault(window.shape[-1], []).append(index)
+        for indices in by_length.values():
+            wavs = self._code2wav(torch.cat([calls[index] for index in indices]))
+            for row, index in enumerate(indices):
+                answers[index] = wavs[row]
+        return answers
 
 
 class EagerDecoder(GrowingCaches):
@@ -467,7 +495,7 @@ class Qwen3Generation:
             request = yield from self._advance(deltas)
         if request is not None:
             frame, embedding_sum = yield Call(self._engine.code_predictor, "predictor", (request, self.generator))
-            self._voice_frame(frame, embedding_sum, deltas)
+            yield from self._voice_frame(frame, embedding_sum, deltas)
         return deltas
 
     def _advance(self, deltas: list[Delta]) -> Generator[Call, Any, FrameRequest | None]:
@@ -479,17 +507,19 @@ class Qwen3Generation:
             self._finish_if_done(deltas)
             return None
         if len(self.frames) >= self._options.max_audio_frames:
-            self._end_speech(deltas)
+            yield from self._end_speech(deltas)
             return None
         step = len(self.frames) - 1
         text = self._trailing_text[step] if step < len(self._trailing_text) else self._tts_pad
         hidden, self._talker_logits = yield self._decoder.call("talker", self._last_frame_embedding + text)
         return FrameRequest(hidden, self._pick_first_code())
 
-    def _voice_frame(self, frame: torch.Tensor, embedding_sum: torch.Tensor, deltas: list[Delta]) -> None:
+    def _voice_frame(
+        self, frame: torch.Tensor, embedding_sum: torch.Tensor, deltas: list[Delta]
+    ) -> Generator[Call, Any, None]:
         """Voice the completed 16-code `frame`, or end the speech at codec EOS."""
         if int(frame[0]) == self._config.talker_config.codec_eos_token_id:
-            self._end_speech(deltas)
+            yield from self._end_speech(deltas)
             return
         self._last_frame_embedding = embedding_sum
         self._codes_seen.index_fill_(-1, frame[:1], True)
@@ -501,10 +531,16 @@ class Qwen3Generation:
                 first_chunk_frames=self._options.first_chunk_frames,
                 left_context_frames=self._options.left_context_frames,
             )
-        pcm = self._vocoder.push(frame)
-        if pcm is not None and pcm.size:
-            deltas.append(AudioDelta(pcm))
+        window = self._vocoder.add(frame)
+        if window is not None:
+            yield from self._decode(window, deltas)
         self._finish_if_done(deltas)
+
+    def _decode(self, window: torch.Tensor, deltas: list[Delta]) -> Generator[Call, Any, None]:
+        assert self._vocoder is not None
+        pcm = self._vocoder.audio((yield Call(self._engine.code2wav, "code2wav", window)))
+        if pcm.size:
+            deltas.append(AudioDelta(pcm))
 
     # ---------------------------------------------------------------------------------------------- thinker
     def _prefill(self, deltas: list[Delta]) -> FrameRequest | None:
@@ -629,12 +665,10 @@ class Qwen3Generation:
             generators=(self.generator,),
         )
 
-    def _end_speech(self, deltas: list[Delta]) -> None:
+    def _end_speech(self, deltas: list[Delta]) -> Generator[Call, Any, None]:
         self._talker_done = True
-        if self._vocoder is not None:
-            pcm = self._vocoder.flush()
-            if pcm is not None and pcm.size:
-                deltas.append(AudioDelta(pcm))
+        if self._vocoder is not None and (window := self._vocoder.rest()) is not None:
+            yield from self._decode(window, deltas)
         if self._decoder is not None:
             self._decoder.end_talker()
         self._finish_if_done(deltas)
@@ -868,6 +902,13 @@ class Qwen3OmniEngine(QwenOmniEngine):
         super().__init__(model, self.options)
         self.prefixes = PrefixStore(self.options.prefix_cache_sessions)
         self._code_predictor: CodePredictor | None = None
+        self._code2wav: Code2WavBatcher | None = None
+
+    @property
+    def code2wav(self) -> Code2WavBatcher:
+        if self._code2wav is None:
+            raise EngineError(f"{ENGINE_NAME}: the model is not loaded or has no talker")
+        return self._code2wav
 
     @property
     def code_predictor(self) -> CodePredictor:
@@ -906,6 +947,7 @@ class Qwen3OmniEngine(QwenOmniEngine):
                 raise EngineError(f"{ENGINE_NAME}: {self.model_id!r} lacks the speakers {missing}")
             predictor_class = UnrolledCodePredictor if self.options.cuda_graphs else CodePredictor
             self._code_predictor = predictor_class(model.talker, self.options.talker_sampling)
+            self._code2wav = Code2WavBatcher(model.code2wav)
             if self.options.prewarm and self.runtime.device.type == "cuda":
                 prewarm_code2wav(model.code2wav, self.options.chunk_frames + self.options.left_context_frames)
             if self.options.static_cache:
@@ -939,7 +981,7 @@ class Qwen3OmniEngine(QwenOmniEngine):
         )
 
     def unload(self) -> None:
-        self._code_predictor = None
+        self._code_predictor = self._code2wav = None
         self.slots = None
         self._model = None
         self._tokenizer = None

@@ -41,7 +41,7 @@ from omnivox.pipeline.engines.qwen2_5_omni import (
     TurnPlan,
     step_generations,
 )
-from omnivox.pipeline.engines.qwen2_5_token2wav import Token2WavStream
+from omnivox.pipeline.engines.qwen2_5_token2wav import Token2WavStream, plan_chunks
 from omnivox.pipeline.engines.qwen_common import (
     TRANSCRIPTION_INSTRUCTION,
     TRANSCRIPTION_MIN_TOKENS,
@@ -229,6 +229,19 @@ def test_a_continued_conversation_encodes_only_its_new_turn_and_answers_as_if_en
     assert engine.prefixes.misses == misses + 1
     engine.forget_conversation("call-1")
     assert "call-1" not in engine.prefixes._entries
+
+
+@pytest.mark.slow
+def test_a_chunk_ramp_from_the_config_streams_its_planned_chunks(tiny_qwen2_5_dir: Path) -> None:
+    engine = started(
+        tiny_qwen2_5_dir, max_text_tokens=20, max_audio_codes=120, first_chunk_codes=24, chunk_ramp_mel=[24, 24, 48]
+    )
+    generation, deltas = run_to_end(engine, audio_turn())
+    chunks = [len(d.pcm) for d in deltas if isinstance(d, AudioDelta)]
+    planned = plan_chunks(len(generation.codes), first_chunk_codes=24, chunk_ramp_mel=(24, 24, 48))
+    assert chunks == [chunk.mel * 240 for chunk in planned if chunk.mel]
+    assert sum(chunks) == SAMPLES_PER_CODE * len(generation.codes)
+    assert chunks[:4] == [28 * 240, 24 * 240, 24 * 240, 48 * 240]  # 0.28 s first, then the ramp
 
 
 @pytest.mark.slow

@@ -148,6 +148,12 @@ class Qwen25OmniOptions:
     """Codes (20 ms each) before the first vocoder chunk. 48 is the official schedule (72 mel kept, 24 of
     look-ahead, 0.52 s of audio first). Fewer gives earlier first audio with less look-ahead for the first chunk
     (down to 24: 48 mel kept with no look-ahead, 0.28 s of audio first), at the risk of a gap before chunk two."""
+    chunk_ramp_mel: tuple[int, ...] = ()
+    """Mel kept by the chunks after the first (multiples of 24 up to 72), before the official 72-mel chunks; empty is
+    the official schedule. A small first chunk runs out before a full second chunk is made: `[24, 24, 48]` after
+    `first_chunk_codes: 24` keeps the first audio at 24 codes with no gap up to 9.3 ms per code with 56 ms DiT
+    chunks (`qwen2_5_token2wav.simulate_playout`), at the cost of two more DiT runs in the first 1.4 s. Ramp chunks
+    keep their full past and look-ahead."""
     prefix_cache_sessions: int = 16
     """Conversations whose last prompt stays encoded on the GPU, so that their next turn prefills only the new
     part (about 57 KB of KV per prompt token at 7B, plus the talker's prompt states); 0 re-encodes every turn."""
@@ -159,9 +165,9 @@ class Qwen25OmniOptions:
     the growing-cache path for that request."""
     cuda_graphs: bool = False
     """Replay each thinker and talker decode step as a CUDA graph (needs `static_cache` and a CUDA device). On an
-    H100 at 7B size this took steps from 20/17 ms to 8.6/3.9 ms (research measurement); graphs are captured per slot
-    at start-up. Not verified bit-exact against the eager path in bf16 (masked SDPA over the slot differs in
-    rounding)."""
+    H100 at 7B size this took steps from 20/17 ms to 8.6/3.9 ms (research measurement, one session); one graph for
+    the thinker step and one for the talker step of all slots are captured at start-up. Not verified bit-exact
+    against the eager path in bf16 (masked SDPA over the slot differs in rounding)."""
 
     dit_cuda_graph: bool = False
     """Replay the whole DiT integration of the regular chunk windows as one CUDA graph each (needs CUDA). Same math;
@@ -177,8 +183,8 @@ class Qwen25OmniOptions:
             raise ValueError(f"dit_dtype must be one of {list(DTYPES)}, got {self.dit_dtype!r}")
         if not 2 <= self.dit_steps <= 64:
             raise ValueError(f"dit_steps must be in [2, 64], got {self.dit_steps}")
-        if self.first_chunk_codes < Token2WavStream.MIN_FIRST_CHUNK_CODES:
-            raise ValueError(f"first_chunk_codes must be >= {Token2WavStream.MIN_FIRST_CHUNK_CODES}")
+        object.__setattr__(self, "chunk_ramp_mel", tuple(self.chunk_ramp_mel))  # YAML gives a list
+        Token2WavStream.check_schedule(self.first_chunk_codes, self.chunk_ramp_mel)
         if self.prefix_cache_sessions < 0:
             raise ValueError("prefix_cache_sessions must be >= 0")
         for name in ("max_active", "max_text_tokens", "max_audio_codes", "static_cache_tokens"):
@@ -499,6 +505,7 @@ class Qwen25Generation:
             max_codes=self._plan.max_audio_codes,
             generator=self._generator,
             first_chunk_codes=self._options.first_chunk_codes,
+            chunk_ramp_mel=self._options.chunk_ramp_mel,
         )
 
     def _talker_step(self, deltas: list[Delta]) -> StepPlan:
@@ -622,7 +629,9 @@ class Qwen25OmniEngine(QwenOmniEngine):
                 model.token2wav.code2wav_dit_model,
                 steps=self.options.dit_steps,
                 graphs=self.options.dit_cuda_graph,
-                graph_lengths=Token2WavStream.regular_windows(self.options.first_chunk_codes),
+                graph_lengths=Token2WavStream.regular_windows(
+                    self.options.first_chunk_codes, self.options.chunk_ramp_mel
+                ),
             )
             talker = model.talker
             self.codec_stop_ids = (talker.codec_pad_token, talker.codec_eos_token)
@@ -674,7 +683,7 @@ class Qwen25OmniEngine(QwenOmniEngine):
         dit = self.model.token2wav.code2wav_dit_model
         device = self.runtime.device
         for speaker in self.model.speaker_map.values():
-            for length in Token2WavStream.regular_windows(self.options.first_chunk_codes):
+            for length in Token2WavStream.regular_windows(self.options.first_chunk_codes, self.options.chunk_ramp_mel):
                 self.dit_solver.solve(
                     torch.zeros(1, length, dit.mel_dim, device=device),
                     torch.zeros(1, length // Token2WavStream.MEL_PER_CODE, dtype=torch.long, device=device),

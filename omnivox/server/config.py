@@ -77,6 +77,7 @@ class WebRtcConfig(_Section):
     ice_servers: list[dict[str, Any]] = []
     frame_ms: Literal[20] = 20
     lead_ms: int = Field(60, ge=0, le=1000)
+    connect_timeout_s: float = Field(30.0, gt=0)
 
 
 class TelephonyConfig(_Section):

@@ -51,10 +51,6 @@ RATE = 48_000
 """Outbound frames at Opus' own rate, so aiortc's encoder never resamples."""
 FRAME_SAMPLES = RATE // 50
 EVENTS_CHANNEL = "oai-events"
-CONNECT_TIMEOUT_S = 30.0
-"""An answered call that is not connected (ICE and DTLS) by then is hung up. aioice never fails ICE on its own
-while the offer has not signalled end-of-candidates (browsers' offers do not), nor starts it for an offer without
-candidates, so a caller who went away after the POST would otherwise hold its session slot for good."""
 
 
 class PacedAudioTrack(MediaStreamTrack):
@@ -315,16 +311,21 @@ async def _answer(
     if session_update:
         runner.feed(ClientEvent("session.update", {"session": {"type": "realtime", **session_update}}))
     call.tasks.append(asyncio.ensure_future(runner.run()))
-    call.tasks.append(asyncio.ensure_future(_hang_up_unless_connected(call, calls)))
+    call.tasks.append(asyncio.ensure_future(_hang_up_unless_connected(call, calls, config.connect_timeout_s)))
     log.info("%s: WebRTC call %s answered", session.id, call.call_id)
     return call
 
 
-async def _hang_up_unless_connected(call: Call, calls: dict[str, Call]) -> None:
-    """Frees the slot of a call whose peer never completed the connection (see `CONNECT_TIMEOUT_S`)."""
-    await asyncio.sleep(CONNECT_TIMEOUT_S)
+async def _hang_up_unless_connected(call: Call, calls: dict[str, Call], timeout_s: float) -> None:
+    """Frees the slot of a call whose peer never completed the connection (ICE and DTLS) in `webrtc.connect_timeout_s`.
+
+    aioice never fails ICE on its own while the offer has not signalled end-of-candidates (browsers' offers do not),
+    nor starts it for an offer without candidates, so a caller who went away after the POST would otherwise hold its
+    session slot for good.
+    """
+    await asyncio.sleep(timeout_s)
     if call.pc.connectionState != "connected":
-        log.info("WebRTC call %s not connected after %.0f s; hanging up", call.call_id, CONNECT_TIMEOUT_S)
+        log.info("WebRTC call %s not connected after %.0f s; hanging up", call.call_id, timeout_s)
         await call.close(calls)
 
 

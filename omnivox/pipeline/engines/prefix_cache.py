@@ -90,11 +90,21 @@ class EncodedPrompt:
     reused: Prefix | None
     """The stored prompt it continued, or None when the prompt was encoded whole."""
     rope_delta: int
+    ids: list[int]
+    audio_keys: tuple[str, ...]
 
     @property
     def start(self) -> int:
         """Index of the first encoded token (the number of reused ones)."""
         return 0 if self.reused is None else len(self.reused.ids)
+
+    def whole(self, new_talker_states: torch.Tensor | None) -> Prefix:
+        """The whole prompt as encoded now, to store when the request ends: the reused talker states followed by
+        those of the encoded part (`[..., prompt, hidden]`, whatever the engine keeps per position)."""
+        states = new_talker_states
+        if states is not None and self.reused is not None and self.reused.talker_states is not None:
+            states = torch.cat([self.reused.talker_states, states], dim=1)
+        return Prefix(self.ids, self.audio_keys, self.output.past_key_values, states)
 
 
 def encode_prompt(
@@ -118,7 +128,7 @@ def encode_prompt(
         prefix = None
     if prefix is None:
         output = thinker(**inputs, use_cache=True, output_hidden_states=talker_states)
-        return EncodedPrompt(output, None, int(thinker.model.rope_deltas.reshape(-1)[0]))
+        return EncodedPrompt(output, None, int(thinker.model.rope_deltas.reshape(-1)[0]), ids, audio_keys)
     start, clips = len(prefix.ids), len(prefix.audio_keys)
     feature_mask = inputs.get("feature_attention_mask")
     positions, rope_deltas = thinker.model.get_rope_index(
@@ -139,7 +149,7 @@ def encode_prompt(
         continuation["input_features"] = inputs["input_features"][clips:]
         continuation["feature_attention_mask"] = feature_mask[clips:]
     output = thinker(**continuation, past_key_values=prefix.cache, use_cache=True, output_hidden_states=talker_states)
-    return EncodedPrompt(output, prefix, int(rope_deltas.reshape(-1)[0]))
+    return EncodedPrompt(output, prefix, int(rope_deltas.reshape(-1)[0]), ids, audio_keys)
 
 
 def keep_prompt(store: PrefixStore, conversation_id: str, prompt: Prefix) -> None:

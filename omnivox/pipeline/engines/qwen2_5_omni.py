@@ -398,29 +398,25 @@ class Qwen25Generation:
     def _encode_prompt(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Cache, int, torch.Tensor | None]:
         """The thinker prefill (continuing the conversation's stored prompt where it can): (next-token logits, KV
         cache, rope offset, the talker's prompt states if it speaks)."""
-        plan_inputs = self._plan.inputs
         encoded = encode_prompt(
             self._model.thinker,
             self._engine.prefixes,
             self._plan.conversation_id,
             inputs,
-            plan_inputs.audio_keys,
+            self._plan.inputs.audio_keys,
             talker_states=self._audio,
         )
         output, self._cached_tokens = encoded.output, encoded.start
-        talker_states = None
+        new_states = None
         if self._audio:
             input_ids = inputs["input_ids"][:, encoded.start :]
             embeddings = output.hidden_states[0].clone()
             config = self._model.config.thinker_config
             multimodal = (input_ids == config.audio_token_index) | (input_ids == config.image_token_index)
             embeddings[multimodal] = 0  # generate() hides audio and image positions from the talker
-            talker_states = output.hidden_states[-1] + embeddings
-            if encoded.reused is not None and encoded.reused.talker_states is not None:
-                talker_states = torch.cat([encoded.reused.talker_states, talker_states], dim=1)
-        ids = plan_inputs.input_ids[0].tolist()
-        self._prompt = Prefix(ids, plan_inputs.audio_keys, output.past_key_values, talker_states)
-        return output.logits[:, -1], output.past_key_values, encoded.rope_delta, talker_states
+            new_states = output.hidden_states[-1] + embeddings
+        self._prompt = encoded.whole(new_states)
+        return output.logits[:, -1], output.past_key_values, encoded.rope_delta, self._prompt.talker_states
 
     def _advance_thinker(self, deltas: list[Delta]) -> StepPlan:
         """Feed the newest text token: its reply vector for the talker and the next token (the thinker runs ahead)."""

@@ -554,14 +554,12 @@ class Qwen3Generation:
             talker_states=self._audio,
         )
         out, self._cached_tokens = encoded.output, encoded.start
-        talker_states = None
+        new_states = None
         if self._audio:  # the embeddings and the talker's accepted layer, for every prompt position
             layer = self._config.talker_config.accept_hidden_layer
-            talker_states = torch.cat([out.hidden_states[0], out.hidden_states[layer]])
-            if encoded.reused is not None and encoded.reused.talker_states is not None:
-                talker_states = torch.cat([encoded.reused.talker_states, talker_states], dim=1)
-        ids = self._plan.inputs.input_ids[0].tolist()
-        self._prompt = Prefix(ids, self._plan.inputs.audio_keys, out.past_key_values, talker_states)
+            new_states = torch.cat([out.hidden_states[0], out.hidden_states[layer]])
+        self._prompt = encoded.whole(new_states)
+        talker_states = self._prompt.talker_states
         self._decoder = self._engine.acquire_decoder(
             prompt_tokens=self._plan.inputs.prompt_tokens,
             answer_tokens=self._plan.max_text_tokens,

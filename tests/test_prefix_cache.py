@@ -30,6 +30,9 @@ def test_the_least_recently_used_conversation_goes_first_and_forget_frees_at_onc
     assert len(store) == 2 and store.take("a", [1, 2], ("a",)) is None
     store.forget("b")
     assert len(store) == 1 and store.take("c", [1, 2], ("a",)) is not None
+    store.put("d", prefix([1]))
+    store.clear()  # what the engine does when the GPU runs out of memory
+    assert len(store) == 0
 
 
 def test_nothing_is_kept_without_capacity_or_conversation() -> None:

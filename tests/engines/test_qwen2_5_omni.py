@@ -26,6 +26,7 @@ from omnivox.pipeline.engines.base import (
     EngineBusy,
     EngineError,
     EngineNotReady,
+    EngineOutOfMemory,
     ImagePart,
     Message,
     ResponseRequest,
@@ -590,6 +591,30 @@ async def test_responses_stream_through_the_worker_and_close_releases_the_model(
     assert not engine.ready
     with pytest.raises(EngineError):
         _ = engine.model
+
+
+async def test_running_out_of_memory_fails_the_request_gives_up_stored_prompts_and_serves_on(
+    tiny_qwen2_5_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = Qwen25OmniEngine(str(tiny_qwen2_5_dir), device="cpu", max_text_tokens=4, max_audio_codes=30)
+    await engine.start()
+    try:
+        _ = [d async for d in engine.respond(replace(audio_turn(), conversation_id="call-1"))]
+        assert len(engine.prefixes) == 1
+        real_prefill = Qwen25Generation._encode_prompt
+
+        def out_of_memory(*args: Any) -> Any:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+        monkeypatch.setattr(Qwen25Generation, "_encode_prompt", out_of_memory)
+        with pytest.raises(EngineOutOfMemory):
+            _ = [d async for d in engine.respond(audio_turn())]
+        assert len(engine.prefixes) == 0
+        monkeypatch.setattr(Qwen25Generation, "_encode_prompt", real_prefill)
+        deltas = [d async for d in engine.respond(audio_turn())]
+        assert isinstance(deltas[-1], Usage)
+    finally:
+        await engine.close()
 
 
 async def test_a_missing_or_incomplete_checkpoint_is_a_clear_error(tmp_path: Path, tiny_qwen2_5_dir: Path) -> None:

@@ -74,6 +74,11 @@ class PrefixStore:
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
 
+    def clear(self) -> None:
+        """Drop every stored prompt (the GPU ran out of memory: stored prompts are the first thing to give up)."""
+        with self._lock:
+            self._entries.clear()
+
     def forget(self, conversation_id: str) -> None:
         """The conversation ended: free its KV now rather than when it would be evicted."""
         with self._lock:

@@ -740,6 +740,11 @@ class QwenOmniEngine(ABC):
         """A batched step over several generations, when the engine has one."""
         return None
 
+    def out_of_memory(self) -> None:
+        """A request ran out of accelerator memory: give up the stored prompts, then return the cached blocks."""
+        self.prefixes.clear()
+        free_accelerator_memory()
+
     def forget_conversation(self, conversation_id: str) -> None:
         """The conversation ended: drop its stored prompt."""
         self.prefixes.forget(conversation_id)
@@ -797,7 +802,7 @@ class QwenOmniEngine(ABC):
                 max_active=self.max_active,
                 max_queued=self.max_queued,
                 step_batch=self.step_batch(),
-                on_out_of_memory=free_accelerator_memory,
+                on_out_of_memory=self.out_of_memory,
             )
             self._ready = True
             log.info("%s: %s ready", self.name, self.model_id)

@@ -158,8 +158,11 @@ class Qwen25OmniOptions:
     """Conversations whose last prompt stays encoded on the GPU, so that their next turn prefills only the new
     part (about 57 KB of KV per prompt token at 7B, plus the talker's prompt states); 0 re-encodes every turn."""
     static_cache: bool = False
-    """Decode on `max_active` preallocated KV slots with fixed shapes instead of growing caches. Same tokens (checked
-    on CPU); costs slot memory up front (7B: about 0.6 GB per slot at the default lengths). Needed by `cuda_graphs`."""
+    """Decode the sessions on `max_active` preallocated KV slots with fixed shapes, one batched thinker and talker
+    step for all of them, instead of one growing cache each. Same tokens (checked on CPU); costs slot memory up front
+    (7B: about 0.6 GB per slot at the default lengths). Every step runs all slots: made for a GPU, where a step is
+    bound by reading the weights; on a CPU it pays from about three sessions (`benchmarks/slot_batch.py`). Needed by
+    `cuda_graphs`."""
     static_cache_tokens: int = 4096
     """Thinker slot length (prompt + answer); the talker slot adds `max_audio_codes`. A longer prompt falls back to
     the growing-cache path for that request."""

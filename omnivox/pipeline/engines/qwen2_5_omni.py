@@ -677,6 +677,7 @@ class Qwen25OmniEngine(QwenOmniEngine):
     def step_batch(self) -> StepBatch:
         return step_generations  # type: ignore[return-value]
 
+    @torch.inference_mode()  # as the vocoder runs in a step: no autograd records inside the graphs
     def _prewarm_dit(self) -> None:
         """Capture the DiT graphs of the regular windows for every speaker's reference length before any caller."""
         dit = self.model.token2wav.code2wav_dit_model

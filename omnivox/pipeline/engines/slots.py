@@ -160,6 +160,7 @@ class SlotBatch:
             use_cache=True,
         ).last_hidden_state[:, -1]
 
+    @torch.inference_mode()  # as the steps it stands for run: no autograd records inside the graph
     def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Record the step of all slots (after warm-up runs on a side stream, as PyTorch requires). Every slot is
         free and writes to the scratch column, so the warm-up runs leave no trace."""

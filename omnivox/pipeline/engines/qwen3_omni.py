@@ -122,8 +122,8 @@ class Qwen3OmniOptions:
     static_cache: bool = False
     """Decode the thinker and talker of `max_active` sessions on preallocated KV slots with fixed shapes, one
     batched step for all (a MoE step reads the routed experts once for the whole batch). Same tokens as growing
-    caches (checked on CPU); costs slot memory up front (30B-A3B: about 0.1 MB per token per slot in bf16). Every
-    step runs all slots: made for a GPU (`benchmarks/slot_batch.py` shows the trade-off)."""
+    caches (checked on CPU); costs slot memory up front (30B-A3B: about 0.1 MB per token per slot in bf16).
+    `benchmarks/slot_batch.py` measures what a batched step costs per session."""
     static_cache_tokens: int = 4096
     """Thinker slot length (prompt + answer); the talker slot adds `max_audio_frames`. A longer prompt falls back
     to growing caches for that request."""

@@ -6,14 +6,17 @@ rows of one batch sit at different positions: `SlotLayer` writes each row's new 
 position, and each row attends through its own mask. All buffers have fixed shapes, so a whole step of every slot
 can be captured once as a CUDA graph and replayed.
 
-A step always runs every slot. Rows that take no part write into a scratch column that no mask ever shows, and
-their outputs are dropped; a free slot attends only to that scratch column so its row stays finite.
+A graphed step runs every slot; an eager one runs the slots up to the highest seated one (seats are handed out
+lowest first). Rows that take no part write into a scratch column that no mask ever shows, and their outputs are
+dropped; a free slot attends only to that scratch column so its row stays finite.
 
 Prefills stay per request (their lengths vary) and their KV is copied into a free slot (`admit`).
 """
 
 from __future__ import annotations
 
+import copy
+import heapq
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -46,12 +49,24 @@ class SlotLayer(StaticLayer):
         self.values.scatter_(2, index.expand_as(value_states), value_states)
         return self.keys, self.values
 
+    def first_rows(self, rows: int, write_positions: torch.Tensor) -> SlotLayer:
+        """This layer's first `rows` rows as a layer of their own (views: what it writes lands here)."""
+        view = copy.copy(self)
+        view.keys, view.values, view.batch_size = self.keys[:rows], self.values[:rows], rows
+        view._write_positions = write_positions
+        return view
+
 
 class SlotCache(Cache):
     """One `SlotLayer` per decoder layer, all reading the same per-row write positions."""
 
     def __init__(self, num_layers: int, max_cache_len: int, write_positions: torch.Tensor) -> None:
         super().__init__(layers=[SlotLayer(max_cache_len, write_positions) for _ in range(num_layers)])
+
+    def first_rows(self, rows: int, write_positions: torch.Tensor) -> SlotCache:
+        view = copy.copy(self)
+        view.layers = [layer.first_rows(rows, write_positions) for layer in self.layers]
+        return view
 
 
 def _head_dim(config: Any) -> int:
@@ -93,7 +108,8 @@ class SlotBatch:
         self._mask[..., self._scratch] = True
         self._lengths = [0] * slots
         self._rope_deltas = [0] * slots
-        self._free = list(range(slots - 1, -1, -1))
+        self._free = list(range(slots))  # a heap: the lowest free slot is seated first
+        self._heads: dict[int, SlotCache] = {}
         self._graph: torch.cuda.CUDAGraph | None = None
         self._hidden: torch.Tensor | None = None
         if graphs:
@@ -110,7 +126,7 @@ class SlotBatch:
             raise EngineError(f"the prompt ({length} tokens) does not fit the {self.name} slots ({self.tokens})")
         if not self._free:
             raise EngineError(f"no free {self.name} slot")
-        slot = self._free.pop()
+        slot = heapq.heappop(self._free)
         for layer, source in zip(self._cache.layers, prefill.layers, strict=True):
             layer.keys[slot, :, :length].copy_(source.keys[0])
             layer.values[slot, :, :length].copy_(source.values[0])
@@ -127,7 +143,7 @@ class SlotBatch:
         self._mask[slot].zero_()
         self._mask[slot, ..., self._scratch] = True
         self._lengths[slot] = 0
-        self._free.append(slot)
+        heapq.heappush(self._free, slot)
 
     def step(self, slots: Sequence[int], embeds: torch.Tensor) -> torch.Tensor:
         """Feed one input embedding `[len(slots), 1, hidden]` to each listed slot; returns their last hidden
@@ -149,14 +165,21 @@ class SlotBatch:
         if self._graph is not None and self._hidden is not None:
             self._graph.replay()
             return self._hidden[rows]
-        return self._forward()[rows]
+        return self._forward(max(slots) + 1)[rows]
 
-    def _forward(self) -> torch.Tensor:
+    def _forward(self, rows: int | None = None) -> torch.Tensor:
+        """The step of the first `rows` slots (all by default: the fixed shape a graph needs). Slots are handed out
+        lowest first, so without a graph a step costs about as many rows as sessions are seated."""
+        cache = self._cache
+        if rows is not None and rows < self.slots:
+            if rows not in self._heads:
+                self._heads[rows] = self._cache.first_rows(rows, self._write[:rows])
+            cache = self._heads[rows]
         return self._body(
-            inputs_embeds=self._embeds,
-            position_ids=self._positions,
-            attention_mask=self._mask,
-            past_key_values=self._cache,
+            inputs_embeds=self._embeds[:rows],
+            position_ids=self._positions[:, :rows],
+            attention_mask=self._mask[:rows],
+            past_key_values=cache,
             use_cache=True,
         ).last_hidden_state[:, -1]
 

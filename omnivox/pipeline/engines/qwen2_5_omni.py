@@ -52,6 +52,7 @@ from omnivox.pipeline.engines.prefix_cache import Prefix, PrefixStore, encode_pr
 from omnivox.pipeline.engines.qwen2_5_token2wav import DitSolver, Token2WavStream
 from omnivox.pipeline.engines.qwen_common import (
     DTYPES,
+    EngineOptions,
     ImageFormat,
     IncrementalText,
     ModelInputs,
@@ -105,35 +106,20 @@ TEXT_EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 @dataclass(frozen=True)
-class Qwen25OmniOptions:
-    """The `engine.options` of `qwen2.5-omni` in the YAML config; every field is one documented switch."""
+class Qwen25OmniOptions(EngineOptions):
+    """The `engine.options` of `qwen2.5-omni` in the YAML config (with the shared ones of `EngineOptions`); every
+    field is one documented switch. At 7B a decode slot (`static_cache`) holds about 0.6 GB at the default lengths,
+    and a stored prompt about 57 KB per token."""
 
-    device: str = "auto"
-    """"auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:N"."""
-    dtype: str = "auto"
-    """Thinker and talker weights: "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32"."""
-    attn_implementation: str = "auto"
-    """"auto" (flash_attention_2 when installed and usable, else sdpa), "sdpa", "eager", "flash_attention_2"."""
     voice: str = "Chelsie"
     """Speaker for requests whose voice maps to no speaker of the checkpoint (Chelsie or Ethan)."""
     system_prompt: str = SYSTEM_PROMPT
     """The model's system prompt; the caller's instructions are appended to it. The official one is needed for
     speech output: change it only for text-only use."""
-    max_active: int = 4
-    """Generations whose steps interleave on the GPU; more requests wait in the queue."""
-    max_queued: int = 16
-    """Requests allowed to wait; beyond this the engine answers `server_busy`."""
-    enable_audio: bool = True
-    """False drops the talker and token2wav after loading (1.8 B parameters less): a text-only engine."""
-    max_text_tokens: int = 1024
-    """Longest answer in text tokens when the request does not say (`max_tokens`)."""
     max_audio_codes: int = 4096
     """Longest spoken answer in codec codes (20 ms each: 82 s), as `generate()`'s `talker_max_new_tokens`."""
-    talker_temperature: float = 0.9
-    """Codec sampling temperature (`generate()` default); 0 makes the talker greedy."""
     talker_top_k: int = 40
     talker_top_p: float = 0.8
-    talker_repetition_penalty: float = 1.05
     talker_attention_mask: bool = True
     """Give the talker its attention mask, as the model code is written: TMRoPE positions and the codec pad/bos
     prefill embeddings are applied only then. transformers 5.23's `generate()` drops an all-ones mask and so runs
@@ -154,18 +140,6 @@ class Qwen25OmniOptions:
     `first_chunk_codes: 24` keeps the first audio at 24 codes with no gap up to 9.3 ms per code with 56 ms DiT
     chunks (`qwen2_5_token2wav.simulate_playout`), at the cost of two more DiT runs in the first 1.4 s. Ramp chunks
     keep their full past and look-ahead."""
-    prefix_cache_sessions: int = 16
-    """Conversations whose last prompt stays encoded on the GPU, so that their next turn prefills only the new
-    part (about 57 KB of KV per prompt token at 7B, plus the talker's prompt states); 0 re-encodes every turn."""
-    static_cache: bool = False
-    """Decode the sessions on `max_active` preallocated KV slots with fixed shapes, one batched thinker and talker
-    step for all of them, instead of one growing cache each. Same tokens (checked on CPU); costs slot memory up front
-    (7B: about 0.6 GB per slot at the default lengths). A step shares the reading of the weights among the sessions
-    (`benchmarks/slot_batch.py`: on this CPU 8 sessions cost 2.4 ms each instead of 8.3). Needed by `cuda_graphs`,
-    whose graph replays all `max_active` slots."""
-    static_cache_tokens: int = 4096
-    """Thinker slot length (prompt + answer); the talker slot adds `max_audio_codes`. A longer prompt falls back to
-    the growing-cache path for that request."""
     cuda_graphs: bool = False
     """Replay each thinker and talker decode step as a CUDA graph (needs `static_cache` and a CUDA device). On an
     H100 at 7B size this took steps from 20/17 ms to 8.6/3.9 ms (research measurement, one session); one graph for
@@ -178,21 +152,17 @@ class Qwen25OmniOptions:
     steps) in the research measurement. Captured at start-up (about 1 s per window length)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.cuda_graphs and not self.static_cache:
             raise ValueError("cuda_graphs needs static_cache: true")
-        if self.static_cache and not self.enable_audio:
-            raise ValueError("static_cache holds talker slots too: it needs enable_audio: true")
         if self.dit_dtype not in DTYPES:
             raise ValueError(f"dit_dtype must be one of {list(DTYPES)}, got {self.dit_dtype!r}")
         if not 2 <= self.dit_steps <= 64:
             raise ValueError(f"dit_steps must be in [2, 64], got {self.dit_steps}")
         object.__setattr__(self, "chunk_ramp_mel", tuple(self.chunk_ramp_mel))  # YAML gives a list
         Token2WavStream.check_schedule(self.first_chunk_codes, self.chunk_ramp_mel)
-        if self.prefix_cache_sessions < 0:
-            raise ValueError("prefix_cache_sessions must be >= 0")
-        for name in ("max_active", "max_text_tokens", "max_audio_codes", "static_cache_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+        if self.max_audio_codes < 1:
+            raise ValueError("max_audio_codes must be >= 1")
 
     @property
     def talker_sampling(self) -> Sampling:

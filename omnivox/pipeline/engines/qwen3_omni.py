@@ -36,6 +36,7 @@ from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import _get_fe
 from omnivox.pipeline.engines.base import AudioDelta, Delta, EngineError, ResponseRequest, TextDelta, Usage
 from omnivox.pipeline.engines.prefix_cache import Prefix, PrefixStore, encode_prompt, keep_prompt
 from omnivox.pipeline.engines.qwen_common import (
+    EngineOptions,
     ImageFormat,
     IncrementalText,
     ModelInputs,
@@ -93,15 +94,11 @@ def prompt_format(vision_config: Any) -> PromptFormat:
 
 
 @dataclass(frozen=True)
-class Qwen3OmniOptions:
-    """The `engine.options` of `qwen3-omni` in the YAML config; every field is one documented switch."""
+class Qwen3OmniOptions(EngineOptions):
+    """The `engine.options` of `qwen3-omni` in the YAML config (with the shared ones of `EngineOptions`); every field
+    is one documented switch. A decode slot (`static_cache`) of the 30B-A3B holds about 0.1 MB per token in bf16;
+    a batched MoE step reads the routed experts once for the whole batch."""
 
-    device: str = "auto"
-    """"auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:N"."""
-    dtype: str = "auto"
-    """"auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32"."""
-    attn_implementation: str = "auto"
-    """"auto" (flash_attention_2 when installed and usable, else sdpa), "sdpa", "eager", "flash_attention_2"."""
     experts_implementation: str | None = None
     """MoE expert kernel; None keeps transformers' default "grouped_mm" (3.4x faster prefill than "eager" on an
     H200), or "eager", "batched_mm"."""
@@ -110,40 +107,20 @@ class Qwen3OmniOptions:
     system_prompt: str = ""
     """The model's system prompt; the caller's instructions are appended to it. Qwen3-Omni speaks without one."""
     max_active: int = 8
-    """Generations advanced together on the GPU worker; more requests wait in the queue."""
     max_queued: int = 32
-    """Requests allowed to wait; beyond this the engine answers `server_busy`."""
     batch_sessions: bool = True
     """One step for all active sessions: their code-predictor runs (and, with `static_cache`, their thinker and
     talker steps) go to the GPU as one batch each. False steps the sessions one by one."""
-    prefix_cache_sessions: int = 16
-    """Conversations whose last prompt stays encoded on the GPU (thinker KV, about 0.1 MB per prompt token, plus two
-    thinker layers' states for the talker), so that their next turn prefills only the new part; 0 re-encodes."""
-    static_cache: bool = False
-    """Decode the thinker and talker of `max_active` sessions on preallocated KV slots with fixed shapes, one
-    batched step for all (a MoE step reads the routed experts once for the whole batch). Same tokens as growing
-    caches (checked on CPU); costs slot memory up front (30B-A3B: about 0.1 MB per token per slot in bf16).
-    `benchmarks/slot_batch.py` measures what a batched step costs per session."""
-    static_cache_tokens: int = 4096
-    """Thinker slot length (prompt + answer); the talker slot adds `max_audio_frames`. A longer prompt falls back
-    to growing caches for that request."""
-    enable_audio: bool = True
-    """False drops the talker and code2wav after loading (3.5 B parameters less): a text-only engine."""
     chunk_frames: int = 4
     """Codec frames (80 ms each) per code2wav window once speech is under way."""
     first_chunk_frames: int = 1
     """Frames in the first window; 1 gives the earliest first audio. Windows then double up to `chunk_frames`."""
     left_context_frames: int = 25
     """Frames re-decoded before each window (the official streaming value); at least 1."""
-    max_text_tokens: int = 1024
-    """Longest answer in text tokens when the request does not say (`max_tokens`)."""
     max_audio_frames: int = 4096
     """Longest spoken answer in codec frames (80 ms each: 5.5 minutes)."""
-    talker_temperature: float = 0.9
-    """Codec sampling temperature (`generate()` default); 0 makes the talker and the code predictor greedy."""
     talker_top_k: int = 50
     talker_top_p: float = 1.0
-    talker_repetition_penalty: float = 1.05
     predictor_top_k: int = 50
     """Code predictor sampling (temperature 1 when the talker samples), as `generate()` does it."""
     predictor_top_p: float = 0.8
@@ -158,16 +135,12 @@ class Qwen3OmniOptions:
     """Benchmarks only: ignore text and codec EOS, so every answer runs to `max_tokens` and `max_audio_frames`."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_windows(self.chunk_frames, self.first_chunk_frames, self.left_context_frames)
         if self.voice.lower() not in {voice.lower() for voice in VOICES}:
             raise ValueError(f"voice must be one of {VOICES}, got {self.voice!r}")
-        if self.static_cache and not self.enable_audio:
-            raise ValueError("static_cache holds talker slots too: it needs enable_audio: true")
-        if self.prefix_cache_sessions < 0:
-            raise ValueError("prefix_cache_sessions must be >= 0")
-        for name in ("max_active", "max_text_tokens", "max_audio_frames", "static_cache_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+        if self.max_audio_frames < 1:
+            raise ValueError("max_audio_frames must be >= 1")
 
     @property
     def talker_sampling(self) -> TalkerSampling:

@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -674,14 +674,47 @@ def text_position(value: int, device: torch.device) -> torch.Tensor:
     return torch.full((3, 1, 1), value, dtype=torch.long, device=device)
 
 
-class EngineOptions(Protocol):
-    """The options every Qwen engine has (each engine's options dataclass adds its own)."""
+@dataclass(frozen=True)
+class EngineOptions:
+    """The `engine.options` every Qwen engine has; each engine's options dataclass adds its own switches (and may set
+    other defaults). Every field is one documented switch."""
 
-    device: str
-    dtype: str
-    attn_implementation: str
-    max_active: int
-    max_queued: int
+    device: str = "auto"
+    """"auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:N"."""
+    dtype: str = "auto"
+    """Thinker and talker weights: "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32"."""
+    attn_implementation: str = "auto"
+    """"auto" (flash_attention_2 when installed and usable, else sdpa), "sdpa", "eager", "flash_attention_2"."""
+    max_active: int = 4
+    """Generations advanced together on the GPU worker; more requests wait in the queue."""
+    max_queued: int = 16
+    """Requests allowed to wait; beyond this the engine answers `server_busy`."""
+    enable_audio: bool = True
+    """False drops the talker and the vocoder after loading: a text-only engine."""
+    max_text_tokens: int = 1024
+    """Longest answer in text tokens when the request does not say (`max_tokens`)."""
+    talker_temperature: float = 0.9
+    """Codec sampling temperature (`generate()` default); 0 makes the talker greedy."""
+    talker_repetition_penalty: float = 1.05
+    prefix_cache_sessions: int = 16
+    """Conversations whose last prompt stays encoded on the GPU (`prefix_cache.py`), so that their next turn
+    prefills only the new part; 0 encodes every turn whole."""
+    static_cache: bool = False
+    """Decode the thinker and talker of `max_active` sessions on preallocated KV slots with fixed shapes
+    (`slots.py`), one batched step for all, instead of a growing cache each. Same tokens (checked on CPU); costs slot
+    memory up front. `benchmarks/slot_batch.py` measures what a batched step costs per session."""
+    static_cache_tokens: int = 4096
+    """Thinker slot length (prompt + answer); the talker slot adds the longest speech. A longer prompt falls back to
+    growing caches for that request."""
+
+    def __post_init__(self) -> None:
+        if self.static_cache and not self.enable_audio:
+            raise ValueError("static_cache holds talker slots too: it needs enable_audio: true")
+        if self.prefix_cache_sessions < 0:
+            raise ValueError("prefix_cache_sessions must be >= 0")
+        for name in ("max_active", "max_text_tokens", "static_cache_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
 
 
 class QwenOmniEngine(ABC):

@@ -48,7 +48,7 @@ from omnivox.pipeline.engines.base import (
     TextDelta,
     Usage,
 )
-from omnivox.pipeline.engines.prefix_cache import Prefix, PrefixStore, encode_prompt, keep_prompt
+from omnivox.pipeline.engines.prefix_cache import Prefix, keep_prompt
 from omnivox.pipeline.engines.qwen2_5_token2wav import DitSolver, Token2WavStream
 from omnivox.pipeline.engines.qwen_common import (
     DTYPES,
@@ -371,13 +371,9 @@ class Qwen25Generation:
     def _encode_prompt(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Cache, int, torch.Tensor | None]:
         """The thinker prefill (continuing the conversation's stored prompt where it can): (next-token logits, KV
         cache, rope offset, the talker's prompt states if it speaks)."""
-        encoded = encode_prompt(
-            self._model.thinker,
-            self._engine.prefixes,
-            self._plan.conversation_id,
-            inputs,
-            self._plan.inputs.audio_keys,
-            talker_states=self._audio,
+        plan = self._plan
+        encoded = self._engine.encode_prompt(
+            inputs, plan.conversation_id, plan.inputs.audio_keys, talker_states=self._audio
         )
         output, self._cached_tokens = encoded.output, encoded.start
         new_states = None
@@ -547,7 +543,6 @@ class Qwen25OmniEngine(QwenOmniEngine):
     def __init__(self, model: str = DEFAULT_MODEL, **options: Any) -> None:
         self.options = options_from_mapping(Qwen25OmniOptions, options, engine=ENGINE_NAME)
         super().__init__(model, self.options)
-        self.prefixes = PrefixStore(self.options.prefix_cache_sessions)
         for switch in ("cuda_graphs", "dit_cuda_graph"):
             if getattr(self.options, switch) and self.runtime.device.type != "cuda":
                 raise EngineError(

@@ -34,7 +34,7 @@ from transformers import Cache, PreTrainedTokenizerBase, Qwen3OmniMoeForConditio
 from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import _get_feat_extract_output_lengths
 
 from omnivox.pipeline.engines.base import AudioDelta, Delta, EngineError, ResponseRequest, TextDelta, Usage
-from omnivox.pipeline.engines.prefix_cache import Prefix, PrefixStore, encode_prompt, keep_prompt
+from omnivox.pipeline.engines.prefix_cache import Prefix, keep_prompt
 from omnivox.pipeline.engines.qwen_common import (
     EngineOptions,
     ImageFormat,
@@ -519,13 +519,9 @@ class Qwen3Generation:
     # ---------------------------------------------------------------------------------------------- thinker
     def _prefill(self, deltas: list[Delta]) -> FrameRequest | None:
         inputs = self._plan.inputs.tensors(self._device, self._dtype)
-        encoded = encode_prompt(
-            self._model.thinker,
-            self._engine.prefixes,
-            self._plan.conversation_id,
-            inputs,
-            self._plan.inputs.audio_keys,
-            talker_states=self._audio,
+        plan = self._plan
+        encoded = self._engine.encode_prompt(
+            inputs, plan.conversation_id, plan.inputs.audio_keys, talker_states=self._audio
         )
         out, self._cached_tokens = encoded.output, encoded.start
         new_states = None
@@ -872,7 +868,6 @@ class Qwen3OmniEngine(QwenOmniEngine):
     def __init__(self, model: str = DEFAULT_MODEL, **options: Any) -> None:
         self.options = options_from_mapping(Qwen3OmniOptions, options, engine=ENGINE_NAME)
         super().__init__(model, self.options)
-        self.prefixes = PrefixStore(self.options.prefix_cache_sessions)
         self._code_predictor: CodePredictor | None = None
         self._code2wav: Code2WavBatcher | None = None
 

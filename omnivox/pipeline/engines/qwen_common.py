@@ -54,7 +54,7 @@ from omnivox.pipeline.engines.base import (
     TextPart,
     cut_at_stop,
 )
-from omnivox.pipeline.engines.prefix_cache import PrefixStore
+from omnivox.pipeline.engines.prefix_cache import EncodedPrompt, PrefixStore, encode_prompt
 from omnivox.pipeline.engines.scheduler import Generation, GpuWorker, StepBatch
 from omnivox.pipeline.engines.slots import Decoder, GrowingCaches, SlotPool, SlotSeats
 
@@ -750,8 +750,8 @@ class QwenOmniEngine(ABC):
         self._start_lock = asyncio.Lock()
         self.slots: SlotPool | None = None
         """The shared decode slots, when the engine decodes its sessions as one batch (option `static_cache`)."""
-        self.prefixes = PrefixStore(0)
-        """Each conversation's last prompt, encoded (engines that reuse prompts size it from their options)."""
+        self.prefixes = PrefixStore(options.prefix_cache_sessions)
+        """Each conversation's last prompt, encoded."""
 
     @abstractmethod
     def load(self) -> None:
@@ -772,6 +772,14 @@ class QwenOmniEngine(ABC):
     def step_batch(self) -> StepBatch | None:
         """A batched step over several generations, when the engine has one."""
         return None
+
+    def encode_prompt(
+        self, inputs: dict[str, torch.Tensor], conversation_id: str, audio_keys: tuple[str, ...], *, talker_states: bool
+    ) -> EncodedPrompt:
+        """The thinker prefill of a request, continuing its conversation's stored prompt where it can."""
+        return encode_prompt(
+            self.model.thinker, self.prefixes, conversation_id, inputs, audio_keys, talker_states=talker_states
+        )
 
     def out_of_memory(self) -> None:
         """A request ran out of accelerator memory: give up the stored prompts, then return the cached blocks."""

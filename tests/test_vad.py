@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -151,3 +153,34 @@ def test_batched_silero_returns_each_result_once_one_frame_late_even_in_a_burst(
     returned = [vad.probability(frame) for frame in frames_of(audio, vad.frame_samples)]
     assert returned[0] == 0.0
     assert np.allclose(returned[1:], reference[:-1], atol=1e-4)
+
+
+async def test_batched_silero_settle_waits_for_results_while_the_event_loop_runs(
+    caller_audio: tuple[np.ndarray, float],
+) -> None:
+    """An asyncio shell awaits `settle()` rather than blocking in `probability`: other tasks run meanwhile, and each
+    session still gets every frame's result once, one frame late."""
+    audio, _ = caller_audio
+    frames = frames_of(audio, SileroVad.frame_samples)[:40]
+    reference = probabilities(SileroVad(), audio)[: len(frames)]
+    sessions = [BatchedSileroVad() for _ in range(4)]
+    returned: list[list[float]] = [[] for _ in sessions]
+    other_turns = 0
+
+    async def other_work() -> None:
+        nonlocal other_turns
+        while True:
+            other_turns += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(other_work())
+    for frame in frames:
+        for vad, collected in zip(sessions, returned, strict=True):
+            await vad.settle()
+            assert not vad.pending
+            collected.append(vad.probability(frame))
+    other.cancel()
+    assert other_turns > 0
+    for collected in returned:
+        assert collected[0] == 0.0
+        assert np.allclose(collected[1:], reference[:-1], atol=1e-4)

@@ -181,6 +181,11 @@ class Session:
         return self.options.output_rate or audio_format(self.output_format).rate
 
     @property
+    def vad(self) -> Vad | None:
+        """The caller's voice activity detector, once audio has started it (a shell may await its pending results)."""
+        return self._vad
+
+    @property
     def active_response_id(self) -> str | None:
         return self._active.id if self._active else None
 

@@ -7,10 +7,13 @@ a new session costs two small arrays, not a model load.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import contextlib
 import importlib.resources
 import logging
 import threading
+import time
 from collections import deque
 from typing import Protocol
 
@@ -101,9 +104,14 @@ class _SileroBatcher:
     onnxruntime releases the GIL, so inference leaves the event loop free (and can use another core), and one call
     for B sessions costs about a third per frame of B calls (measured 94 us per frame at batch 8, 268 us alone).
     Each instance has at most one frame in a batch, so its recurrent state advances frame by frame.
+
+    A frame's result is only read when its session's next frame arrives (32 ms later in real time), so the first
+    waiting frame holds the batch open for `gather_s` while other sessions' frames join it; whoever blocks on a
+    result (`hurry`) closes it at once, so a burst of audio never waits on the gathering.
     """
 
     max_batch = 64
+    gather_s = 0.010
     _instance: _SileroBatcher | None = None
     _instance_lock = threading.Lock()
 
@@ -112,6 +120,7 @@ class _SileroBatcher:
         self._sample_rate = np.array(VAD_RATE, dtype=np.int64)
         self._waiting: dict[BatchedSileroVad, list[np.ndarray]] = {}
         self._wake = threading.Condition()
+        self._gather_until = 0.0
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="omnivox-silero", daemon=True)
         self._thread.start()
@@ -132,21 +141,43 @@ class _SileroBatcher:
 
     def submit(self, vad: BatchedSileroVad, model_input: np.ndarray) -> None:
         with self._wake:
+            if not self._waiting:
+                self._gather_until = time.monotonic() + self.gather_s
+                self._wake.notify()
             self._waiting.setdefault(vad, []).append(model_input)
+            if len(self._waiting) == self.max_batch:
+                self._wake.notify()
+
+    def hurry(self) -> None:
+        """Someone is blocked on a result: run what is waiting now instead of gathering more."""
+        with self._wake:
+            self._gather_until = 0.0
             self._wake.notify()
 
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._waiting and not self._closed:
+    def _next_batch(self) -> tuple[list[BatchedSileroVad], list[np.ndarray]] | None:
+        """Wait until the gathering is over (or the batch is full), then take one frame per waiting instance; None
+        once closed. Frames left waiting (an instance's second frame, past `max_batch`) go in the next batch at once."""
+        with self._wake:
+            while not self._closed:
+                if not self._waiting:
                     self._wake.wait()
-                if self._closed:
-                    return
-                batch = list(self._waiting)[: self.max_batch]
-                inputs = [self._waiting[vad].pop(0) for vad in batch]
-                for vad in batch:
-                    if not self._waiting[vad]:
-                        del self._waiting[vad]
+                    continue
+                left = self._gather_until - time.monotonic()
+                if left <= 0 or len(self._waiting) >= self.max_batch:
+                    break
+                self._wake.wait(left)
+            if self._closed:
+                return None
+            batch = list(self._waiting)[: self.max_batch]
+            inputs = [self._waiting[vad].pop(0) for vad in batch]
+            for vad in batch:
+                if not self._waiting[vad]:
+                    del self._waiting[vad]
+            return batch, inputs
+
+    def _run(self) -> None:
+        while (taken := self._next_batch()) is not None:
+            batch, inputs = taken
             states = np.concatenate([vad.state for vad in batch], axis=1)
             try:
                 output, new_states = self._session.run(
@@ -163,7 +194,9 @@ class BatchedSileroVad:
     """silero-vad for servers: frames go to the process-wide batcher, and `probability(frame k)` returns the result of
     frame k-1. Decisions lag the audio by one 32 ms frame in exchange for a fraction of the CPU per session; in real
     time the previous frame is long done, and a burst of audio (a client sending faster than real time) waits for
-    each previous frame, so every frame's result is used exactly once, in order."""
+    each previous frame, so every frame's result is used exactly once, in order. An asyncio shell awaits `settle()`
+    before feeding more audio, so that wait never blocks its event loop (and the other sessions' frames join the
+    batch meanwhile)."""
 
     frame_samples = SileroVad.frame_samples
     result_timeout_s = 2.0
@@ -171,6 +204,7 @@ class BatchedSileroVad:
     def __init__(self) -> None:
         self._batcher = _SileroBatcher.get()
         self._done = threading.Condition()
+        self._settle_waiters: list[asyncio.Future[None]] = []
         self.reset()
 
     def reset(self) -> None:
@@ -190,6 +224,8 @@ class BatchedSileroVad:
         if self._submitted == 1:
             return 0.0
         with self._done:
+            if not self._results:
+                self._batcher.hurry()
             if not self._done.wait_for(lambda: self._results, self.result_timeout_s):
                 raise RuntimeError("silero batcher gave no result in time")
             return self._results.popleft()
@@ -201,11 +237,41 @@ class BatchedSileroVad:
             self._results.append(probability)
             self._completed += 1
             self._done.notify_all()
+            if self._completed >= self._submitted:
+                for future in self._settle_waiters:
+                    with contextlib.suppress(RuntimeError):  # the waiter's loop is closed: nobody waits any more
+                        future.get_loop().call_soon_threadsafe(_resolve, future)
+                self._settle_waiters.clear()
+
+    @property
+    def pending(self) -> bool:
+        """A submitted frame has no result yet: the next `probability` may block until it has."""
+        return self._completed < self._submitted
+
+    async def settle(self) -> None:
+        """Wait, without blocking the event loop, until every submitted frame has a result (at most
+        `result_timeout_s`; `probability` then reports a batcher that is stuck)."""
+        with self._done:
+            if self._completed >= self._submitted:
+                return
+            future = asyncio.get_running_loop().create_future()
+            self._settle_waiters.append(future)
+        self._batcher.hurry()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.result_timeout_s):
+                await future
 
     def wait(self, timeout: float = 5.0) -> bool:
         """Block until every submitted frame has a result; `latest` is then the last frame's (tests, offline use)."""
         with self._done:
+            if self._completed < self._submitted:
+                self._batcher.hurry()
             return self._done.wait_for(lambda: self._completed >= self._submitted, timeout)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class WebRtcVad:

@@ -22,8 +22,10 @@ from omnivox.pipeline.engines.base import (
     forget_conversation,
 )
 from omnivox.pipeline.events import (
+    AudioIn,
     AudioOut,
     CancelResponse,
+    ClientEvent,
     EngineDone,
     EngineFailed,
     EngineOutput,
@@ -38,6 +40,7 @@ from omnivox.pipeline.events import (
     error_event,
 )
 from omnivox.pipeline.session import Session
+from omnivox.pipeline.vad import BatchedSileroVad
 from omnivox.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -93,6 +96,7 @@ class SessionRunner:
                         item = Tick()
                 if item is None:
                     break
+                await self._vad_caught_up(item)
                 await self._dispatch(self._handle(item))
         finally:
             self._closed = True
@@ -100,6 +104,13 @@ class SessionRunner:
             await self._cancel_all()
             forget_conversation(self.engine, self.session.id)
             log.info("%s: session closed", self.session.id)
+
+    async def _vad_caught_up(self, item: SessionInput) -> None:
+        """Caller input may bring a VAD frame that reads the previous frame's result: await that result here, so the
+        core never blocks the event loop (and every other session) waiting on the silero thread."""
+        vad = self.session.vad
+        if isinstance(item, AudioIn | ClientEvent) and isinstance(vad, BatchedSileroVad) and vad.pending:
+            await vad.settle()
 
     def _handle(self, item: SessionInput) -> list[SessionOutput]:
         """A bug in the core fails one input with an error event, never the whole session."""

@@ -129,8 +129,8 @@ class Qwen3OmniOptions(EngineOptions):
     with an error in the log, if capture fails), and, with `static_cache`, the thinker and talker steps of all
     slots as one graph each (captured at start-up). Off by default: not yet measured on a GPU."""
     prewarm: bool = True
-    """On CUDA, run code2wav at every window length during `start()`: the first call at a new length picks
-    convolution plans (100-130 ms at full size), which would otherwise land on a listener's first chunks."""
+    """On CUDA, run code2wav at every window length and batch size during `start()`: the first call at a new shape
+    picks convolution plans (100-130 ms at full size), which would otherwise land on a listener's first chunks."""
     ignore_eos: bool = False
     """Benchmarks only: ignore text and codec EOS, so every answer runs to `max_tokens` and `max_audio_frames`."""
 
@@ -279,17 +279,18 @@ class CausalCode2WavStream:
         return torch.stack(self._frames[start:], dim=-1).unsqueeze(0)
 
 
-def prewarm_code2wav(code2wav: torch.nn.Module, longest_window: int) -> None:
-    """Run code2wav once at every window length the stream can use.
+def prewarm_code2wav(code2wav: torch.nn.Module, longest_window: int, largest_batch: int) -> None:
+    """Run code2wav once at every window length the stream can use, for every batch of sessions it can decode.
 
-    On CUDA the first call at a new input length picks convolution plans (100-130 ms at full size, measured),
-    which would otherwise land on a listener's first chunks.
+    On CUDA the first call at a new input shape picks convolution plans (100-130 ms at full size, measured), which
+    would otherwise land on a listener's first chunks.
     """
     quantizers = code2wav.config.num_quantizers
     device = next(code2wav.parameters()).device
     with torch.inference_mode():
         for frames in range(1, longest_window + 1):
-            code2wav(torch.zeros(1, quantizers, frames, dtype=torch.long, device=device))
+            for batch in range(1, largest_batch + 1):
+                code2wav(torch.zeros(batch, quantizers, frames, dtype=torch.long, device=device))
 
 
 # ---------------------------------------------------------------------------------------------- decode steps
@@ -916,7 +917,8 @@ class Qwen3OmniEngine(QwenOmniEngine):
             self._code_predictor = predictor_class(model.talker, self.options.talker_sampling)
             self._code2wav = Code2WavBatcher(model.code2wav)
             if self.options.prewarm and self.runtime.device.type == "cuda":
-                prewarm_code2wav(model.code2wav, self.options.chunk_frames + self.options.left_context_frames)
+                longest = self.options.chunk_frames + self.options.left_context_frames
+                prewarm_code2wav(model.code2wav, longest, self.max_active if self.options.batch_sessions else 1)
             if self.options.static_cache:
                 self.slots = Qwen3SlotPool(
                     model,

@@ -175,6 +175,17 @@ def test_create_response_false_emits_turn_but_no_response() -> None:
     assert "response.created" not in driver.types()
 
 
+@pytest.mark.parametrize("listened_s", [0.9, 1.7, 3.3])
+def test_listening_keeps_only_the_recent_window_for_a_commit(listened_s: float) -> None:
+    """Between turns the buffer holds prefix padding + min speech + 500 ms, however long the caller was silent
+    (the held audio is trimmed lazily, but a commit sees exactly that window)."""
+    driver = CoreDriver.create({"type": "server_vad", "create_response": False})
+    driver.stream_audio(silence(listened_s))
+    driver.send("input_audio_buffer.commit")
+    committed = driver.session.conversation.items[-1]
+    assert committed.audio.size == (300 + 64 + 500) * 16
+
+
 def test_barge_in_cancels_truncates_and_next_turn_sees_only_heard_text() -> None:
     driver = CoreDriver.create()
     driver.stream_audio(np.concatenate([silence(0.5), tone(0.8), silence(0.7)]))

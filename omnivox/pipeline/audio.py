@@ -30,7 +30,9 @@ def pcm16_to_float(data: bytes) -> np.ndarray:
     """Little-endian signed 16-bit PCM -> float32 in [-1, 1)."""
     if len(data) % 2:
         raise ValueError(f"PCM16 audio must have an even number of bytes, got {len(data)}")
-    return np.frombuffer(data, dtype="<i2").astype(np.float32) / _PCM16_SCALE
+    samples = np.frombuffer(data, dtype="<i2").astype(np.float32)
+    samples /= _PCM16_SCALE
+    return samples
 
 
 def _float_to_int16(samples: np.ndarray) -> np.ndarray:
@@ -154,33 +156,43 @@ def alaw_decode(data: bytes) -> np.ndarray:
 
 
 class Framer:
-    """Cuts a stream of arbitrary-length chunks into frames of exactly `frame_samples`, carrying the remainder over."""
+    """Cuts a stream of arbitrary-length chunks into frames of exactly `frame_samples`, carrying the remainder over.
+
+    Samples are copied once, into the frame being filled: a caller's chunk is usually shorter than a frame, so
+    joining it to the remainder and cutting again would copy every sample twice per chunk."""
 
     def __init__(self, frame_samples: int) -> None:
         if frame_samples <= 0:
             raise ValueError(f"frame_samples must be positive, got {frame_samples}")
         self.frame_samples = frame_samples
-        self._held = np.zeros(0, dtype=np.float32)
+        self._frame = np.empty(frame_samples, dtype=np.float32)
+        self._filled = 0
 
     @property
     def pending(self) -> int:
         """Samples held back waiting for a full frame."""
-        return len(self._held)
+        return self._filled
 
     def push(self, samples: np.ndarray) -> list[np.ndarray]:
         """Add samples; return every complete frame now available, in order."""
         chunk = np.asarray(samples, dtype=np.float32)
-        buffer = np.concatenate((self._held, chunk)) if len(self._held) else chunk
-        complete = len(buffer) // self.frame_samples * self.frame_samples
-        frames = [buffer[start : start + self.frame_samples].copy() for start in range(0, complete, self.frame_samples)]
-        self._held = buffer[complete:].copy()
+        frames: list[np.ndarray] = []
+        used = 0
+        while (take := self.frame_samples - self._filled) <= len(chunk) - used:
+            self._frame[self._filled :] = chunk[used : used + take]
+            frames.append(self._frame)
+            self._frame, self._filled = np.empty(self.frame_samples, dtype=np.float32), 0
+            used += take
+        rest = len(chunk) - used
+        self._frame[self._filled : self._filled + rest] = chunk[used:]
+        self._filled += rest
         return frames
 
     def flush(self) -> np.ndarray | None:
         """Return the partial frame held back (shorter than a frame), or None when nothing is held."""
-        if not len(self._held):
+        if not self._filled:
             return None
-        remainder, self._held = self._held, np.zeros(0, dtype=np.float32)
+        remainder, self._filled = self._frame[: self._filled].copy(), 0
         return remainder
 
 

@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_COMMIT_MS = 100
+_COMPACT_SAMPLES = INPUT_RATE
+"""Audio dropped from the input buffer is freed once a second of it has piled up, not on every chunk."""
 MAX_APPEND_BYTES = 15 * 1024 * 1024
 _FORMAT_TYPES = {"audio/pcm": "pcm16", "audio/pcmu": "g711_ulaw", "audio/pcma": "g711_alaw"}
 
@@ -157,6 +159,10 @@ class Session:
         self._append_format = ""
         self._buffer: list[np.ndarray] = []
         self._buffer_start = 0
+        """Where the input buffer starts (in samples since the session began); older audio is gone."""
+        self._held_start = 0
+        """Where the audio held in `_buffer` starts: at or before `_buffer_start`, trimmed in steps of
+        `_COMPACT_SAMPLES` so that listening does not copy the whole buffer on every chunk."""
         self._total_samples = 0
         self._turn_item_id: str | None = None
         self._turn_start = 0
@@ -165,6 +171,20 @@ class Session:
         self._produced_audio = False
         self._now = 0.0
         self._started = False
+        self._client_handlers: dict[str, Callable[[dict[str, Any], list[SessionOutput]], None]] = {
+            "session.update": self._on_session_update,
+            "input_audio_buffer.append": self._on_append,
+            "input_audio_buffer.commit": self._on_commit,
+            "input_audio_buffer.clear": self._on_clear,
+            "conversation.item.create": self._on_item_create,
+            "conversation.item.retrieve": self._on_item_retrieve,
+            "conversation.item.truncate": self._on_item_truncate,
+            "conversation.item.delete": self._on_item_delete,
+            "response.create": self._on_response_create,
+            "response.cancel": self._on_response_cancel,
+            "output_audio_buffer.clear": self._on_output_clear,
+        }
+        """Client event type -> handler, built once: an append arrives every 20 ms."""
 
     # ------------------------------------------------------------ public API
 
@@ -259,20 +279,7 @@ class Session:
     # ------------------------------------------------------------ client events
 
     def _on_client_event(self, event: ClientEvent, out: list[SessionOutput]) -> None:
-        handlers: dict[str, Callable[[dict[str, Any], list[SessionOutput]], None]] = {
-            "session.update": self._on_session_update,
-            "input_audio_buffer.append": self._on_append,
-            "input_audio_buffer.commit": self._on_commit,
-            "input_audio_buffer.clear": self._on_clear,
-            "conversation.item.create": self._on_item_create,
-            "conversation.item.retrieve": self._on_item_retrieve,
-            "conversation.item.truncate": self._on_item_truncate,
-            "conversation.item.delete": self._on_item_delete,
-            "response.create": self._on_response_create,
-            "response.cancel": self._on_response_cancel,
-            "output_audio_buffer.clear": self._on_output_clear,
-        }
-        handler = handlers.get(event.type)
+        handler = self._client_handlers.get(event.type)
         if handler is None:
             raise ProtocolError(f"unknown event type '{event.type}'", code="unknown_event", param="type")
         handler(event.payload, out)
@@ -335,8 +342,8 @@ class Session:
             raise ProtocolError("audio must be a base64 string", code="invalid_audio", param=param)
         if len(data) > MAX_APPEND_BYTES * 4 // 3 + 4:
             raise ProtocolError("audio chunk over the 15 MiB limit", code="audio_too_large", param=param)
-        try:
-            raw = base64.b64decode(data, validate=True)
+        try:  # strict mode accepts exactly what b64decode(validate=True) does, without its regex pass over the text
+            raw = binascii.a2b_base64(data, strict_mode=True)
         except (binascii.Error, ValueError):
             raise ProtocolError("audio is not valid base64", code="invalid_audio", param=param) from None
         try:
@@ -369,7 +376,7 @@ class Session:
         self._commit_user_audio(item_id, audio, out)
 
     def _on_clear(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
-        self._buffer, self._buffer_start = [], self._total_samples
+        self._empty_buffer()
         self._turn_item_id = None
         self._detector = None
         out.append(ServerEvent("input_audio_buffer.cleared"))
@@ -532,18 +539,25 @@ class Session:
             self._drop_buffer_before(self._total_samples - keep)
             self._check_idle(out)
 
+    def _empty_buffer(self) -> None:
+        self._buffer, self._buffer_start, self._held_start = [], self._total_samples, self._total_samples
+
     def _drop_buffer_before(self, sample: int) -> None:
         if sample <= self._buffer_start:
             return
-        audio = self._take_buffer(sample, self._total_samples)
-        self._buffer, self._buffer_start = ([audio] if audio.size else []), sample
+        self._buffer_start = sample
+        if sample - self._held_start >= _COMPACT_SAMPLES:
+            audio = self._take_buffer(sample, self._total_samples)
+            self._buffer, self._held_start = ([audio] if audio.size else []), sample
 
     def _take_buffer(self, start: int, end: int) -> np.ndarray:
+        """Samples [start, end) of the input buffer, clipped to what it still holds."""
         if not self._buffer:
             return np.zeros(0, np.float32)
         joined = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
         self._buffer = [joined]
-        return joined[max(start - self._buffer_start, 0) : max(end - self._buffer_start, 0)]
+        low = max(start, self._buffer_start) - self._held_start
+        return joined[low : max(end, self._buffer_start) - self._held_start]
 
     def _on_speech_started(self, turn: SpeechStarted, out: list[SessionOutput]) -> None:
         assert self._turns is not None
@@ -580,7 +594,7 @@ class Session:
     def _commit_user_audio(self, item_id: str, audio: np.ndarray, out: list[SessionOutput]) -> None:
         item = Item(item_id, "user", audio=audio.copy())
         before = self.conversation.insert(item)
-        self._buffer, self._buffer_start = [], self._total_samples
+        self._empty_buffer()
         out.append(ServerEvent("input_audio_buffer.committed", {"previous_item_id": before, "item_id": item_id}))
         self._announce_item(item, before, out)
         transcription = self.config["audio"]["input"].get("transcription")

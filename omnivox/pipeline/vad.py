@@ -226,8 +226,8 @@ class BatchedSileroVad:
         with self._done:
             if not self._results:
                 self._batcher.hurry()
-            if not self._done.wait_for(lambda: self._results, self.result_timeout_s):
-                raise RuntimeError("silero batcher gave no result in time")
+                if not self._done.wait_for(lambda: self._results, self.result_timeout_s):
+                    raise RuntimeError("silero batcher gave no result in time")
             return self._results.popleft()
 
     def completed(self, probability: float, state: np.ndarray) -> None:

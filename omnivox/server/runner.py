@@ -109,7 +109,7 @@ class SessionRunner:
         """Caller input may bring a VAD frame that reads the previous frame's result: await that result here, so the
         core never blocks the event loop (and every other session) waiting on the silero thread."""
         vad = self.session.vad
-        if isinstance(item, AudioIn | ClientEvent) and isinstance(vad, BatchedSileroVad) and vad.pending:
+        if isinstance(item, (AudioIn, ClientEvent)) and isinstance(vad, BatchedSileroVad) and vad.pending:
             await vad.settle()
 
     def _handle(self, item: SessionInput) -> list[SessionOutput]:

@@ -210,10 +210,10 @@ class GpuWorker:
             else:
                 log.exception("%s: generation failed", self.name)
                 error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
-            ticket.push(error)
             self._retire(ticket)
             if _is_out_of_memory(exc) and self._on_out_of_memory is not None:
-                self._on_out_of_memory()
+                self._on_out_of_memory()  # before the client hears of it: a retry then finds the memory free
+            ticket.push(error)
             return False
 
     def _retire(self, ticket: _Ticket) -> None:

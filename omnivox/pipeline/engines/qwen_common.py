@@ -810,17 +810,16 @@ class QwenOmniEngine(ABC):
     @property
     def model(self) -> Any:
         """The loaded model (the subclass sets `_model` when it loads)."""
-        model = getattr(self, "_model", None)
-        if model is None:
-            raise EngineError(f"{self.name}: the model is not loaded")
-        return model
+        return self._loaded(self._model)
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        tokenizer = getattr(self, "_tokenizer", None)
-        if tokenizer is None:
+        return self._loaded(self._tokenizer)
+
+    def _loaded(self, value: Any) -> Any:
+        if value is None:
             raise EngineError(f"{self.name}: the model is not loaded")
-        return tokenizer
+        return value
 
     @property
     def audio_enabled(self) -> bool:

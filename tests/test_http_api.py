@@ -27,7 +27,8 @@ from omnivox.pipeline.engines.base import (
     TextPart,
 )
 from omnivox.pipeline.engines.scripted import ScriptedEngine
-from omnivox.server.http_api import AudioCache, audio_chat_events
+from omnivox.server.audio_chat_api import audio_chat_events
+from omnivox.server.http_media import AudioCache
 from omnivox.server.state import ServerState
 from tests.server_helpers import RunningServer, running_server, scripted_config
 

@@ -1,0 +1,76 @@
+"""`POST /v1/audio/transcriptions`: a multipart upload, answered by the engine's recogniser (501 where it has
+none)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from omnivox.pipeline.engines.base import INPUT_RATE
+from omnivox.server.http_common import ApiError, check_auth, check_model, check_ready, read_body
+from omnivox.server.http_media import decode_input_audio
+from omnivox.server.state import ServerState
+
+TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json")
+
+
+async def _replay(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+async def transcriptions(request: Request) -> Response:
+    state: ServerState = request.app.state.omnivox
+    check_auth(request, state)
+    body = await read_body(request, state.config.limits.max_http_body_bytes)
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise ApiError(400, "send the audio as multipart/form-data with a `file` field")
+    try:
+        form = await MultiPartParser(
+            request.headers, _replay(body), max_files=1, max_fields=16, max_part_size=64 * 1024
+        ).parse()
+    except MultiPartException as exc:
+        raise ApiError(400, f"malformed multipart body: {exc.message}") from None
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise ApiError(400, "the `file` field (an audio file) is required", param="file")
+    fields = {name: form.get(name) for name in ("model", "language", "prompt", "response_format")}
+    if any(value is not None and not isinstance(value, str) for value in fields.values()):
+        raise ApiError(400, "model, language, prompt and response_format are text fields")
+    if not fields["model"]:
+        raise ApiError(400, "the `model` field is required", param="model")
+    check_model(state, fields["model"])
+    response_format = fields["response_format"] or "json"
+    if response_format not in TRANSCRIPTION_FORMATS:
+        raise ApiError(
+            400,
+            f"response_format {response_format!r} is not supported; use one of {', '.join(TRANSCRIPTION_FORMATS)}",
+            param="response_format",
+        )
+    recognise = getattr(state.engine, "transcribe", None)
+    if recognise is None:
+        raise ApiError(
+            501, f"the {state.engine.name} engine cannot transcribe", kind="server_error", code="not_implemented"
+        )
+    check_ready(state)
+    raw = await upload.read()
+    max_seconds = state.config.limits.max_input_buffer_s
+    audio = await asyncio.to_thread(decode_input_audio, raw, "file", "file", max_seconds)
+    text = await recognise(audio, fields["language"] or None, fields["prompt"] or "")
+    if response_format == "text":
+        return PlainTextResponse(text)
+    if response_format == "json":
+        return JSONResponse({"text": text})
+    return JSONResponse(
+        {
+            "task": "transcribe",
+            "language": fields["language"] or "",
+            "duration": round(audio.size / INPUT_RATE, 3),
+            "text": text,
+            "segments": [],
+        }
+    )

@@ -9,8 +9,6 @@ active response and barge-in.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import copy
 import logging
 import secrets
@@ -20,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from omnivox.pipeline.audio import Framer, StreamResampler, audio_format, resample
+from omnivox.pipeline.audio import Framer, StreamResampler, audio_format
+from omnivox.pipeline.client_items import decode_client_audio, parse_item
 from omnivox.pipeline.conversation import Conversation, Item
 from omnivox.pipeline.engines.base import (
     INPUT_RATE,
@@ -51,8 +50,17 @@ from omnivox.pipeline.events import (
     TranscriptionDone,
     error_event,
 )
+from omnivox.pipeline.input_buffer import InputBuffer
 from omnivox.pipeline.pacer import FramePacer
-from omnivox.pipeline.turns import SpeechStarted, SpeechStopped, TurnDetectionConfig, TurnDetector
+from omnivox.pipeline.responses import ActiveResponse
+from omnivox.pipeline.session_config import (
+    FORMAT_TYPES,
+    default_session,
+    merge_update,
+    parse_turn_detection,
+    validate_session,
+)
+from omnivox.pipeline.turns import SpeechStarted, SpeechStopped, TurnDetector
 
 if TYPE_CHECKING:
     from omnivox.pipeline.vad import Vad
@@ -60,10 +68,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_COMMIT_MS = 100
-_COMPACT_SAMPLES = INPUT_RATE
-"""Audio dropped from the input buffer is freed once a second of it has piled up, not on every chunk."""
-MAX_APPEND_BYTES = 15 * 1024 * 1024
-_FORMAT_TYPES = {"audio/pcm": "pcm16", "audio/pcmu": "g711_ulaw", "audio/pcma": "g711_alaw"}
 
 
 @dataclass(frozen=True)
@@ -84,59 +88,6 @@ class SessionOptions:
     """Initial GA session fields (voice, instructions, turn_detection, formats) merged over the built-in ones."""
 
 
-def default_session(model: str) -> dict[str, Any]:
-    return {
-        "type": "realtime",
-        "object": "realtime.session",
-        "model": model,
-        "output_modalities": ["audio"],
-        "instructions": "",
-        "tools": [],
-        "tool_choice": "auto",
-        "temperature": 0.8,
-        "max_output_tokens": "inf",
-        "audio": {
-            "input": {
-                "format": {"type": "audio/pcm", "rate": 24000},
-                "transcription": None,
-                "noise_reduction": None,
-                "turn_detection": TurnDetectionConfig().to_dict(),
-            },
-            "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "alloy", "speed": 1.0},
-        },
-    }
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Partial update: nested objects merge, except those a client always sends whole."""
-    merged = dict(base)
-    for key, value in update.items():
-        whole = key in ("turn_detection", "format", "transcription", "noise_reduction")
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and not whole:
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-@dataclass
-class _Response:
-    id: str
-    item: Item
-    in_conversation: bool
-    output_audio: bool
-    metadata: Any
-    pacer: FramePacer | None
-    resampler: StreamResampler | None
-    engine_done: bool = False
-    usage: Usage | None = None
-    playout_started: bool = False
-
-    @property
-    def modalities(self) -> list[str]:
-        return ["audio"] if self.output_audio else ["text"]
-
-
 class Session:
     def __init__(
         self, options: SessionOptions, vad_factory: Callable[[], Vad] | None = None, session_id: str | None = None
@@ -145,9 +96,9 @@ class Session:
         self.id = session_id or f"sess_{secrets.token_hex(8)}"
         self._id_prefix = secrets.token_hex(3)
         self._counter = 0
-        self.config = _merge(default_session(options.model), options.defaults)
+        self.config = merge_update(default_session(options.model), options.defaults)
         self.config["id"] = self.id
-        self._turns = self._turn_config(self.config["audio"]["input"]["turn_detection"])
+        self._turns = parse_turn_detection(self.config["audio"]["input"]["turn_detection"], options.min_speech_ms)
         self.config["audio"]["input"]["turn_detection"] = self._turns.to_dict() if self._turns else None
         self.conversation = Conversation()
         self._vad_factory = vad_factory
@@ -157,17 +108,11 @@ class Session:
         self._detector: TurnDetector | None = None
         self._append_resampler: StreamResampler | None = None
         self._append_format = ""
-        self._buffer: list[np.ndarray] = []
-        self._buffer_start = 0
-        """Where the input buffer starts (in samples since the session began); older audio is gone."""
-        self._held_start = 0
-        """Where the audio held in `_buffer` starts: at or before `_buffer_start`, trimmed in steps of
-        `_COMPACT_SAMPLES` so that listening does not copy the whole buffer on every chunk."""
-        self._total_samples = 0
+        self._input = InputBuffer(options.max_input_buffer_s)
         self._turn_item_id: str | None = None
         self._turn_start = 0
         self._idle_since: int | None = None
-        self._active: _Response | None = None
+        self._active: ActiveResponse | None = None
         self._produced_audio = False
         self._now = 0.0
         self._started = False
@@ -190,11 +135,11 @@ class Session:
 
     @property
     def input_format(self) -> str:
-        return _FORMAT_TYPES[self.config["audio"]["input"]["format"]["type"]]
+        return FORMAT_TYPES[self.config["audio"]["input"]["format"]["type"]]
 
     @property
     def output_format(self) -> str:
-        return _FORMAT_TYPES[self.config["audio"]["output"]["format"]["type"]]
+        return FORMAT_TYPES[self.config["audio"]["output"]["format"]["type"]]
 
     @property
     def output_rate(self) -> int:
@@ -264,17 +209,7 @@ class Session:
         return f"{prefix}_{self._id_prefix}{self._counter:05d}"
 
     def _input_ms(self, samples: int | None = None) -> int:
-        return int((self._total_samples if samples is None else samples) * 1000 // INPUT_RATE)
-
-    def _turn_config(self, data: Any) -> TurnDetectionConfig | None:
-        if data is None:
-            return None
-        if not isinstance(data, dict):
-            raise ProtocolError("turn_detection must be an object or null", param="session.audio.input.turn_detection")
-        try:
-            return TurnDetectionConfig.from_dict(data, self.options.min_speech_ms)
-        except ValueError as exc:
-            raise ProtocolError(str(exc), param="session.audio.input.turn_detection") from None
+        return int((self._input.total if samples is None else samples) * 1000 // INPUT_RATE)
 
     # ------------------------------------------------------------ client events
 
@@ -293,8 +228,8 @@ class Session:
                 "only realtime sessions are supported", code="unsupported_session_type", param="session.type"
             )
         update = {k: v for k, v in update.items() if k not in ("id", "object")}
-        merged = _merge(self.config, update)
-        self._validate(merged)
+        merged = merge_update(self.config, update)
+        validate_session(merged)
         new_voice = merged["audio"]["output"].get("voice")
         if self._produced_audio and new_voice != self.config["audio"]["output"].get("voice"):
             raise ProtocolError(
@@ -302,7 +237,7 @@ class Session:
                 code="cannot_update_voice",
                 param="session.audio.output.voice",
             )
-        turns = self._turn_config(merged["audio"]["input"].get("turn_detection"))
+        turns = parse_turn_detection(merged["audio"]["input"].get("turn_detection"), self.options.min_speech_ms)
         merged["audio"]["input"]["turn_detection"] = turns.to_dict() if turns else None
         if turns != self._turns:
             self._turns = turns
@@ -311,50 +246,8 @@ class Session:
         self.config = merged
         out.append(ServerEvent("session.updated", {"session": copy.deepcopy(self.config)}))
 
-    def _validate(self, session: dict[str, Any]) -> None:
-        modalities = session.get("output_modalities")
-        if not (isinstance(modalities, list) and modalities and set(modalities) <= {"audio", "text"}):
-            raise ProtocolError("output_modalities must be ['audio'] or ['text']", param="session.output_modalities")
-        if not isinstance(session.get("instructions"), str):
-            raise ProtocolError("instructions must be a string", param="session.instructions")
-        for direction in ("input", "output"):
-            fmt = session.get("audio", {}).get(direction, {}).get("format")
-            param = f"session.audio.{direction}.format"
-            if not isinstance(fmt, dict) or fmt.get("type") not in _FORMAT_TYPES:
-                raise ProtocolError(f"{param} must be audio/pcm, audio/pcmu or audio/pcma", param=param)
-            if fmt["type"] == "audio/pcm" and fmt.setdefault("rate", 24000) != 24000:
-                raise ProtocolError("audio/pcm is 24000 Hz only", param=f"{param}.rate")
-        voice = session["audio"]["output"].get("voice")
-        if not isinstance(voice, str) or not voice:
-            raise ProtocolError("voice must be a non-empty string", param="session.audio.output.voice")
-        tokens = session.get("max_output_tokens")
-        if tokens != "inf" and (isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= 4096):
-            raise ProtocolError(
-                "max_output_tokens must be an integer in [1, 4096] or 'inf'", param="session.max_output_tokens"
-            )
-        temperature = session.get("temperature")
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
-            raise ProtocolError("temperature must be a number in [0, 2]", param="session.temperature")
-
-    def _decode_client_audio(self, data: Any, param: str) -> np.ndarray:
-        """Base64 audio in the session's input format -> float32 at the format's rate."""
-        if not isinstance(data, str):
-            raise ProtocolError("audio must be a base64 string", code="invalid_audio", param=param)
-        if len(data) > MAX_APPEND_BYTES * 4 // 3 + 4:
-            raise ProtocolError("audio chunk over the 15 MiB limit", code="audio_too_large", param=param)
-        try:  # strict mode accepts exactly what b64decode(validate=True) does, without its regex pass over the text
-            raw = binascii.a2b_base64(data, strict_mode=True)
-        except (binascii.Error, ValueError):
-            raise ProtocolError("audio is not valid base64", code="invalid_audio", param=param) from None
-        try:
-            return audio_format(self.input_format).decode(raw)
-        except ValueError as exc:
-            raise ProtocolError(
-                f"audio does not match {self.input_format}: {exc}", code="invalid_audio", param=param
-            ) from None
-
     def _on_append(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
-        samples = self._decode_client_audio(payload.get("audio"), "audio")
+        samples = decode_client_audio(payload.get("audio"), self.input_format, "audio")
         fmt = audio_format(self.input_format)
         if self._append_resampler is None or self._append_format != fmt.name:
             self._append_resampler, self._append_format = StreamResampler(fmt.rate, INPUT_RATE), fmt.name
@@ -364,7 +257,7 @@ class Session:
         if self._append_resampler is not None:  # the turn is over: release the resampler's filter delay
             self._on_audio(self._append_resampler.flush(), out)
             self._append_resampler = None
-        audio = self._take_buffer(self._buffer_start, self._total_samples)
+        audio = self._input.take_all()
         if audio.size * 1000 < MIN_COMMIT_MS * INPUT_RATE:
             raise ProtocolError(
                 f"buffer too small: {audio.size * 1000 // INPUT_RATE} ms of audio, at least {MIN_COMMIT_MS} ms needed",
@@ -376,13 +269,13 @@ class Session:
         self._commit_user_audio(item_id, audio, out)
 
     def _on_clear(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
-        self._empty_buffer()
+        self._input.empty()
         self._turn_item_id = None
         self._detector = None
         out.append(ServerEvent("input_audio_buffer.cleared"))
 
     def _on_item_create(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
-        item = self._parse_item(payload.get("item"))
+        item = parse_item(payload.get("item"), self.input_format, self._new_id)
         previous = payload.get("previous_item_id")
         if self.conversation.get(item.id) is not None:
             raise ProtocolError(f"an item with id '{item.id}' already exists", param="item.id")
@@ -391,54 +284,6 @@ class Session:
         except KeyError:
             raise ProtocolError(f"previous_item_id '{previous}' does not exist", param="previous_item_id") from None
         self._announce_item(item, before, out)
-
-    def _parse_item(self, data: Any) -> Item:
-        if not isinstance(data, dict):
-            raise ProtocolError("conversation.item.create needs an 'item' object", param="item")
-        if data.get("type", "message") != "message":
-            raise ProtocolError(f"item type '{data.get('type')}' is not supported (no tools)", param="item.type")
-        role = data.get("role")
-        if role not in ("user", "assistant", "system"):
-            raise ProtocolError("item.role must be user, assistant or system", param="item.role")
-        content = data.get("content")
-        if not isinstance(content, list) or not content:
-            raise ProtocolError("item.content must be a non-empty list", param="item.content")
-        item_id = data.get("id") if isinstance(data.get("id"), str) else self._new_id("item")
-        item = Item(item_id, role)
-        texts: list[str] = []
-        audio: list[np.ndarray] = []
-        for index, part in enumerate(content):
-            param = f"item.content[{index}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind in ("input_text", "text", "output_text"):
-                if not isinstance(part.get("text"), str):
-                    raise ProtocolError("text content needs a 'text' string", param=f"{param}.text")
-                texts.append(part["text"])
-            elif kind == "input_audio" and role == "user":
-                samples = self._decode_client_audio(part.get("audio"), f"{param}.audio")
-                audio.append(resample(samples, audio_format(self.input_format).rate, INPUT_RATE))
-                if isinstance(part.get("transcript"), str):
-                    item.transcript = part["transcript"]
-            elif kind in ("output_audio", "audio") and role == "assistant":
-                texts.append(part.get("transcript") or "")
-            elif kind == "input_image" and role == "user":
-                item.images.append(self._parse_image(part.get("image_url"), f"{param}.image_url"))
-            else:
-                raise ProtocolError(f"content type '{kind}' is not supported for role {role}", param=f"{param}.type")
-        item.text = " ".join(t for t in texts if t)
-        if audio:
-            item.audio = np.concatenate(audio)
-        return item
-
-    @staticmethod
-    def _parse_image(url: Any, param: str) -> tuple[bytes, str]:
-        if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
-            raise ProtocolError("image_url must be a base64 data URL", param=param)
-        header, _, data = url.partition(";base64,")
-        try:
-            return base64.b64decode(data, validate=True), header[len("data:") :] or "image/png"
-        except (binascii.Error, ValueError):
-            raise ProtocolError("image_url is not valid base64", param=param) from None
 
     def _announce_item(self, item: Item, before: str | None, out: list[SessionOutput]) -> None:
         for kind in ("conversation.item.added", "conversation.item.done"):
@@ -511,17 +356,13 @@ class Session:
     def _on_audio(self, pcm: np.ndarray, out: list[SessionOutput]) -> None:
         if not pcm.size:
             return
-        self._buffer.append(pcm.astype(np.float32, copy=False))
-        self._total_samples += pcm.size
-        limit = int(self.options.max_input_buffer_s * INPUT_RATE)
-        if self._total_samples - self._buffer_start > limit:
-            self._drop_buffer_before(self._total_samples - limit)
+        self._input.append(pcm)
         if self._turns is None or self._vad_factory is None:
             return
         if self._vad is None:
             self._vad = self._vad_factory()
             self._vad_framer = Framer(self._vad.frame_samples)
-            self._vad_position = self._total_samples - pcm.size
+            self._vad_position = self._input.total - pcm.size
         if self._detector is None:
             self._detector = TurnDetector(self._turns)
         assert self._vad_framer is not None
@@ -536,35 +377,15 @@ class Session:
                     self._on_speech_stopped(turn, out)
         if not self._detector.speaking:
             keep = (self._turns.prefix_padding_ms + self._turns.min_speech_ms + 500) * INPUT_RATE // 1000
-            self._drop_buffer_before(self._total_samples - keep)
+            self._input.drop_before(self._input.total - keep)
             self._check_idle(out)
-
-    def _empty_buffer(self) -> None:
-        self._buffer, self._buffer_start, self._held_start = [], self._total_samples, self._total_samples
-
-    def _drop_buffer_before(self, sample: int) -> None:
-        if sample <= self._buffer_start:
-            return
-        self._buffer_start = sample
-        if sample - self._held_start >= _COMPACT_SAMPLES:
-            audio = self._take_buffer(sample, self._total_samples)
-            self._buffer, self._held_start = ([audio] if audio.size else []), sample
-
-    def _take_buffer(self, start: int, end: int) -> np.ndarray:
-        """Samples [start, end) of the input buffer, clipped to what it still holds."""
-        if not self._buffer:
-            return np.zeros(0, np.float32)
-        joined = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
-        self._buffer = [joined]
-        low = max(start, self._buffer_start) - self._held_start
-        return joined[low : max(end, self._buffer_start) - self._held_start]
 
     def _on_speech_started(self, turn: SpeechStarted, out: list[SessionOutput]) -> None:
         assert self._turns is not None
         self._idle_since = None
         self._turn_item_id = self._new_id("item")
         onset = int(turn.onset_ms * INPUT_RATE / 1000)
-        self._turn_start = max(self._buffer_start, onset - self._turns.prefix_padding_ms * INPUT_RATE // 1000)
+        self._turn_start = max(self._input.start, onset - self._turns.prefix_padding_ms * INPUT_RATE // 1000)
         out.append(
             ServerEvent(
                 "input_audio_buffer.speech_started",
@@ -583,7 +404,7 @@ class Session:
             )
         )
         item_id, self._turn_item_id = self._turn_item_id, None
-        audio = self._take_buffer(self._turn_start, min(end, self._total_samples))
+        audio = self._input.take(self._turn_start, min(end, self._input.total))
         self._commit_user_audio(item_id, audio, out)
         if self._turns.create_response:
             if self._active is None:
@@ -594,7 +415,7 @@ class Session:
     def _commit_user_audio(self, item_id: str, audio: np.ndarray, out: list[SessionOutput]) -> None:
         item = Item(item_id, "user", audio=audio.copy())
         before = self.conversation.insert(item)
-        self._empty_buffer()
+        self._input.empty()
         out.append(ServerEvent("input_audio_buffer.committed", {"previous_item_id": before, "item_id": item_id}))
         self._announce_item(item, before, out)
         transcription = self.config["audio"]["input"].get("transcription")
@@ -655,7 +476,7 @@ class Session:
             )
         )
         self._idle_since = None
-        self._commit_user_audio(item_id, self._take_buffer(self._buffer_start, self._total_samples), out)
+        self._commit_user_audio(item_id, self._input.take_all(), out)
         self._start_response({}, out)
 
     # ------------------------------------------------------------ responses
@@ -683,20 +504,17 @@ class Session:
         if output_audio:
             pacer = FramePacer(self.output_rate, self.options.frame_ms, self.options.lead_ms)
             resampler = StreamResampler(self.options.engine_rate, self.output_rate)
-        response = _Response(response_id, item, in_conversation, output_audio, params.get("metadata"), pacer, resampler)
+        conversation_id = "conv_" + self.id.removeprefix("sess_") if in_conversation else None
+        response = ActiveResponse(
+            response_id, item, conversation_id, output_audio, params.get("metadata"), pacer, resampler
+        )
         self._active = response
         self._idle_since = None
-        out.append(ServerEvent("response.created", {"response": self._response_json(response, "in_progress")}))
-        out.append(
-            ServerEvent(
-                "response.output_item.added", {"response_id": response_id, "output_index": 0, "item": item.to_json()}
-            )
-        )
+        out.extend(response.opening_events())
         if in_conversation:
             before = self.conversation.insert(item)
             out.append(ServerEvent("conversation.item.added", {"previous_item_id": before, "item": item.to_json()}))
-        part = {"type": "audio", "transcript": ""} if output_audio else {"type": "text", "text": ""}
-        out.append(ServerEvent("response.content_part.added", {**self._refs(response), "part": part}))
+        out.append(response.content_part_added())
         max_tokens = params.get("max_output_tokens", self.config["max_output_tokens"])
         request = ResponseRequest(
             messages=messages,
@@ -720,42 +538,11 @@ class Session:
             if isinstance(entry, dict) and entry.get("type") == "item_reference":
                 item = self._existing_item(entry.get("id"))
             else:
-                item = self._parse_item(entry)
+                item = parse_item(entry, self.input_format, self._new_id)
             message = item.to_message()
             if message is not None:
                 messages.append(message)
         return tuple(messages)
-
-    @staticmethod
-    def _refs(response: _Response) -> dict[str, Any]:
-        return {"response_id": response.id, "item_id": response.item.id, "output_index": 0, "content_index": 0}
-
-    def _response_json(
-        self,
-        response: _Response,
-        status: str,
-        details: dict[str, Any] | None = None,
-        output: list[dict[str, Any]] | None = None,
-    ) -> dict[str, Any]:
-        usage = None
-        if response.usage is not None:
-            usage = {
-                "total_tokens": response.usage.input_tokens + response.usage.output_tokens,
-                "input_tokens": response.usage.input_tokens,
-                "output_tokens": response.usage.output_tokens,
-                "input_token_details": {"cached_tokens": response.usage.cached_input_tokens},
-            }
-        return {
-            "id": response.id,
-            "object": "realtime.response",
-            "status": status,
-            "status_details": details,
-            "output": output or [],
-            "conversation_id": None if not response.in_conversation else "conv_" + self.id.removeprefix("sess_"),
-            "output_modalities": response.modalities,
-            "metadata": response.metadata,
-            "usage": usage,
-        }
 
     def _on_engine_delta(self, event: EngineOutput, out: list[SessionOutput]) -> None:
         response = self._active
@@ -766,8 +553,7 @@ class Session:
             if not delta.text:
                 return
             response.item.text += delta.text
-            kind = "response.output_audio_transcript.delta" if response.output_audio else "response.output_text.delta"
-            out.append(ServerEvent(kind, {**self._refs(response), "delta": delta.text}))
+            out.append(response.text_delta(delta.text))
         elif isinstance(delta, AudioDelta):
             if response.pacer is None or response.resampler is None:
                 return
@@ -844,29 +630,15 @@ class Session:
         self._finish(response, "cancelled", {"type": "cancelled", "reason": reason}, out)
 
     def _finish(
-        self, response: _Response, status: str, details: dict[str, Any] | None, out: list[SessionOutput]
+        self, response: ActiveResponse, status: str, details: dict[str, Any] | None, out: list[SessionOutput]
     ) -> None:
-        item, refs = response.item, self._refs(response)
-        transcript = item.text
-        if response.output_audio:
-            out.append(ServerEvent("response.output_audio.done", refs))
-            out.append(ServerEvent("response.output_audio_transcript.done", {**refs, "transcript": transcript}))
-            part = {"type": "audio", "transcript": transcript}
-        else:
-            out.append(ServerEvent("response.output_text.done", {**refs, "text": transcript}))
-            part = {"type": "text", "text": transcript}
-        out.append(ServerEvent("response.content_part.done", {**refs, "part": part}))
-        item.status = "completed" if status == "completed" else "incomplete"
+        item = response.item
+        out.extend(response.closing_events(status))
         item_json = item.to_json()
-        out.append(
-            ServerEvent("response.output_item.done", {"response_id": response.id, "output_index": 0, "item": item_json})
-        )
         if response.in_conversation and self.conversation.get(item.id) is not None:
             index = self.conversation.items.index(item)
             before = self.conversation.items[index - 1].id if index > 0 else None
             out.append(ServerEvent("conversation.item.done", {"previous_item_id": before, "item": item_json}))
-        out.append(
-            ServerEvent("response.done", {"response": self._response_json(response, status, details, [item_json])})
-        )
+        out.append(ServerEvent("response.done", {"response": response.to_json(status, details, [item_json])}))
         self._active = None
-        self._idle_since = self._total_samples
+        self._idle_since = self._input.total

@@ -25,11 +25,13 @@ from omnivox.pipeline.conversation import Conversation, Item
 from omnivox.pipeline.engines.base import (
     INPUT_RATE,
     AudioDelta,
+    InvalidSampling,
     Message,
     ResponseRequest,
     SamplingParams,
     TextDelta,
     Usage,
+    checked_sampling,
 )
 from omnivox.pipeline.events import (
     AudioIn,
@@ -63,6 +65,7 @@ MIN_COMMIT_MS = 100
 _COMPACT_SAMPLES = INPUT_RATE
 """Audio dropped from the input buffer is freed once a second of it has piled up, not on every chunk."""
 MAX_APPEND_BYTES = 15 * 1024 * 1024
+MAX_OUTPUT_TOKENS = 4096
 _FORMAT_TYPES = {"audio/pcm": "pcm16", "audio/pcmu": "g711_ulaw", "audio/pcma": "g711_alaw"}
 
 
@@ -117,6 +120,22 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def _response_sampling(settings: dict[str, Any], where: str) -> SamplingParams:
+    """The `temperature` and `max_output_tokens` of a session or response, through the engines' one check (a value
+    that could make the sampler's probabilities NaN never reaches it); the error names the field as sent."""
+    tokens = settings.get("max_output_tokens")
+    try:
+        return checked_sampling(
+            temperature=settings.get("temperature"),
+            max_tokens=None if tokens == "inf" else tokens,
+            max_tokens_limit=MAX_OUTPUT_TOKENS,
+            names={"max_tokens": "max_output_tokens"},
+        )
+    except InvalidSampling as exc:
+        message = f"{exc} or 'inf'" if exc.field == "max_output_tokens" else str(exc)
+        raise ProtocolError(message, param=f"{where}.{exc.field}") from None
 
 
 @dataclass
@@ -327,14 +346,9 @@ class Session:
         voice = session["audio"]["output"].get("voice")
         if not isinstance(voice, str) or not voice:
             raise ProtocolError("voice must be a non-empty string", param="session.audio.output.voice")
-        tokens = session.get("max_output_tokens")
-        if tokens != "inf" and (isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= 4096):
-            raise ProtocolError(
-                "max_output_tokens must be an integer in [1, 4096] or 'inf'", param="session.max_output_tokens"
-            )
-        temperature = session.get("temperature")
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
+        if session.get("temperature") is None:
             raise ProtocolError("temperature must be a number in [0, 2]", param="session.temperature")
+        _response_sampling(session, "session")
 
     def _decode_client_audio(self, data: Any, param: str) -> np.ndarray:
         """Base64 audio in the session's input format -> float32 at the format's rate."""
@@ -666,6 +680,7 @@ class Session:
                 f"conversation already has an active response ({self._active.id})",
                 code="conversation_already_has_active_response",
             )
+        sampling = _response_sampling({**self.config, **params}, "response")
         modalities = params.get("output_modalities", self.config["output_modalities"])
         if not isinstance(modalities, list) or not modalities or not set(modalities) <= {"audio", "text"}:
             raise ProtocolError("output_modalities must be ['audio'] or ['text']", param="response.output_modalities")
@@ -697,16 +712,12 @@ class Session:
             out.append(ServerEvent("conversation.item.added", {"previous_item_id": before, "item": item.to_json()}))
         part = {"type": "audio", "transcript": ""} if output_audio else {"type": "text", "text": ""}
         out.append(ServerEvent("response.content_part.added", {**self._refs(response), "part": part}))
-        max_tokens = params.get("max_output_tokens", self.config["max_output_tokens"])
         request = ResponseRequest(
             messages=messages,
             instructions=instructions,
             voice=self.config["audio"]["output"]["voice"],
             output_audio=output_audio,
-            sampling=SamplingParams(
-                temperature=params.get("temperature", self.config["temperature"]),
-                max_tokens=None if max_tokens == "inf" else max_tokens,
-            ),
+            sampling=sampling,
             request_id=response_id,
             conversation_id=self.id,
         )

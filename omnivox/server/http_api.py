@@ -79,6 +79,8 @@ from omnivox.pipeline.engines.base import (
     EngineNotReady,
     EngineOutOfMemory,
     ImagePart,
+    InvalidRequest,
+    InvalidSampling,
     Message,
     Part,
     ResponseRequest,
@@ -86,6 +88,7 @@ from omnivox.pipeline.engines.base import (
     TextDelta,
     TextPart,
     Usage,
+    checked_sampling,
 )
 from omnivox.server.auth import is_authorized
 from omnivox.server.state import ServerState
@@ -134,11 +137,14 @@ class ApiError(Exception):
 
 
 def engine_api_error(exc: EngineError) -> ApiError:
-    """HTTP status of an engine failure: busy 429, not loaded or out of memory 503, anything else 500."""
+    """HTTP status of an engine failure: busy 429, not loaded or out of memory 503, the request's own fault 400,
+    anything else 500."""
     if isinstance(exc, EngineBusy):
         return ApiError(429, str(exc) or "the engine is busy; retry later", kind="rate_limit_error", code=exc.code)
     if isinstance(exc, EngineNotReady | EngineOutOfMemory):
         return ApiError(503, str(exc) or "the engine is not ready", kind="server_error", code=exc.code)
+    if isinstance(exc, InvalidRequest):
+        return ApiError(400, str(exc), code=exc.code)
     return ApiError(500, str(exc) or "the engine failed", kind="server_error", code=exc.code)
 
 
@@ -466,9 +472,12 @@ def sampling_params(body: ChatCompletionRequest | AudioChatRequest) -> SamplingP
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
     stop = getattr(body, "stop", None)
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    return SamplingParams(
-        temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens, seed=body.seed, stop=stops
-    )
+    try:
+        return checked_sampling(
+            temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens, seed=body.seed, stop=stops
+        )
+    except InvalidSampling as exc:
+        raise ApiError(400, str(exc), param=exc.field) from None
 
 
 async def open_engine_stream(state: ServerState, request: ResponseRequest) -> AsyncIterator[Delta]:

@@ -9,7 +9,7 @@ that iterates the stream cancels the engine work at its next step.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -67,7 +67,7 @@ NaN (at 1e-40 they do). A smaller positive request is raised to it; 0 means gree
 
 
 class InvalidSampling(ValueError):
-    """A sampling parameter a client sent is not usable; `field` names it as `checked_sampling` calls it."""
+    """A sampling parameter a client sent is not usable; `field` names it as the client spelled it."""
 
     def __init__(self, message: str, field: str) -> None:
         super().__init__(message)
@@ -87,6 +87,7 @@ def checked_sampling(
     max_tokens_limit: int | None = None,
     seed: int | None = None,
     stop: tuple[str, ...] = (),
+    names: Mapping[str, str] | None = None,
 ) -> SamplingParams:
     """`SamplingParams` from values a client sent (any JSON type), or `InvalidSampling` naming the bad one.
 
@@ -94,25 +95,32 @@ def checked_sampling(
     NaN (on CUDA a device-side assert that breaks the context for every later request) reaches a sampler.
     Temperature is a finite number in [0, 2] (0 is greedy; tiny positive values are raised to `MIN_TEMPERATURE`),
     top_p a finite number in [0, 1], top_k and max_tokens integers (top_k >= 0, 0 = off; max_tokens >= 1, at most
-    `max_tokens_limit` when given). None keeps the model's default.
+    `max_tokens_limit` when given). None keeps the model's default. `names` maps a field to how the caller's wire
+    format spells it, for the message and `InvalidSampling.field`.
     """
+
+    def invalid(field: str, rule: str) -> InvalidSampling:
+        name = (names or {}).get(field, field)
+        return InvalidSampling(f"{name} must be {rule}", name)
+
     if temperature is not None:
         if not _number(temperature) or not math.isfinite(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
-            raise InvalidSampling(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}]", "temperature")
+            raise invalid("temperature", f"a number in [0, {MAX_TEMPERATURE:g}]")
         temperature = float(temperature)
         if 0 < temperature < MIN_TEMPERATURE:
             temperature = MIN_TEMPERATURE
     if top_p is not None:
         if not _number(top_p) or not math.isfinite(top_p) or not 0 <= top_p <= 1:
-            raise InvalidSampling("top_p must be a number in [0, 1]", "top_p")
+            raise invalid("top_p", "a number in [0, 1]")
         top_p = float(top_p)
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
-        raise InvalidSampling("top_k must be an integer >= 0 (0 turns it off)", "top_k")
+        raise invalid("top_k", "an integer >= 0 (0 turns it off)")
     if max_tokens is not None:
         limit = max_tokens_limit or math.inf
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= limit:
-            bound = f"in [1, {max_tokens_limit}]" if max_tokens_limit else ">= 1"
-            raise InvalidSampling(f"max_tokens must be an integer {bound}", "max_tokens")
+            raise invalid(
+                "max_tokens", f"an integer in [1, {max_tokens_limit}]" if max_tokens_limit else "an integer >= 1"
+            )
     return SamplingParams(
         temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed, stop=stop
     )

@@ -769,7 +769,8 @@ class EngineOptions:
     dtype: str = "auto"
     """Thinker and talker weights: "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32"."""
     attn_implementation: str = "auto"
-    """"auto" (flash_attention_2 when installed and usable, else sdpa), "sdpa", "eager", "flash_attention_2"."""
+    """"auto" (flash_attention_2 when installed and usable and no decode path builds its own masks, else sdpa),
+    "sdpa", "eager", "flash_attention_2" (refused with `static_cache` or Qwen3's `cuda_graphs`)."""
     max_active: int = 4
     """Generations advanced together on the GPU worker; more requests wait in the queue."""
     max_queued: int = 16

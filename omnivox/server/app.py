@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def engine_status(state: ServerState) -> str:
-    """ "failed" once the engine's device broke (only a restart recovers), "loading" until it is ready, else "ok"."""
+    """The engine's state: "failed" once its device broke (only a restart recovers), "loading" until it is ready,
+    else "ok"."""
     if engine_failure(state.engine) is not None:
         return "failed"
     return "ok" if state.engine.ready else "loading"

@@ -26,7 +26,6 @@ from omnivox.pipeline.engines.base import (
     AudioDelta,
     Message,
     ResponseRequest,
-    SamplingParams,
     TextDelta,
     Usage,
 )
@@ -58,6 +57,7 @@ from omnivox.pipeline.session_config import (
     default_session,
     merge_update,
     parse_turn_detection,
+    response_sampling,
     validate_session,
 )
 from omnivox.pipeline.turns import SpeechStarted, SpeechStopped, TurnDetector
@@ -487,6 +487,7 @@ class Session:
                 f"conversation already has an active response ({self._active.id})",
                 code="conversation_already_has_active_response",
             )
+        sampling = response_sampling({**self.config, **params}, "response")
         modalities = params.get("output_modalities", self.config["output_modalities"])
         if not isinstance(modalities, list) or not modalities or not set(modalities) <= {"audio", "text"}:
             raise ProtocolError("output_modalities must be ['audio'] or ['text']", param="response.output_modalities")
@@ -515,16 +516,12 @@ class Session:
             before = self.conversation.insert(item)
             out.append(ServerEvent("conversation.item.added", {"previous_item_id": before, "item": item.to_json()}))
         out.append(response.content_part_added())
-        max_tokens = params.get("max_output_tokens", self.config["max_output_tokens"])
         request = ResponseRequest(
             messages=messages,
             instructions=instructions,
             voice=self.config["audio"]["output"]["voice"],
             output_audio=output_audio,
-            sampling=SamplingParams(
-                temperature=params.get("temperature", self.config["temperature"]),
-                max_tokens=None if max_tokens == "inf" else max_tokens,
-            ),
+            sampling=sampling,
             request_id=response_id,
             conversation_id=self.id,
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from omnivox.pipeline.engines.base import InvalidSampling, SamplingParams, checked_sampling
 from omnivox.pipeline.events import ProtocolError
 from omnivox.pipeline.turns import TurnDetectionConfig
 
@@ -15,6 +16,7 @@ FORMAT_TYPES = {"audio/pcm": "pcm16", "audio/pcmu": "g711_ulaw", "audio/pcma": "
 """GA audio format type -> the internal format name of `pipeline.audio`."""
 _SENT_WHOLE = ("turn_detection", "format", "transcription", "noise_reduction")
 """Nested objects a client always sends whole: an update replaces them instead of merging into them."""
+MAX_OUTPUT_TOKENS = 4096
 
 
 def default_session(model: str) -> dict[str, Any]:
@@ -80,11 +82,22 @@ def validate_session(session: dict[str, Any]) -> None:
     voice = session["audio"]["output"].get("voice")
     if not isinstance(voice, str) or not voice:
         raise ProtocolError("voice must be a non-empty string", param="session.audio.output.voice")
-    tokens = session.get("max_output_tokens")
-    if tokens != "inf" and (isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= 4096):
-        raise ProtocolError(
-            "max_output_tokens must be an integer in [1, 4096] or 'inf'", param="session.max_output_tokens"
-        )
-    temperature = session.get("temperature")
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
+    if session.get("temperature") is None:
         raise ProtocolError("temperature must be a number in [0, 2]", param="session.temperature")
+    response_sampling(session, "session")
+
+
+def response_sampling(settings: dict[str, Any], where: str) -> SamplingParams:
+    """The `temperature` and `max_output_tokens` of a session or response, through the engines' one check (a value
+    that could make the sampler's probabilities NaN never reaches it); the error names the field as sent."""
+    tokens = settings.get("max_output_tokens")
+    try:
+        return checked_sampling(
+            temperature=settings.get("temperature"),
+            max_tokens=None if tokens == "inf" else tokens,
+            max_tokens_limit=MAX_OUTPUT_TOKENS,
+            names={"max_tokens": "max_output_tokens"},
+        )
+    except InvalidSampling as exc:
+        message = f"{exc} or 'inf'" if exc.field == "max_output_tokens" else str(exc)
+        raise ProtocolError(message, param=f"{where}.{exc.field}") from None

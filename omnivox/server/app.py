@@ -14,7 +14,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from omnivox import __version__
 from omnivox.pipeline.engines import create_engine
-from omnivox.pipeline.engines.base import Engine
+from omnivox.pipeline.engines.base import Engine, engine_failure
 from omnivox.pipeline.vad import create_vad
 from omnivox.server.config import Config
 from omnivox.server.http_api import http_api_routes
@@ -27,18 +27,41 @@ from omnivox.server.webrtc import close_all_calls, webrtc_routes
 log = logging.getLogger(__name__)
 
 
+def engine_status(state: ServerState) -> str:
+    """The engine's state: "failed" once its device broke (only a restart recovers), "loading" until it is ready,
+    else "ok"."""
+    if engine_failure(state.engine) is not None:
+        return "failed"
+    return "ok" if state.engine.ready else "loading"
+
+
 async def healthz(request: Request) -> Response:
+    """Liveness: 503 while loading and once the engine failed for good (a broken CUDA context), so a supervisor
+    restarts the process."""
     state: ServerState = request.app.state.omnivox
-    ready = state.engine.ready
+    status = engine_status(state)
     body = {
-        "status": "ok" if ready else "loading",
+        "status": status,
         "version": __version__,
         "engine": state.engine.name,
         "model": state.model_name,
         "sessions": state.sessions_open,
         "max_sessions": state.config.server.max_sessions,
     }
-    return JSONResponse(body, status_code=200 if ready else 503)
+    failure = engine_failure(state.engine)
+    if failure is not None:
+        body["error"] = failure
+    return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+
+async def readyz(request: Request) -> Response:
+    """Readiness, for orchestrators routing new callers: 200 only while the engine serves and a session is free."""
+    state: ServerState = request.app.state.omnivox
+    status = engine_status(state)
+    if status == "ok" and state.sessions_open >= state.config.server.max_sessions:
+        status = "full"
+    body = {"status": "ready" if status == "ok" else status, "sessions": state.sessions_open}
+    return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 
 async def metrics(request: Request) -> Response:
@@ -50,6 +73,7 @@ def door_routes() -> list[BaseRoute]:
     """Routes of every door; each door module owns its paths."""
     return [
         Route("/healthz", healthz),
+        Route("/readyz", readyz),
         Route("/metrics", metrics),
         WebSocketRoute("/v1/realtime", realtime_endpoint),
         *http_api_routes(),
@@ -63,6 +87,7 @@ def create_app(config: Config, engine: Engine | None = None) -> Starlette:
     """Build the app; the engine loads during start-up (a failure stops the server with its message)."""
     engine = engine or create_engine(config.engine.name, config.engine.model, config.engine.options)
     state = ServerState(config=config, engine=engine)
+    state.metrics.watch_engine(engine)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

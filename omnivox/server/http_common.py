@@ -27,6 +27,7 @@ from omnivox.pipeline.engines.base import (
     EngineError,
     EngineNotReady,
     EngineOutOfMemory,
+    InvalidRequest,
     ResponseRequest,
 )
 from omnivox.server.auth import is_authorized
@@ -59,11 +60,14 @@ class ApiError(Exception):
 
 
 def engine_api_error(exc: EngineError) -> ApiError:
-    """HTTP status of an engine failure: busy 429, not loaded or out of memory 503, anything else 500."""
+    """HTTP status of an engine failure: busy 429, not loaded or out of memory 503, the request's own fault 400,
+    anything else 500."""
     if isinstance(exc, EngineBusy):
         return ApiError(429, str(exc) or "the engine is busy; retry later", kind="rate_limit_error", code=exc.code)
     if isinstance(exc, EngineNotReady | EngineOutOfMemory):
         return ApiError(503, str(exc) or "the engine is not ready", kind="server_error", code=exc.code)
+    if isinstance(exc, InvalidRequest):
+        return ApiError(400, str(exc), code=exc.code)
     return ApiError(500, str(exc) or "the engine failed", kind="server_error", code=exc.code)
 
 

@@ -17,7 +17,17 @@ import numpy as np
 from starlette.requests import Request
 
 from omnivox.pipeline.audio import decode_audio_file, pcm16_to_float, resample
-from omnivox.pipeline.engines.base import INPUT_RATE, AudioPart, ImagePart, Message, Part, SamplingParams, TextPart
+from omnivox.pipeline.engines.base import (
+    INPUT_RATE,
+    AudioPart,
+    ImagePart,
+    InvalidSampling,
+    Message,
+    Part,
+    SamplingParams,
+    TextPart,
+    checked_sampling,
+)
 from omnivox.server.http_bodies import (
     INPUT_AUDIO_FORMATS,
     AudioChatRequest,
@@ -187,6 +197,9 @@ def sampling_params(body: ChatCompletionRequest | AudioChatRequest) -> SamplingP
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
     stop = getattr(body, "stop", None)
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    return SamplingParams(
-        temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens, seed=body.seed, stop=stops
-    )
+    try:
+        return checked_sampling(
+            temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens, seed=body.seed, stop=stops
+        )
+    except InvalidSampling as exc:
+        raise ApiError(400, str(exc), param=exc.field) from None

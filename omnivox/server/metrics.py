@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from omnivox.pipeline.engines.base import Engine, engine_failure
 
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
@@ -40,5 +46,32 @@ class Metrics:
         )
         self.engine_ready = Gauge("omnivox_engine_ready", "1 once the engine has loaded", registry=self.registry)
 
+    def watch_engine(self, engine: Engine) -> None:
+        """Report what the engine counts itself, read at each scrape."""
+        self.registry.register(EngineCollector(engine))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class EngineCollector(Collector):
+    """The engine's own state: whether its device failed for good, and why sequences left the shared decode slots
+    (`static_cache`) for growing caches (an engine without slots reports none)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        failed = GaugeMetricFamily(
+            "omnivox_engine_failed", "1 once the engine's device failed and the process must be restarted"
+        )
+        failed.add_metric([], float(engine_failure(self._engine) is not None))
+        yield failed
+        fallbacks = CounterMetricFamily(
+            "omnivox_static_cache_fallbacks",
+            "Sequences decoded on growing caches instead of the shared slots, by reason",
+            labels=["reason"],
+        )
+        for reason, count in sorted(dict(getattr(self._engine, "static_cache_fallbacks", {})).items()):
+            fallbacks.add_metric([reason], count)
+        yield fallbacks

@@ -8,9 +8,10 @@ that iterates the stream cancels the engine work at its next step.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -57,6 +58,72 @@ class SamplingParams:
     max_tokens: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+
+
+MAX_TEMPERATURE = 2.0
+MIN_TEMPERATURE = 0.01
+"""Smallest positive temperature used: below it logits / temperature overflow to inf and the probabilities turn
+NaN (at 1e-40 they do). A smaller positive request is raised to it; 0 means greedy decoding."""
+
+
+class InvalidSampling(ValueError):
+    """A sampling parameter a client sent is not usable; `field` names it as the client spelled it."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def checked_sampling(
+    *,
+    temperature: Any = None,
+    top_p: Any = None,
+    top_k: Any = None,
+    max_tokens: Any = None,
+    max_tokens_limit: int | None = None,
+    seed: int | None = None,
+    stop: tuple[str, ...] = (),
+    names: Mapping[str, str] | None = None,
+) -> SamplingParams:
+    """`SamplingParams` from values a client sent (any JSON type), or `InvalidSampling` naming the bad one.
+
+    Every door and the engines go through this one check, so no value that could make the sampling probabilities
+    NaN (on CUDA a device-side assert that breaks the context for every later request) reaches a sampler.
+    Temperature is a finite number in [0, 2] (0 is greedy; tiny positive values are raised to `MIN_TEMPERATURE`),
+    top_p a finite number in [0, 1], top_k and max_tokens integers (top_k >= 0, 0 = off; max_tokens >= 1, at most
+    `max_tokens_limit` when given). None keeps the model's default. `names` maps a field to how the caller's wire
+    format spells it, for the message and `InvalidSampling.field`.
+    """
+
+    def invalid(field: str, rule: str) -> InvalidSampling:
+        name = (names or {}).get(field, field)
+        return InvalidSampling(f"{name} must be {rule}", name)
+
+    if temperature is not None:
+        if not _number(temperature) or not math.isfinite(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+            raise invalid("temperature", f"a number in [0, {MAX_TEMPERATURE:g}]")
+        temperature = float(temperature)
+        if 0 < temperature < MIN_TEMPERATURE:
+            temperature = MIN_TEMPERATURE
+    if top_p is not None:
+        if not _number(top_p) or not math.isfinite(top_p) or not 0 <= top_p <= 1:
+            raise invalid("top_p", "a number in [0, 1]")
+        top_p = float(top_p)
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+        raise invalid("top_k", "an integer >= 0 (0 turns it off)")
+    if max_tokens is not None:
+        limit = max_tokens_limit or math.inf
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= limit:
+            raise invalid(
+                "max_tokens", f"an integer in [1, {max_tokens_limit}]" if max_tokens_limit else "an integer >= 1"
+            )
+    return SamplingParams(
+        temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed, stop=stop
+    )
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
@@ -123,6 +190,12 @@ class EngineNotReady(EngineError):
     code = "engine_not_ready"
 
 
+class InvalidRequest(EngineError):
+    """The request itself cannot be answered (e.g. audio with NaN or infinite samples): the client's error."""
+
+    code = "invalid_request_error"
+
+
 class EngineOutOfMemory(EngineError):
     """The accelerator ran out of memory for this request; other sessions go on."""
 
@@ -149,6 +222,12 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """Release the model and any worker threads."""
+
+
+def engine_failure(engine: Engine) -> str | None:
+    """Why the engine can no longer serve (e.g. a broken CUDA context), for an engine that says so through an
+    optional `failure` attribute; None while it is healthy. Only a restart of the process recovers from it."""
+    return getattr(engine, "failure", None)
 
 
 def forget_conversation(engine: Engine, conversation_id: str) -> None:

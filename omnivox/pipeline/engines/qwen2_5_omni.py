@@ -354,7 +354,6 @@ class Qwen25Generation:
         logits, cache, rope_delta, talker_states = self._encode_prompt(inputs)
         self._decoder = self._engine.acquire_decoder(
             prompt_tokens=self._plan.inputs.prompt_tokens,
-            answer_tokens=self._plan.max_text_tokens,
             request_id=self._plan.request_id,
         )
         self.decoding = "static" if isinstance(self._decoder, SlotSeats) else "eager"

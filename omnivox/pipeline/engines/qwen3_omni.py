@@ -24,7 +24,7 @@ the module and interleaved sessions would overwrite each other's.
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,7 @@ from omnivox.pipeline.engines.qwen_common import (
     make_generator,
     options_from_mapping,
     resolve_speaker,
+    sampling_probabilities,
     text_position,
 )
 from omnivox.pipeline.engines.scheduler import StepBatch
@@ -101,7 +102,9 @@ class Qwen3OmniOptions(EngineOptions):
 
     experts_implementation: str | None = None
     """MoE expert kernel; None keeps transformers' default "grouped_mm" (3.4x faster prefill than "eager" on an
-    H200), or "eager", "batched_mm"."""
+    H200), or "eager", "batched_mm". grouped_mm needs torch >= 2.9 on an SM80+ GPU (torch 2.8: Hopper only);
+    elsewhere transformers falls back to a per-expert loop that waits on the host in every MoE layer, which is
+    refused at start-up. "eager" cannot be captured in a CUDA graph (`cuda_graphs` with `static_cache`)."""
     voice: str = "Ethan"
     """Speaker for requests whose voice maps to no speaker of the model (Ethan, Chelsie or Aiden)."""
     system_prompt: str = ""
@@ -125,9 +128,11 @@ class Qwen3OmniOptions(EngineOptions):
     """Code predictor sampling (temperature 1 when the talker samples), as `generate()` does it."""
     predictor_top_p: float = 0.8
     cuda_graphs: bool = False
-    """Run each frame's 15 code-predictor passes as one CUDA graph replay per batch size (falls back to eager,
-    with an error in the log, if capture fails), and, with `static_cache`, the thinker and talker steps of all
-    slots as one graph each (captured at start-up). Off by default: not yet measured on a GPU."""
+    """Run each frame's 15 code-predictor passes as one CUDA graph replay, and, with `static_cache`, the thinker
+    and talker steps of all slots as one graph each. Every graph is captured at start-up: the predictor's for batch
+    sizes 1, 2, 4, ... up to `max_active` (a batch runs in the smallest that holds it, padded), sharing one memory
+    pool; if a capture fails the predictor runs eagerly, with the error in the log. Needs attn_implementation sdpa
+    or eager (the unrolled predictor passes its own causal mask). Off by default: not yet measured on a GPU."""
     prewarm: bool = True
     """On CUDA, run code2wav at every window length and batch size during `start()`: the first call at a new shape
     picks convolution plans (100-130 ms at full size), which would otherwise land on a listener's first chunks."""
@@ -141,6 +146,10 @@ class Qwen3OmniOptions(EngineOptions):
             raise ValueError(f"voice must be one of {VOICES}, got {self.voice!r}")
         if self.max_audio_frames < 1:
             raise ValueError("max_audio_frames must be >= 1")
+
+    @property
+    def own_masks(self) -> tuple[str, ...]:
+        return (*super().own_masks, *(("cuda_graphs",) if self.cuda_graphs else ()))
 
     @property
     def talker_sampling(self) -> TalkerSampling:
@@ -188,7 +197,7 @@ def pick_tokens(
     """
     if temperature <= 0:
         return torch.argmax(logits, dim=-1)
-    probabilities = torch.softmax(_filtered_scores(logits, temperature, top_k, top_p), dim=-1)
+    probabilities = sampling_probabilities(_filtered_scores(logits, temperature, top_k, top_p))
     return torch.cat(
         [
             torch.multinomial(row, 1, generator=generator)
@@ -533,7 +542,6 @@ class Qwen3Generation:
         talker_states = self._prompt.talker_states
         self._decoder = self._engine.acquire_decoder(
             prompt_tokens=self._plan.inputs.prompt_tokens,
-            answer_tokens=self._plan.max_text_tokens,
             request_id=self._plan.request_id,
         )
         self.decoding = "static" if isinstance(self._decoder, SlotSeats) else "eager"
@@ -721,13 +729,27 @@ class CodePredictor(torch.nn.Module):
         return [(frames[row], embedding_sums[row : row + 1]) for row in range(len(calls))]
 
 
+def planned_batch_sizes(largest: int) -> tuple[int, ...]:
+    """The batch sizes predictor graphs are captured for: 1, 2, 4, ... below `largest`, and `largest` itself. A batch
+    runs in the smallest of them that holds it (padded), so a few graphs cover every batch."""
+    sizes, size = [], 1
+    while size < largest:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, largest)
+
+
 class UnrolledCodePredictor(CodePredictor):
-    """The 15 predictor passes of a frame with fixed shapes, replayed as one CUDA graph per batch size on CUDA.
+    """The 15 predictor passes of a frame with fixed shapes, replayed as one CUDA graph on CUDA.
 
     Without a KV cache each pass re-reads the positions so far (2 to 16: negligible work next to reading the
     weights), so every pass has a static shape and a whole frame (75 layer calls, each a handful of kernel
     launches) becomes one graph replay. Sampling uses the Gumbel-max trick: noise is drawn before the replay from
     each row's generator, so seeded requests still repeat. Off CUDA the same passes run eagerly.
+
+    The graphs are captured by `capture_graphs` at start-up, never during live traffic (a capture stalls every
+    session): one per planned batch size, all in one memory pool (they replay one at a time, outputs are copied).
+    The causal mask is additive, which SDPA and eager attention both read (flash_attention_2 is refused).
     """
 
     def __init__(self, talker: torch.nn.Module, sampling: TalkerSampling) -> None:
@@ -737,7 +759,26 @@ class UnrolledCodePredictor(CodePredictor):
         self._groups = len(predictor.get_input_embeddings())
         self._vocab = predictor.config.vocab_size
         self._graphs: dict[int, _PredictorGraph] = {}
-        self._graphs_failed = False
+
+    @property
+    def graph_sizes(self) -> tuple[int, ...]:
+        """The batch sizes with a captured graph (none off CUDA or after a failed capture)."""
+        return tuple(sorted(self._graphs))
+
+    @torch.inference_mode()  # as the steps that replay them run
+    def capture_graphs(self, largest_batch: int) -> None:
+        """Capture the frame for every planned batch size up to `largest_batch`; if any capture fails, log it and
+        keep running eagerly (no graph at all, so every batch takes the same path)."""
+        sizes = planned_batch_sizes(largest_batch)
+        try:
+            pool = _PredictorGraph.memory_pool()
+            for size in sizes:
+                self._graphs[size] = _PredictorGraph(self, size, pool)
+        except RuntimeError:
+            log.exception("%s: capturing the code predictor in CUDA graphs failed; running it eagerly", ENGINE_NAME)
+            self._graphs.clear()
+            return
+        log.info("%s: captured the code predictor as CUDA graphs for batch sizes %s", ENGINE_NAME, list(sizes))
 
     def forward(
         self, requests: Sequence[FrameRequest], generators: Sequence[torch.Generator | None]
@@ -745,19 +786,10 @@ class UnrolledCodePredictor(CodePredictor):
         hidden = torch.cat([request.hidden for request in requests])
         first_codes = torch.cat([request.first_code for request in requests])
         noise = self._noise(generators)
-        if self._parameter.device.type != "cuda" or self._graphs_failed:
+        fitting = [size for size in self._graphs if size >= len(requests)]
+        if not fitting:
             return self.frame(hidden, first_codes, noise)
-        batch = len(requests)
-        if batch not in self._graphs:
-            try:
-                self._graphs[batch] = _PredictorGraph(self, hidden, first_codes, noise)
-            except RuntimeError:
-                log.exception(
-                    "%s: capturing the code predictor in a CUDA graph failed; running it eagerly", ENGINE_NAME
-                )
-                self._graphs_failed = True
-                return self.frame(hidden, first_codes, noise)
-        return self._graphs[batch].replay(hidden, first_codes, noise)
+        return self._graphs[min(fitting)].replay(hidden, first_codes, noise)
 
     def _noise(self, generators: Sequence[torch.Generator | None]) -> torch.Tensor | None:
         """Gumbel noise `[groups, rows, vocab]`, each row from its own generator (None when decoding greedily)."""
@@ -809,35 +841,40 @@ class UnrolledCodePredictor(CodePredictor):
 
 
 class _PredictorGraph:
-    """One captured `UnrolledCodePredictor.frame` for a fixed batch size, with its static input buffers."""
+    """One captured `UnrolledCodePredictor.frame` for `rows` rows, with its static input buffers; a smaller batch
+    fills its first rows (the others hold stale inputs, and rows never mix)."""
 
-    def __init__(
-        self,
-        predictor: UnrolledCodePredictor,
-        hidden: torch.Tensor,
-        first_codes: torch.Tensor,
-        noise: torch.Tensor | None,
-    ) -> None:
-        self._hidden, self._first_codes = hidden.clone(), first_codes.clone()
-        self._noise = None if noise is None else noise.clone()
+    @staticmethod
+    def memory_pool() -> Any:
+        return torch.cuda.graph_pool_handle()
+
+    def __init__(self, predictor: UnrolledCodePredictor, rows: int, pool: Any) -> None:
+        device, dtype = predictor._parameter.device, predictor._parameter.dtype
+        width = predictor.talker.get_input_embeddings().embedding_dim
+        self._hidden = torch.zeros(rows, 1, width, dtype=dtype, device=device)
+        self._first_codes = torch.zeros(rows, dtype=torch.long, device=device)
+        self._noise = (
+            None if predictor.sampling.greedy else torch.zeros(predictor._groups, rows, predictor._vocab, device=device)
+        )
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
             predictor.frame(self._hidden, self._first_codes, self._noise)
         torch.cuda.current_stream().wait_stream(side)
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
+        with torch.cuda.graph(self._graph, pool=pool):
             self._codes, self._embedding_sum = predictor.frame(self._hidden, self._first_codes, self._noise)
 
     def replay(
         self, hidden: torch.Tensor, first_codes: torch.Tensor, noise: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        self._hidden.copy_(hidden)
-        self._first_codes.copy_(first_codes)
+        rows = hidden.shape[0]
+        self._hidden[:rows].copy_(hidden)
+        self._first_codes[:rows].copy_(first_codes)
         if self._noise is not None and noise is not None:
-            self._noise.copy_(noise)
+            self._noise[:, :rows].copy_(noise)
         self._graph.replay()
-        return self._codes.clone(), self._embedding_sum.clone()
+        return self._codes[:rows].clone(), self._embedding_sum[:rows].clone()
 
 
 def _codec_bias(logits: torch.Tensor, eos_id: int | None) -> torch.Tensor:
@@ -860,6 +897,45 @@ def _user_turn_mask(ids: torch.Tensor, im_start_id: int, user_id: int) -> torch.
 
 
 # ---------------------------------------------------------------------------------------------- the engine
+EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
+
+
+def grouped_mm_falls_back(device: torch.device) -> bool:
+    """Whether transformers' grouped_mm experts would take their per-expert fallback on `device`, which reads the
+    expert offsets back to the host in every MoE layer (torch < 2.9 off Hopper, or a GPU below SM80)."""
+    if device.type != "cuda":
+        return False
+    from transformers.integrations.moe import _can_use_grouped_mm
+
+    probe = torch.zeros(1, 1, dtype=torch.bfloat16, device=device)
+    return not _can_use_grouped_mm(probe, probe.unsqueeze(0), torch.ones(1, dtype=torch.int32, device=device))
+
+
+def check_experts(
+    options: Qwen3OmniOptions,
+    device: torch.device,
+    falls_back: Callable[[torch.device], bool] = grouped_mm_falls_back,
+) -> None:
+    """Refuse, before any weight is loaded, an experts kernel that cannot work with the other options on `device`."""
+    experts = options.experts_implementation or "grouped_mm"
+    if experts not in EXPERTS_IMPLEMENTATIONS:
+        raise EngineError(f"{ENGINE_NAME}: experts_implementation must be one of {EXPERTS_IMPLEMENTATIONS} or null")
+    if device.type != "cuda":
+        return
+    if experts == "eager" and options.cuda_graphs and options.static_cache:
+        raise EngineError(
+            f"{ENGINE_NAME}: cuda_graphs with static_cache captures the MoE thinker and talker steps, and "
+            "experts_implementation eager picks its experts on the host, which a CUDA graph cannot hold; use "
+            "experts_implementation grouped_mm (the default) or batched_mm, or turn cuda_graphs off"
+        )
+    if experts == "grouped_mm" and falls_back(device):
+        raise EngineError(
+            f"{ENGINE_NAME}: experts_implementation grouped_mm has no kernel for torch {torch.__version__} on this GPU "
+            "and would wait on the host in every MoE layer; use torch >= 2.9 on an SM80+ GPU, or set "
+            "experts_implementation: batched_mm"
+        )
+
+
 class Qwen3OmniEngine(QwenOmniEngine):
     """Qwen3-Omni-30B-A3B (or any local checkpoint of that architecture) streamed through one GPU worker."""
 
@@ -869,6 +945,7 @@ class Qwen3OmniEngine(QwenOmniEngine):
     def __init__(self, model: str = DEFAULT_MODEL, **options: Any) -> None:
         self.options = options_from_mapping(Qwen3OmniOptions, options, engine=ENGINE_NAME)
         super().__init__(model, self.options)
+        check_experts(self.options, self.runtime.device)
         self._code_predictor: CodePredictor | None = None
         self._code2wav: Code2WavBatcher | None = None
 
@@ -913,8 +990,13 @@ class Qwen3OmniEngine(QwenOmniEngine):
             missing = [voice for voice in VOICES if voice.lower() not in speakers]
             if missing:
                 raise EngineError(f"{ENGINE_NAME}: {self.model_id!r} lacks the speakers {missing}")
-            predictor_class = UnrolledCodePredictor if self.options.cuda_graphs else CodePredictor
-            self._code_predictor = predictor_class(model.talker, self.options.talker_sampling)
+            if self.options.cuda_graphs:
+                predictor = UnrolledCodePredictor(model.talker, self.options.talker_sampling)
+                if self.runtime.device.type == "cuda":
+                    predictor.capture_graphs(self.max_active if self.options.batch_sessions else 1)
+                self._code_predictor = predictor
+            else:
+                self._code_predictor = CodePredictor(model.talker, self.options.talker_sampling)
             self._code2wav = Code2WavBatcher(model.code2wav)
             if self.options.prewarm and self.runtime.device.type == "cuda":
                 longest = self.options.chunk_frames + self.options.left_context_frames

@@ -21,6 +21,7 @@ import math
 import os
 import secrets
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from transformers import (
     AutoTokenizer,
+    GenerationConfig,
     LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -47,11 +49,14 @@ from omnivox.pipeline.engines.base import (
     EngineError,
     EngineNotReady,
     ImagePart,
+    InvalidRequest,
+    InvalidSampling,
     Message,
     ResponseRequest,
     SamplingParams,
     TextDelta,
     TextPart,
+    checked_sampling,
     cut_at_stop,
 )
 from omnivox.pipeline.engines.prefix_cache import EncodedPrompt, PrefixStore, encode_prompt
@@ -120,14 +125,28 @@ def resolve_dtype(setting: str, device: torch.device, *, engine: str) -> torch.d
     return DTYPES[setting]
 
 
-def resolve_attention(setting: str, device: torch.device, dtype: torch.dtype, *, engine: str) -> str:
-    """`auto` is FlashAttention 2 when it is installed and usable (CUDA, half precision), else PyTorch SDPA."""
+def resolve_attention(
+    setting: str, device: torch.device, dtype: torch.dtype, *, engine: str, own_masks: Sequence[str] = ()
+) -> str:
+    """`auto` is FlashAttention 2 when it is installed and usable (CUDA, half precision), else PyTorch SDPA.
+
+    `own_masks` names the switched-on options whose decode paths pass their own 4-D attention masks (the slot
+    steps, the unrolled code predictor). FlashAttention 2 reads such a mask as a 2-D padding mask (and reads it back
+    to the host, which a CUDA graph cannot hold), so with any of them `auto` is SDPA and an explicit
+    flash_attention_2 is refused. SDPA and eager read the masks correctly (eager gets additive masks).
+    """
     if setting not in ATTENTION_IMPLEMENTATIONS:
         raise EngineError(f"{engine}: attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {setting!r}")
     flash_usable = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
     flash_installed = importlib.util.find_spec("flash_attn") is not None
     if setting == "auto":
-        return "flash_attention_2" if flash_usable and flash_installed else "sdpa"
+        return "flash_attention_2" if flash_usable and flash_installed and not own_masks else "sdpa"
+    if setting == "flash_attention_2" and own_masks:
+        raise EngineError(
+            f"{engine}: attn_implementation flash_attention_2 cannot read the attention masks that "
+            f"{' and '.join(own_masks)} pass(es); set attn_implementation: sdpa (or auto), or turn "
+            f"{' and '.join(own_masks)} off"
+        )
     if setting == "flash_attention_2" and not (flash_usable and flash_installed):
         raise EngineError(
             f"{engine}: attn_implementation flash_attention_2 needs the flash-attn package, a CUDA device and "
@@ -145,10 +164,14 @@ class Runtime:
     attn_implementation: str
 
     @classmethod
-    def resolve(cls, *, device: str, dtype: str, attn_implementation: str, engine: str) -> Runtime:
+    def resolve(
+        cls, *, device: str, dtype: str, attn_implementation: str, engine: str, own_masks: Sequence[str] = ()
+    ) -> Runtime:
         resolved_device = resolve_device(device, engine=engine)
         resolved_dtype = resolve_dtype(dtype, resolved_device, engine=engine)
-        attention = resolve_attention(attn_implementation, resolved_device, resolved_dtype, engine=engine)
+        attention = resolve_attention(
+            attn_implementation, resolved_device, resolved_dtype, engine=engine, own_masks=own_masks
+        )
         return cls(resolved_device, resolved_dtype, attention)
 
 
@@ -243,6 +266,19 @@ def load_tokenizer(model: str, *, engine: str) -> PreTrainedTokenizerBase:
         raise EngineError(f"{engine}: could not load the tokenizer of {model!r}: {exc}") from exc
 
 
+def device_failure(device: torch.device) -> str | None:
+    """None while `device` still runs work, else the error it raises. A CUDA error such as a device-side assert is
+    sticky: every later call on the context fails with it, and only a new process recovers."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+        torch.ones(1, device=device).add_(1).cpu()
+    except Exception as exc:  # any failure here means the context is unusable
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def free_accelerator_memory() -> None:
     """Return cached blocks to the driver (after an out-of-memory error or when a model is dropped)."""
     gc.collect()
@@ -251,6 +287,15 @@ def free_accelerator_memory() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- prompt building
+def check_audio_is_finite(request: ResponseRequest) -> None:
+    """Refuse audio with NaN or infinite samples (a float WAV can carry them): they would turn the audio features,
+    and with them the logits and the sampling probabilities, into NaN."""
+    for message in request.messages:
+        for part in message.parts:
+            if isinstance(part, AudioPart) and part.pcm.size and not np.isfinite(part.pcm).all():
+                raise InvalidRequest("the audio contains NaN or infinite samples")
+
+
 @dataclass(frozen=True)
 class PromptFormat:
     """How one model family spells multimodal placeholders in its ChatML prompt."""
@@ -531,42 +576,83 @@ class IncrementalText:
 
 
 # ---------------------------------------------------------------------------------------------- sampling
+SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+"""The generation-config fields the samplers honour; others that change sampling are named in a warning at load."""
+UNSUPPORTED_SAMPLING_FIELDS = ("min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff", "no_repeat_ngram_size")
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """One stage's sampling parameters; temperature 0 is greedy decoding."""
+    """One stage's sampling parameters. Greedy when `do_sample` is off or the temperature is 0."""
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    do_sample: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature <= 0
 
     @classmethod
     def from_generation_config(cls, config: Any) -> Sampling:
-        """The defaults a checkpoint's `generation_config` gives `generate()` (greedy when it does not sample)."""
-        if not getattr(config, "do_sample", False):
-            return cls(temperature=0.0, repetition_penalty=getattr(config, "repetition_penalty", None) or 1.0)
+        """What `generate()` starts from: the checkpoint's `generation_config`, then transformers' global defaults for
+        whatever it leaves unset (top_k 50, temperature 1, top_p 1, greedy), as `_prepare_generation_config` does."""
+        defaults = GenerationConfig._get_default_generation_params()
+        values = {}
+        for name in SAMPLING_FIELDS:
+            value = getattr(config, name, None)
+            values[name] = defaults[name] if value is None else value
+        ignored = [name for name in UNSUPPORTED_SAMPLING_FIELDS if getattr(config, name, None) not in (None, 0, 1.0)]
+        if ignored and values["do_sample"]:
+            log.warning("the checkpoint's generation config sets %s, which this engine does not apply", ignored)
         return cls(
-            temperature=getattr(config, "temperature", None) or 1.0,
-            top_k=getattr(config, "top_k", None) or 0,
-            top_p=getattr(config, "top_p", None) or 1.0,
-            repetition_penalty=getattr(config, "repetition_penalty", None) or 1.0,
+            temperature=float(values["temperature"]),
+            top_k=int(values["top_k"]),
+            top_p=float(values["top_p"]),
+            repetition_penalty=float(values["repetition_penalty"]),
+            do_sample=bool(values["do_sample"]),
         )
 
     def overridden(self, *, temperature: float | None, top_k: int | None, top_p: float | None) -> Sampling:
-        """These parameters with a request's overrides (None keeps the default)."""
+        """These parameters with a request's overrides (None keeps the default), checked as every door checks them.
+
+        A request temperature is OpenAI's switch between greedy (0) and sampling (> 0), i.e. `generate()`'s
+        `do_sample`; the top-k and top-p of the checkpoint (or transformers' defaults) then apply unless the request
+        sets its own.
+        """
+        try:
+            checked = checked_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+        except InvalidSampling as exc:
+            raise InvalidRequest(str(exc)) from None
         return Sampling(
-            temperature=self.temperature if temperature is None else temperature,
-            top_k=self.top_k if top_k is None else top_k,
-            top_p=self.top_p if top_p is None else top_p,
+            temperature=self.temperature if checked.temperature is None else checked.temperature,
+            top_k=self.top_k if checked.top_k is None else checked.top_k,
+            top_p=self.top_p if checked.top_p is None else checked.top_p,
             repetition_penalty=self.repetition_penalty,
+            do_sample=self.do_sample if checked.temperature is None else checked.temperature > 0,
         )
+
+
+def sampling_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """`[rows, vocab]` scores -> probabilities `torch.multinomial` always accepts (finite, >= 0, a positive sum).
+
+    NaN scores count as excluded and +inf as the largest score; a row with nothing left becomes uniform. On CUDA a
+    NaN or inf reaching `multinomial` is a device-side assert that breaks the context for every later request.
+    All on the device: no host sync.
+    """
+    scores = torch.nan_to_num(scores.float(), nan=-float("inf"), posinf=torch.finfo(torch.float32).max)
+    probabilities = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+    empty = probabilities.sum(dim=-1, keepdim=True) <= 0
+    return torch.where(empty, torch.ones_like(probabilities), probabilities)
 
 
 class TokenSampler:
     """Draws one token per step from `[1, vocab]` logits with `generate()`'s processors and a per-request generator.
 
     The processors are transformers' own (repetition penalty, suppressed ids, temperature, top-k, top-p), applied in
-    `generate()`'s order, so greedy decoding here repeats `generate()` token for token.
+    `generate()`'s order and under its conditions, so decoding here repeats `generate()` token for token.
     """
 
     def __init__(
@@ -585,10 +671,10 @@ class TokenSampler:
         if suppress_ids:
             processors.append(_Suppress(suppress_ids))
         processors.extend(extra)
-        if sampling.temperature > 0:
+        if not sampling.greedy:
             if sampling.temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(sampling.temperature))
-            if sampling.top_k > 0:
+                processors.append(TemperatureLogitsWarper(float(sampling.temperature)))
+            if sampling.top_k != 0:
                 processors.append(TopKLogitsWarper(sampling.top_k))
             if sampling.top_p < 1.0:
                 processors.append(TopPLogitsWarper(sampling.top_p))
@@ -602,10 +688,9 @@ class TokenSampler:
     def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> int:
         """`logits` `[1, vocab]`; `history` `[1, n]` ids so far (prompt included, as `generate()` sees them)."""
         scores = self.processors(history.to(logits.device), logits.float())
-        if self.sampling.temperature <= 0:
+        if self.sampling.greedy:
             return int(scores.argmax(-1))
-        probabilities = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probabilities, 1, generator=self.generator))
+        return int(torch.multinomial(sampling_probabilities(scores), 1, generator=self.generator))
 
 
 class _Suppress:
@@ -684,7 +769,8 @@ class EngineOptions:
     dtype: str = "auto"
     """Thinker and talker weights: "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32"."""
     attn_implementation: str = "auto"
-    """"auto" (flash_attention_2 when installed and usable, else sdpa), "sdpa", "eager", "flash_attention_2"."""
+    """"auto" (flash_attention_2 when installed and usable and no decode path builds its own masks, else sdpa),
+    "sdpa", "eager", "flash_attention_2" (refused with `static_cache` or Qwen3's `cuda_graphs`)."""
     max_active: int = 4
     """Generations advanced together on the GPU worker; more requests wait in the queue."""
     max_queued: int = 16
@@ -704,8 +790,9 @@ class EngineOptions:
     (`slots.py`), one batched step for all, instead of a growing cache each. Same tokens (checked on CPU); costs slot
     memory up front. `benchmarks/slot_batch.py` measures what a batched step costs per session."""
     static_cache_tokens: int = 4096
-    """Thinker slot length (prompt + answer); the talker slot adds the longest speech. A longer prompt falls back to
-    growing caches for that request."""
+    """Thinker slot length (prompt + answer); the talker slot adds the longest speech. A prompt that does not fit
+    decodes that request on growing caches; an answer that outgrows its slot goes on on a growing cache of its own
+    (same tokens). Both are counted in `/metrics` (`omnivox_static_cache_fallbacks_total`)."""
 
     def __post_init__(self) -> None:
         if self.static_cache and not self.enable_audio:
@@ -715,6 +802,11 @@ class EngineOptions:
         for name in ("max_active", "max_text_tokens", "static_cache_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+
+    @property
+    def own_masks(self) -> tuple[str, ...]:
+        """The switched-on options whose decode paths pass their own attention masks (see `resolve_attention`)."""
+        return ("static_cache",) if self.static_cache else ()
 
 
 class QwenOmniEngine(ABC):
@@ -739,6 +831,7 @@ class QwenOmniEngine(ABC):
             dtype=options.dtype,
             attn_implementation=options.attn_implementation,
             engine=self.name,
+            own_masks=options.own_masks,
         )
         self._model: Any = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
@@ -752,6 +845,8 @@ class QwenOmniEngine(ABC):
         """The shared decode slots, when the engine decodes its sessions as one batch (option `static_cache`)."""
         self.prefixes = PrefixStore(options.prefix_cache_sessions)
         """Each conversation's last prompt, encoded."""
+        self.static_cache_fallbacks: Counter[str] = Counter()
+        """Why sequences decoded on growing caches instead of the shared slots, counted (for `/metrics`)."""
 
     @abstractmethod
     def load(self) -> None:
@@ -794,14 +889,29 @@ class QwenOmniEngine(ABC):
         """A request's own decode path on growing caches (engines with slots override this)."""
         raise EngineError(f"{self.name}: this engine has no decode loop")
 
-    def acquire_decoder(self, *, prompt_tokens: int, answer_tokens: int, request_id: str) -> Decoder:
-        """Seats in the shared slots when one is free and the answer fits them, else the growing-cache path."""
+    def acquire_decoder(self, *, prompt_tokens: int, request_id: str) -> Decoder:
+        """Seats in the shared slots when one is free and the prompt fits them, else the growing-cache path.
+
+        No room is reserved for the answer: a sequence that fills its slot goes on on a growing cache of its own, so
+        a long conversation keeps decoding in the batch until its prompt alone outgrows the slot.
+        """
         if self.slots is not None:
-            if prompt_tokens + answer_tokens >= self.slots.thinker.tokens:
+            if prompt_tokens >= self.slots.thinker.tokens:
+                self._static_cache_fallback("thinker_prompt_too_long")
                 log.info("%s: request %r outgrows static_cache_tokens, decoding it eagerly", self.name, request_id)
-            elif self.slots.thinker.free_slots:
-                return SlotSeats(self.slots)
+            elif not self.slots.thinker.free_slots:
+                self._static_cache_fallback("no_free_slot")
+            else:
+                return SlotSeats(self.slots, self.growing_caches, self._static_cache_fallback)
         return self.growing_caches()
+
+    def _static_cache_fallback(self, reason: str) -> None:
+        self.static_cache_fallbacks[reason] += 1
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer serve (its device failed), else None."""
+        return self._worker.failure if self._worker is not None else None
 
     @property
     def ready(self) -> bool:
@@ -843,6 +953,7 @@ class QwenOmniEngine(ABC):
                 max_queued=self.max_queued,
                 step_batch=self.step_batch(),
                 on_out_of_memory=self.out_of_memory,
+                device_check=lambda: device_failure(self.runtime.device),
             )
             self._ready = True
             log.info("%s: %s ready", self.name, self.model_id)
@@ -855,9 +966,13 @@ class QwenOmniEngine(ABC):
         worker = self._worker
         if not self._ready or worker is None:
             raise EngineNotReady(f"{self.name}: the model is not loaded yet")
-        prepared = await asyncio.to_thread(self.prepare, request)
+        prepared = await asyncio.to_thread(self._checked_prepare, request)
         async for delta in worker.stream(lambda: self.make_generation(prepared), background=background):
             yield delta
+
+    def _checked_prepare(self, request: ResponseRequest) -> Any:
+        check_audio_is_finite(request)
+        return self.prepare(request)
 
     async def transcribe(self, audio_16k: np.ndarray, language: str | None = None, prompt: str = "") -> str:
         """Speech recognition by the thinker itself, as one more text-only request on the same worker.

@@ -9,6 +9,10 @@ A cancelled request is dropped before its next step and its caches are freed at 
 
 Background work (caller transcripts) never stands between a caller and the first audio of an answer: it is
 admitted after waiting answers, and it is not stepped while an active answer has not yet produced audio.
+
+A step that fails with an unexpected error is followed by the engine's device check: a CUDA error such as a
+device-side assert breaks the context for every later call, so the worker then fails every request, refuses new
+ones and reports the failure (`failure`), which the health endpoints turn into "unhealthy" for a supervisor.
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from omnivox.pipeline.engines.base import AudioDelta, Delta, EngineBusy, EngineError, EngineOutOfMemory
+from omnivox.pipeline.engines.base import (
+    AudioDelta,
+    Delta,
+    EngineBusy,
+    EngineError,
+    EngineNotReady,
+    EngineOutOfMemory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +93,16 @@ class GpuWorker:
         max_queued: int = 16,
         step_batch: StepBatch | None = None,
         on_out_of_memory: Callable[[], None] | None = None,
+        device_check: Callable[[], str | None] | None = None,
     ) -> None:
         self.name = name
         self.max_active = max_active
         self.max_queued = max_queued
         self._step_batch = step_batch
         self._on_out_of_memory = on_out_of_memory
+        self._device_check = device_check
+        self.failure: str | None = None
+        """Why the device can no longer run anything (set once, never cleared: only a restart recovers)."""
         self._pending: deque[_Ticket] = deque()
         self._active: list[_Ticket] = []
         self._wake = threading.Condition()
@@ -112,6 +127,8 @@ class GpuWorker:
         with self._wake:
             if self._closed:
                 raise EngineError("the engine is shutting down")
+            if self.failure is not None:
+                raise self._failed_error()
             if len(self._pending) >= self.max_queued:
                 raise EngineBusy(f"server busy: {len(self._pending)} requests queued, retry shortly")
             self._pending.append(ticket)
@@ -210,11 +227,31 @@ class GpuWorker:
             else:
                 log.exception("%s: generation failed", self.name)
                 error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+                self._check_device()
             self._retire(ticket)
             if _is_out_of_memory(exc) and self._on_out_of_memory is not None:
                 self._on_out_of_memory()  # before the client hears of it: a retry then finds the memory free
             ticket.push(error)
             return False
+
+    def _check_device(self) -> None:
+        """After an unexpected error: if the device no longer works, fail every request and refuse new ones."""
+        if self.failure is not None or self._device_check is None:
+            return
+        failure = self._device_check()
+        if failure is None:
+            return
+        log.critical("%s: the device failed and cannot recover; restart the process: %s", self.name, failure)
+        with self._wake:
+            self.failure = failure
+            tickets = [*self._active, *self._pending]
+            self._pending.clear()
+        for ticket in tickets:
+            self._retire(ticket)
+            ticket.push(self._failed_error())
+
+    def _failed_error(self) -> EngineError:
+        return EngineNotReady(f"the GPU failed and the server must be restarted: {self.failure}")
 
     def _retire(self, ticket: _Ticket) -> None:
         ticket.cancelled = True

@@ -10,7 +10,13 @@ A graphed step runs every slot; an eager one runs the slots up to the highest se
 lowest first). Rows that take no part write into a scratch column that no mask ever shows, and their outputs are
 dropped; a free slot attends only to that scratch column so its row stays finite.
 
-Prefills stay per request (their lengths vary) and their KV is copied into a free slot (`admit`).
+Prefills stay per request (their lengths vary) and their KV is copied into a free slot (`admit`). A sequence that
+fills its slot continues on a growing cache of its own (`SlotSeats`), so a long conversation never has to give up
+its slot for fear of a long answer.
+
+The per-row mask is built for the attention implementation the decoder stack runs: SDPA takes the boolean mask,
+eager attention adds its mask to the scores and so gets 0 / -inf. FlashAttention 2 has no per-row 4-D mask at all
+and is refused (the engines pick SDPA for `static_cache`).
 """
 
 from __future__ import annotations
@@ -19,11 +25,11 @@ import copy
 import heapq
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from transformers import Cache
+from transformers import Cache, DynamicCache
 from transformers.cache_utils import StaticLayer
 
 from omnivox.pipeline.engines.base import EngineError
@@ -73,6 +79,15 @@ def _head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+MASKED_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that read a 4-D mask as one: SDPA (boolean or additive) and eager (additive only)."""
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean "may attend" mask as eager attention wants it: 0 where allowed, the dtype's minimum elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 class SlotBatch:
     """`slots` sequences of one decoder stack, stepped together one token each.
 
@@ -93,8 +108,16 @@ class SlotBatch:
         graphs: bool = False,
     ) -> None:
         config = body.config
+        attention = config._attn_implementation
+        if attention not in MASKED_ATTENTION:
+            raise EngineError(
+                f"the {name} slots (static_cache) pass a per-row attention mask that {attention} cannot read; "
+                f"set attn_implementation: sdpa or eager"
+            )
         self.name, self.slots, self.tokens = name, slots, tokens
         self._body = body
+        self._dtype = dtype
+        self._additive = attention == "eager"
         self._scratch = tokens  # one column past the usable length
         self._write = torch.full((slots,), self._scratch, dtype=torch.long, device=device)
         self._cache = SlotCache(config.num_hidden_layers, tokens + 1, self._write)
@@ -138,6 +161,15 @@ class SlotBatch:
     def is_full(self, slot: int) -> bool:
         return self._lengths[slot] >= self.tokens
 
+    def export(self, slot: int) -> tuple[DynamicCache, int]:
+        """A copy of one slot's sequence as a batch-1 growing cache, with its rope offset (to continue it there)."""
+        length = self._lengths[slot]
+        cache = DynamicCache()
+        for index, layer in enumerate(self._cache.layers):
+            keys, values = layer.keys[slot : slot + 1, :, :length], layer.values[slot : slot + 1, :, :length]
+            cache.update(keys.clone(), values.clone(), index)
+        return cache, self._rope_deltas[slot]
+
     def release(self, slot: int) -> None:
         """Free a slot for the next request (its stale KV is hidden by the mask)."""
         self._mask[slot].zero_()
@@ -175,10 +207,11 @@ class SlotBatch:
             if rows not in self._heads:
                 self._heads[rows] = self._cache.first_rows(rows, self._write[:rows])
             cache = self._heads[rows]
+        mask = self._mask[:rows]
         return self._body(
             inputs_embeds=self._embeds[:rows],
             position_ids=self._positions[:, :rows],
-            attention_mask=self._mask[:rows],
+            attention_mask=additive_mask(mask, self._dtype) if self._additive else mask,
             past_key_values=cache,
             use_cache=True,
         ).last_hidden_state[:, -1]
@@ -241,32 +274,70 @@ class SlotPool(ABC):
 
 
 class SlotSeats:
-    """One request's seats in a `SlotPool`: a thinker slot from its prefill on, a talker slot while it speaks."""
+    """One request's seats in a `SlotPool`: a thinker slot from its prefill on, a talker slot while it speaks.
 
-    def __init__(self, pool: SlotPool) -> None:
+    A part whose sequence fills its slot (or whose prompt does not fit one) goes on, token for token the same, on a
+    growing cache from `growing` (the engine's reference path); `on_fallback` hears why, for the metrics.
+    """
+
+    def __init__(
+        self,
+        pool: SlotPool,
+        growing: Callable[[], GrowingCaches],
+        on_fallback: Callable[[str], None] = lambda reason: None,
+    ) -> None:
         self._pool = pool
         self._slots: dict[str, int] = {}
+        self._make_growing = growing
+        self._growing: GrowingCaches | None = None
+        self._on_fallback = on_fallback
+
+    def _batch(self, part: str) -> SlotBatch:
+        return self._pool.thinker if part == "thinker" else self._pool.talker
+
+    def _grown(self) -> GrowingCaches:
+        if self._growing is None:
+            self._growing = self._make_growing()
+        return self._growing
 
     def begin_thinker(self, cache: Cache, rope_delta: int) -> None:
         self._slots["thinker"] = self._pool.thinker.admit(cache, rope_delta)
 
     def begin_talker(self, cache: Cache, rope_delta: int) -> None:
+        if cache.get_seq_length() >= self._pool.talker.tokens or not self._pool.talker.free_slots:
+            self._on_fallback("talker_prompt_too_long" if self._pool.talker.free_slots else "no_free_slot")
+            self._grown().begin_talker(cache, rope_delta)
+            return
         self._slots["talker"] = self._pool.talker.admit(cache, rope_delta)
 
     def call(self, part: str, *args: Any) -> Call:
-        slot, batch = self._slots[part], self._pool.thinker if part == "thinker" else self._pool.talker
-        if batch.is_full(slot):  # refused here, so the other sessions of the batch go on
-            raise EngineError(f"the {part} sequence outgrew its slot ({batch.tokens} tokens)")
+        slot = self._slots.get(part)
+        if slot is None:
+            return self._grown().call(part, *args)
+        batch = self._batch(part)
+        if batch.is_full(slot):  # continue alone on a growing cache; the other sessions of the batch go on
+            cache, rope_delta = batch.export(slot)
+            batch.release(self._slots.pop(part))
+            self._on_fallback(f"{part}_outgrew_slot")
+            log.info("a %s sequence outgrew its slot (%d tokens): it goes on on a growing cache", part, batch.tokens)
+            grown = self._grown()
+            (grown.begin_thinker if part == "thinker" else grown.begin_talker)(cache, rope_delta)
+            return grown.call(part, *args)
         return Call(self._pool, part, (slot, *args))
 
     def end_talker(self) -> None:
         if "talker" in self._slots:
             self._pool.talker.release(self._slots.pop("talker"))
+        elif self._growing is not None:
+            self._growing.end_talker()
 
     def release(self) -> None:
         self.end_talker()
         if "thinker" in self._slots:
             self._pool.thinker.release(self._slots.pop("thinker"))
+        if self._growing is not None:
+            self._growing.release()
+            self._growing = None
 
 
 class GrowingCaches(ABC):

@@ -51,6 +51,7 @@ from omnivox.pipeline.events import (
     error_event,
 )
 from omnivox.pipeline.input_buffer import InputBuffer
+from omnivox.pipeline.media import ImageLimits
 from omnivox.pipeline.pacer import FramePacer
 from omnivox.pipeline.responses import ActiveResponse
 from omnivox.pipeline.session_config import (
@@ -83,6 +84,8 @@ class SessionOptions:
     server_playout: bool = False
     """The door owns playout (WebRTC, telephony): emit `output_audio_buffer.*`, truncate at what was played."""
     max_input_buffer_s: float = 600.0
+    images: ImageLimits = field(default_factory=ImageLimits)
+    """Bounds on the images of a conversation item (`media.*` in the config)."""
     min_speech_ms: int = 64
     defaults: dict[str, Any] = field(default_factory=dict)
     """Initial GA session fields (voice, instructions, turn_detection, formats) merged over the built-in ones."""
@@ -275,7 +278,7 @@ class Session:
         out.append(ServerEvent("input_audio_buffer.cleared"))
 
     def _on_item_create(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
-        item = parse_item(payload.get("item"), self.input_format, self._new_id)
+        item = parse_item(payload.get("item"), self.input_format, self._new_id, self.options.images)
         previous = payload.get("previous_item_id")
         if self.conversation.get(item.id) is not None:
             raise ProtocolError(f"an item with id '{item.id}' already exists", param="item.id")
@@ -538,7 +541,7 @@ class Session:
             if isinstance(entry, dict) and entry.get("type") == "item_reference":
                 item = self._existing_item(entry.get("id"))
             else:
-                item = parse_item(entry, self.input_format, self._new_id)
+                item = parse_item(entry, self.input_format, self._new_id, self.options.images)
             message = item.to_message()
             if message is not None:
                 messages.append(message)

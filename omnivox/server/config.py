@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from omnivox.pipeline.media import AudioLimits, ImageLimits
 
 ENV_PREFIX = "OMNIVOX_"
 
@@ -73,6 +75,31 @@ class LimitsConfig(_Section):
     max_http_body_bytes: int = Field(25 * 1024 * 1024, ge=1024)
 
 
+class MediaConfig(_Section):
+    """Client audio files and images (HTTP doors; images also on the realtime doors)."""
+
+    max_audio_s: float = Field(600, gt=0)
+    min_sample_rate: int = Field(8000, ge=1)
+    max_sample_rate: int = Field(192_000, ge=1)
+    max_channels: int = Field(8, ge=1, le=64)
+    max_parts: int = Field(32, ge=1)
+    max_images: int = Field(8, ge=0)
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(16 * 1024 * 1024, ge=1)
+
+    @model_validator(mode="after")
+    def _rates_in_order(self) -> MediaConfig:
+        if self.min_sample_rate > self.max_sample_rate:
+            raise ValueError("min_sample_rate must not exceed max_sample_rate")
+        return self
+
+    def audio_limits(self, max_seconds: float) -> AudioLimits:
+        return AudioLimits(max_seconds, self.min_sample_rate, self.max_sample_rate, self.max_channels)
+
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.max_images)
+
+
 class WebRtcConfig(_Section):
     ice_servers: list[dict[str, Any]] = []
     frame_ms: Literal[20] = 20
@@ -100,6 +127,7 @@ class Config(_Section):
     session: SessionDefaults = SessionDefaults()
     audio: AudioConfig = AudioConfig()
     limits: LimitsConfig = LimitsConfig()
+    media: MediaConfig = MediaConfig()
     webrtc: WebRtcConfig = WebRtcConfig()
     telephony: TelephonyConfig = TelephonyConfig()
     http: HttpConfig = HttpConfig()

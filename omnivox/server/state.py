@@ -69,6 +69,7 @@ class ServerState:
             output_rate=output_rate,
             server_playout=server_playout,
             max_input_buffer_s=config.limits.max_input_buffer_s,
+            images=config.media.image_limits(),
             min_speech_ms=config.vad.min_speech_ms,
             defaults=session_defaults,
         )

@@ -1,9 +1,10 @@
 """`POST /v1/audio/transcriptions`: a multipart upload, answered by the engine's recogniser (501 where it has
-none)."""
+none). The file must be wav, mp3, flac, ogg or webm, and the one its content type (or else its file name) says."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 
 from starlette.datastructures import UploadFile
@@ -12,8 +13,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from omnivox.pipeline.engines.base import INPUT_RATE
+from omnivox.pipeline.media import MediaError, container_of_file_name, container_of_type
 from omnivox.server.http_common import ApiError, check_auth, check_model, check_ready, read_body
-from omnivox.server.http_media import decode_input_audio
+from omnivox.server.http_media import FILE_AUDIO_CONTAINERS, decode_input_audio, refused_media
 from omnivox.server.state import ServerState
 
 TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json")
@@ -57,9 +59,23 @@ async def transcriptions(request: Request) -> Response:
             501, f"the {state.engine.name} engine cannot transcribe", kind="server_error", code="not_implemented"
         )
     check_ready(state)
+    try:
+        declared = container_of_type(upload.content_type) or container_of_file_name(upload.filename)
+    except MediaError as exc:
+        raise refused_media(exc, "file") from None
     raw = await upload.read()
-    max_seconds = state.config.limits.max_input_buffer_s
-    audio = await asyncio.to_thread(decode_input_audio, raw, "file", "file", max_seconds)
+    media = state.config.media
+    audio = await asyncio.to_thread(
+        functools.partial(
+            decode_input_audio,
+            raw,
+            declared=declared,
+            allowed=FILE_AUDIO_CONTAINERS,
+            param="file",
+            media=media,
+            max_seconds=media.max_audio_s,
+        )
+    )
     text = await recognise(audio, fields["language"] or None, fields["prompt"] or "")
     if response_format == "text":
         return PlainTextResponse(text)

@@ -14,7 +14,6 @@ import asyncio
 import gc
 import hashlib
 import importlib.util
-import io
 import json
 import logging
 import math
@@ -40,6 +39,7 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
+from omnivox.pipeline import media
 from omnivox.pipeline.engines.base import (
     INPUT_RATE,
     AudioPart,
@@ -326,15 +326,12 @@ class ImageFormat:
 
 
 def decode_image(part: ImagePart) -> np.ndarray:
-    """PNG/JPEG/WebP/... bytes -> `[H, W, 3]` uint8 RGB, through PyAV (already a server dependency, unlike PIL)."""
-    import av
-
+    """Image bytes -> `[H, W, 3]` uint8 RGB with `media.decode_image` (PyAV, already a server dependency, unlike PIL;
+    its decoder alone, no demuxer, bounded by the dimensions of the header the door checked)."""
     try:
-        with av.open(io.BytesIO(part.data)) as container:
-            frame = next(container.decode(video=0))
-            return frame.to_ndarray(format="rgb24")
-    except (av.FFmpegError, StopIteration, ValueError) as exc:
-        raise EngineError(f"could not decode an image part ({part.mime_type}, {len(part.data)} bytes): {exc}") from exc
+        return media.decode_image(part.data)
+    except media.MediaError as exc:
+        raise EngineError(f"could not decode an image part ({part.mime_type}, {len(part.data)} bytes): {exc}") from None
 
 
 def qwen2_5_audio_tokens(feature_frames: int) -> int:

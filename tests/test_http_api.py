@@ -380,7 +380,9 @@ def test_invalid_chat_requests_name_the_parameter(server: RunningServer, extra: 
 
 
 def test_body_that_is_not_json(server: RunningServer) -> None:
-    response = httpx.post(f"{server.http_url}/v1/chat/completions", content=b"{nope")
+    response = httpx.post(
+        f"{server.http_url}/v1/chat/completions", content=b"{nope", headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
 

@@ -73,6 +73,7 @@ class LimitsConfig(_Section):
     max_message_bytes: int = Field(15 * 1024 * 1024, ge=1024)
     max_input_buffer_s: float = Field(600, gt=0)
     max_http_body_bytes: int = Field(25 * 1024 * 1024, ge=1024)
+    max_json_depth: int = Field(64, ge=4, le=512)
 
 
 class MediaConfig(_Section):

@@ -2,8 +2,9 @@
 stream opened before any header is sent, and SSE.
 
 Errors are OpenAI error objects: 400 invalid request, 401 missing or wrong key, 404 unknown model, 413 body over
-`limits.max_http_body_bytes`, 429 engine busy, 501 no recogniser, 503 engine not ready. Once a stream has started,
-an error is sent as `data: {"error": {...}}` and ends the stream (no `[DONE]`).
+`limits.max_http_body_bytes`, 415 a JSON door's body not sent as `application/json`, 429 engine busy, 501 no
+recogniser, 503 engine not ready. Once a stream has started, an error is sent as `data: {"error": {...}}` and ends the
+stream (no `[DONE]`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from omnivox.pipeline.client_json import JsonRefused, load_client_json
 from omnivox.pipeline.engines.base import (
     Delta,
     EngineBusy,
@@ -90,11 +92,23 @@ def openai_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable
 BodyModel = TypeVar("BodyModel", bound=BaseModel)
 
 
-def parse_body(body: bytes, model: type[BodyModel]) -> BodyModel:
+async def read_json_body(request: Request, state: ServerState, model: type[BodyModel]) -> BodyModel:
+    """A JSON door's body: JSON by its content type (a browser posts `text/plain` across sites without asking, never
+    `application/json`), at most `limits.max_http_body_bytes`, parsed within `limits.max_json_depth`."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(
+            415, "send the body as JSON with Content-Type: application/json", code="unsupported_content_type"
+        )
+    limits = state.config.limits
+    return parse_body(await read_body(request, limits.max_http_body_bytes), model, limits.max_json_depth)
+
+
+def parse_body(body: bytes, model: type[BodyModel], max_depth: int) -> BodyModel:
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        data = load_client_json(body, max_depth)
+    except JsonRefused as exc:
+        raise ApiError(400, f"the request body is refused: {exc}", code="invalid_json") from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:

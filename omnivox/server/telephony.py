@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from omnivox.pipeline.audio import StreamResampler, mulaw_decode, mulaw_encode
+from omnivox.pipeline.client_json import JsonRefused, load_client_json
 from omnivox.pipeline.engines.base import INPUT_RATE
 from omnivox.pipeline.events import (
     AudioIn,
@@ -68,11 +70,20 @@ def mark_name(item_id: str, audio_ms: float) -> str:
     return f"{item_id}:{int(audio_ms)}"
 
 
+_MARK_NAME = re.compile(r"(?P<item>[^:]{1,128}):(?P<millis>[0-9]{1,9})")
+"""What `mark_name` writes; a name echoed back that does not look like it was never ours."""
+DTMF_DIGITS = frozenset("0123456789*#ABCD")
+_SID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _sid(value: Any) -> str | None:
+    """A Twilio id (`MZ...`, `CA...`: 34 characters) as the client sent it, or None when it cannot be one."""
+    return value if isinstance(value, str) and _SID.fullmatch(value) else None
+
+
 def parse_mark_name(name: str) -> tuple[str, int] | None:
-    item_id, _, millis = name.rpartition(":")
-    if not item_id or not millis.isdigit():
-        return None
-    return item_id, int(millis)
+    match = _MARK_NAME.fullmatch(name)
+    return (match["item"], int(match["millis"])) if match else None
 
 
 def twilio_signature(auth_token: str, url: str, params: Mapping[str, str]) -> str:
@@ -172,9 +183,9 @@ class TwilioCall:
 
     def _on_text(self, raw: str) -> None:
         try:
-            message = json.loads(raw)
-        except ValueError:
-            self._warn_once("json", "ignored a frame that is not JSON: %.80r", raw)
+            message = load_client_json(raw, self.state.config.limits.max_json_depth)
+        except JsonRefused as exc:
+            self._warn_once("json", "ignored a frame that is refused as JSON (%s): %.80r", exc, raw)
             return
         if not isinstance(message, dict):
             self._warn_once("json", "ignored a JSON frame that is not an object")
@@ -197,27 +208,32 @@ class TwilioCall:
             else:
                 self._on_mark(message.get("mark"))
         else:
-            self._warn_once(f"unknown-{event}", "unknown event %r ignored", event)
+            self._warn_once("unknown", "unknown event %.40r ignored", event)
 
     def _on_start(self, message: dict[str, Any]) -> None:
         if self.runner is not None:
             log.warning("%s: second 'start' ignored", self.label)
             return
         start = message.get("start") if isinstance(message.get("start"), dict) else {}
-        self.stream_sid = message.get("streamSid") or start.get("streamSid")
-        self.call_sid = start.get("callSid")
+        self.stream_sid = _sid(message.get("streamSid")) or _sid(start.get("streamSid"))
+        self.call_sid = _sid(start.get("callSid"))
+        if self.stream_sid is None:  # it is echoed in every message we send: never an arbitrary client string
+            log.warning("%s: refused, 'start' without a valid streamSid", self.label)
+            self._stopped = True
+            self._close_code = POLICY_VIOLATION
+            return
         if not self._authorized(start.get("customParameters")):
             log.warning("%s: refused, no valid '%s' custom parameter", self.label, API_KEY_PARAMETER)
             self.state.metrics.sessions_rejected.labels(DOOR, "auth").inc()
             self._stopped = True
             self._close_code = POLICY_VIOLATION
             return
-        media_format = start.get("mediaFormat") or {}
+        media_format = start.get("mediaFormat") if isinstance(start.get("mediaFormat"), dict) else {}
         if media_format and (media_format.get("encoding"), media_format.get("sampleRate")) != (
             "audio/x-mulaw",
             PHONE_RATE,
         ):
-            log.warning("%s: media format %s is not 8 kHz mu-law; decoding as mu-law anyway", self.label, media_format)
+            log.warning("%s: media format %.120r is not 8 kHz mu-law; decoding as mu-law", self.label, media_format)
         telephony = self.state.config.telephony
         session = self.state.new_session(
             frame_ms=telephony.frame_ms,
@@ -244,8 +260,8 @@ class TwilioCall:
     def _on_dtmf(self, dtmf: Any) -> None:
         assert self.runner is not None
         digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
-        if not isinstance(digit, str) or not digit:
-            log.warning("%s: dtmf event without a digit ignored", self.label)
+        if not isinstance(digit, str) or digit not in DTMF_DIGITS:
+            self._warn_once("dtmf", "dtmf event without a keypad digit ignored: %.20r", digit)
             return
         log.info("%s: caller pressed %s", self.label, digit)
         if not self.state.config.telephony.dtmf_to_conversation:
@@ -265,7 +281,7 @@ class TwilioCall:
             return
         parsed = parse_mark_name(name)
         if parsed is None:
-            log.warning("%s: echo of unknown mark %r ignored", self.label, name)
+            self._warn_once("mark", "echo of unknown mark %.80r ignored", name)
             return
         self.runner.feed(PlayoutProgress(*parsed))
 

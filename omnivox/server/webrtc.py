@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fractions
-import json
 import logging
 import secrets
 import time
@@ -27,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from omnivox.pipeline.audio import StreamResampler, float_to_pcm16
+from omnivox.pipeline.client_json import load_client_json
 from omnivox.pipeline.engines.base import INPUT_RATE
 from omnivox.pipeline.events import (
     AudioIn,
@@ -177,7 +177,7 @@ def _error(status: int, message: str, code: str, error_type: str = "invalid_requ
     )
 
 
-async def _read_offer(request: Request) -> tuple[str, dict[str, Any] | None]:
+async def _read_offer(request: Request, max_depth: int) -> tuple[str, dict[str, Any] | None]:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         form = await request.form()
@@ -188,7 +188,7 @@ async def _read_offer(request: Request) -> tuple[str, dict[str, Any] | None]:
             session = (await session.read()).decode()
         if not isinstance(sdp, str) or not sdp.strip():
             raise ValueError("the form needs an 'sdp' field holding the offer")
-        parsed = json.loads(session) if isinstance(session, str) and session.strip() else None
+        parsed = load_client_json(session, max_depth) if isinstance(session, str) and session.strip() else None
         if parsed is not None and not isinstance(parsed, dict):
             raise ValueError("the 'session' field must be a JSON object")
         return sdp, parsed
@@ -205,7 +205,7 @@ async def create_call(request: Request) -> Response:
         state.metrics.sessions_rejected.labels(DOOR, "auth").inc()
         return _error(401, "missing or invalid API key", "invalid_api_key")
     try:
-        offer, session_update = await _read_offer(request)
+        offer, session_update = await _read_offer(request, state.config.limits.max_json_depth)
     except (ValueError, UnicodeDecodeError) as exc:
         return _error(400, str(exc), "invalid_offer")
     slot = contextlib.ExitStack()
@@ -261,6 +261,7 @@ async def _answer(
         await writer.output(output)
 
     runner = SessionRunner(session, state.engine, emit, door=DOOR, metrics=state.metrics)
+    max_depth = state.config.limits.max_json_depth
     call = Call(secrets.token_hex(12), pc, runner, writer, track, release_slot)
     holder["call"] = call
     calls[call.call_id] = call
@@ -283,7 +284,7 @@ async def _answer(
                 )
                 return
             try:
-                runner.feed(parse_client_event(message, dialect))
+                runner.feed(parse_client_event(message, dialect, max_depth=max_depth))
             except ProtocolError as exc:
                 call.tasks.append(asyncio.ensure_future(writer.error(exc, exc.event_id)))
 

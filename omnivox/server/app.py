@@ -14,7 +14,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from omnivox import __version__
 from omnivox.pipeline.engines import create_engine
-from omnivox.pipeline.engines.base import Engine
+from omnivox.pipeline.engines.base import Engine, engine_health_problem
 from omnivox.pipeline.vad import create_vad
 from omnivox.server.config import Config
 from omnivox.server.http_api import http_api_routes
@@ -30,15 +30,17 @@ log = logging.getLogger(__name__)
 async def healthz(request: Request) -> Response:
     state: ServerState = request.app.state.omnivox
     ready = state.engine.ready
+    problem = engine_health_problem(state.engine)
     body = {
-        "status": "ok" if ready else "loading",
+        "status": "unhealthy" if problem else "ok" if ready else "loading",
         "version": __version__,
         "engine": state.engine.name,
         "model": state.model_name,
         "sessions": state.sessions_open,
         "max_sessions": state.config.server.max_sessions,
+        **({"problem": problem} if problem else {}),
     }
-    return JSONResponse(body, status_code=200 if ready else 503)
+    return JSONResponse(body, status_code=200 if ready and not problem else 503)
 
 
 async def metrics(request: Request) -> Response:

@@ -31,6 +31,7 @@ from omnivox.pipeline.engines.base import (
     EngineOutOfMemory,
     ResponseRequest,
 )
+from omnivox.pipeline.internal_errors import INTERNAL_ERROR_CODE, report_internal_error
 from omnivox.server.auth import is_authorized
 from omnivox.server.state import ServerState
 
@@ -69,6 +70,12 @@ def engine_api_error(exc: EngineError) -> ApiError:
     return ApiError(500, str(exc) or "the engine failed", kind="server_error", code=exc.code)
 
 
+def internal_api_error(context: str, exc: BaseException) -> ApiError:
+    """A 500 whose message carries only an error id; the details are logged under it."""
+    message = report_internal_error(log, context, exc)
+    return ApiError(500, message, kind="server_error", code=INTERNAL_ERROR_CODE)
+
+
 def openai_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
     """Answer refused requests and unexpected failures with OpenAI error objects instead of bare 500 pages."""
 
@@ -81,9 +88,8 @@ def openai_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable
             error = engine_api_error(exc)
             log.warning("%s %s: engine error %s: %s", request.method, request.url.path, exc.code, exc)
             return JSONResponse(error.body(), status_code=error.status)
-        except Exception:
-            log.exception("%s %s failed", request.method, request.url.path)
-            error = ApiError(500, "internal server error", kind="server_error", code="internal_error")
+        except Exception as exc:
+            error = internal_api_error(f"{request.method} {request.url.path} failed", exc)
             return JSONResponse(error.body(), status_code=500)
 
     return endpoint
@@ -222,8 +228,7 @@ def stream_error(exc: BaseException, door: str, state: ServerState) -> str:
         log.warning("%s: engine error mid-stream %s: %s", door, exc.code, exc)
         error = engine_api_error(exc)
     else:
-        log.error("%s: stream failed", door, exc_info=exc)
-        error = ApiError(500, "internal server error", kind="server_error", code="internal_error")
+        error = internal_api_error(f"{door}: stream failed", exc)
     state.metrics.protocol_errors.labels(door, str(error.code)).inc()
     return sse(error.body())
 

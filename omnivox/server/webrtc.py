@@ -39,6 +39,7 @@ from omnivox.pipeline.events import (
     SessionOutput,
     parse_client_event,
 )
+from omnivox.pipeline.internal_errors import report_internal_error
 from omnivox.server.auth import is_authorized
 from omnivox.server.realtime_ws import EventWriter
 from omnivox.server.runner import SessionRunner
@@ -218,8 +219,8 @@ async def create_call(request: Request) -> Response:
         call = await _answer(request, state, offer, session_update, dialect, slot.close)
     except Exception as exc:
         slot.close()
-        log.warning("WebRTC offer refused: %s", exc)
-        return _error(400, f"could not accept the SDP offer: {exc}", "invalid_offer")
+        message = report_internal_error(log, "WebRTC offer refused", exc, public="could not accept the SDP offer")
+        return _error(400, message, "invalid_offer")
     answer = call.pc.localDescription
     return Response(
         answer.sdp,

@@ -123,6 +123,12 @@ class EngineNotReady(EngineError):
     code = "engine_not_ready"
 
 
+class EngineUnhealthy(EngineNotReady):
+    """The engine cannot serve at all (its worker died or stopped making progress); `/healthz` says so too."""
+
+    code = "engine_unhealthy"
+
+
 class EngineOutOfMemory(EngineError):
     """The accelerator ran out of memory for this request; other sessions go on."""
 
@@ -149,6 +155,12 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """Release the model and any worker threads."""
+
+
+def engine_health_problem(engine: Engine) -> str | None:
+    """Why the engine cannot serve right now (its optional `health_problem` property: a dead or stalled worker, a
+    failed device), or None when nothing is known to be wrong. Loading is not a problem: see `ready`."""
+    return getattr(engine, "health_problem", None)
 
 
 def forget_conversation(engine: Engine, conversation_id: str) -> None:

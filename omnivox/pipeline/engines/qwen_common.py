@@ -703,6 +703,9 @@ class EngineOptions:
     static_cache_tokens: int = 4096
     """Thinker slot length (prompt + answer); the talker slot adds the longest speech. A longer prompt falls back to
     growing caches for that request."""
+    stall_timeout_s: float = 30.0
+    """The GPU worker's watchdog: holding work without finishing a pass this long (a hung kernel or driver) makes
+    the engine unhealthy (`/healthz` 503) and fails the waiting requests instead of letting them hang."""
 
     def __post_init__(self) -> None:
         if self.static_cache and not self.enable_audio:
@@ -712,6 +715,8 @@ class EngineOptions:
         for name in ("max_active", "max_text_tokens", "static_cache_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.stall_timeout_s <= 0:
+            raise ValueError("stall_timeout_s must be > 0")
 
 
 class QwenOmniEngine(ABC):
@@ -731,6 +736,7 @@ class QwenOmniEngine(ABC):
         self.model_id = model_id
         self.max_active = options.max_active
         self.max_queued = options.max_queued
+        self.stall_timeout_s = options.stall_timeout_s
         self.runtime = Runtime.resolve(
             device=options.device,
             dtype=options.dtype,
@@ -825,6 +831,11 @@ class QwenOmniEngine(ABC):
         return model is not None and bool(model.has_talker)
 
     @property
+    def health_problem(self) -> str | None:
+        """Why the engine cannot serve (its GPU worker died or stalled), None when it can."""
+        return self._worker.health_problem if self._worker is not None else None
+
+    @property
     def load_info(self) -> tuple[int, int]:
         """(active generations, queued requests)."""
         return self._worker.load if self._worker is not None else (0, 0)
@@ -840,6 +851,7 @@ class QwenOmniEngine(ABC):
                 max_queued=self.max_queued,
                 step_batch=self.step_batch(),
                 on_out_of_memory=self.out_of_memory,
+                stall_timeout_s=self.stall_timeout_s,
             )
             self._ready = True
             log.info("%s: %s ready", self.name, self.model_id)

@@ -9,6 +9,10 @@ A cancelled request is dropped before its next step and its caches are freed at 
 
 Background work (caller transcripts) never stands between a caller and the first audio of an answer: it is
 admitted after waiting answers, and it is not stepped while an active answer has not yet produced audio.
+
+A watchdog: if the thread dies, or a pass over the active generations runs for over `stall_timeout_s` (a hung kernel
+or driver), `health_problem` says so, every waiting request fails with `EngineUnhealthy` and new ones are refused,
+instead of hanging; a stalled worker whose pass ends is healthy again.
 """
 
 from __future__ import annotations
@@ -22,7 +26,15 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from omnivox.pipeline.engines.base import AudioDelta, Delta, EngineBusy, EngineError, EngineOutOfMemory
+from omnivox.pipeline.engines.base import (
+    AudioDelta,
+    Delta,
+    EngineBusy,
+    EngineError,
+    EngineOutOfMemory,
+    EngineUnhealthy,
+)
+from omnivox.pipeline.internal_errors import INTERNAL_ERROR_CODE, report_internal_error
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +94,23 @@ class GpuWorker:
         max_queued: int = 16,
         step_batch: StepBatch | None = None,
         on_out_of_memory: Callable[[], None] | None = None,
+        stall_timeout_s: float = 30.0,
     ) -> None:
+        if stall_timeout_s <= 0:
+            raise ValueError("stall_timeout_s must be positive")
         self.name = name
         self.max_active = max_active
         self.max_queued = max_queued
+        self.stall_timeout_s = stall_timeout_s
         self._step_batch = step_batch
         self._on_out_of_memory = on_out_of_memory
         self._pending: deque[_Ticket] = deque()
         self._active: list[_Ticket] = []
         self._wake = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"omnivox-{name}", daemon=True)
+        self._pass_started: float | None = None
+        """When the pass now running started (None between passes): a pass that never ends is a stall."""
+        self._thread = threading.Thread(target=self._run_guarded, name=f"omnivox-{name}", daemon=True)
         self._thread.start()
         self.steps_run = 0
 
@@ -102,6 +120,19 @@ class GpuWorker:
         with self._wake:
             return len(self._active), len(self._pending)
 
+    @property
+    def health_problem(self) -> str | None:
+        """None while the worker serves; otherwise why it cannot: its thread died, or one pass over the active
+        generations has been running for over `stall_timeout_s`."""
+        if self._closed:
+            return None
+        if not self._thread.is_alive():
+            return f"the {self.name} worker thread has died"
+        started = self._pass_started
+        if started is not None and (stalled_s := time.perf_counter() - started) > self.stall_timeout_s:
+            return f"the {self.name} worker has made no progress for {stalled_s:.0f} s"
+        return None
+
     async def stream(
         self, make_generation: Callable[[], Generation], *, background: bool = False
     ) -> AsyncIterator[Delta]:
@@ -109,6 +140,8 @@ class GpuWorker:
         to answers that have not started speaking yet."""
         loop = asyncio.get_running_loop()
         ticket = _Ticket(make_generation, loop, asyncio.Queue(), background)
+        if (problem := self.health_problem) is not None:
+            raise EngineUnhealthy(problem)
         with self._wake:
             if self._closed:
                 raise EngineError("the engine is shutting down")
@@ -116,9 +149,16 @@ class GpuWorker:
                 raise EngineBusy(f"server busy: {len(self._pending)} requests queued, retry shortly")
             self._pending.append(ticket)
             self._wake.notify()
+        watch_s = min(1.0, self.stall_timeout_s / 4)
         try:
             while True:
-                item = await ticket.queue.get()
+                try:
+                    async with asyncio.timeout(watch_s):
+                        item = await ticket.queue.get()
+                except TimeoutError:
+                    if (problem := self.health_problem) is not None:
+                        raise EngineUnhealthy(problem) from None
+                    continue
                 if item is _DONE:
                     return
                 if isinstance(item, BaseException):
@@ -134,6 +174,12 @@ class GpuWorker:
             self._closed = True
             self._wake.notify()
         self._thread.join(timeout=10)
+
+    def _run_guarded(self) -> None:
+        try:
+            self._run()
+        except BaseException:  # logged here, once: health_problem tells clients and /healthz
+            log.critical("%s: the worker thread died; the engine cannot serve any more", self.name, exc_info=True)
 
     def _run(self) -> None:
         while True:
@@ -151,7 +197,9 @@ class GpuWorker:
                         self._active.append(ticket)
                 waiting_for_audio = any(not t.background and not t.audible for t in self._active)
                 runnable = [t for t in self._active if not (t.background and waiting_for_audio)]
+                self._pass_started = time.perf_counter()
             self._advance(runnable)
+            self._pass_started = None
 
     def _next_pending(self) -> _Ticket:
         """The oldest waiting answer, else the oldest background request."""
@@ -208,8 +256,8 @@ class GpuWorker:
             elif isinstance(exc, EngineError):
                 error = exc
             else:
-                log.exception("%s: generation failed", self.name)
-                error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+                error = EngineError(report_internal_error(log, f"{self.name}: generation failed", exc))
+                error.code = INTERNAL_ERROR_CODE
             self._retire(ticket)
             if _is_out_of_memory(exc) and self._on_out_of_memory is not None:
                 self._on_out_of_memory()  # before the client hears of it: a retry then finds the memory free

@@ -16,8 +16,10 @@ from omnivox import __version__
 from omnivox.pipeline.engines import create_engine
 from omnivox.pipeline.engines.base import Engine, engine_health_problem
 from omnivox.pipeline.vad import create_vad
+from omnivox.server.auth import is_authorized
 from omnivox.server.config import Config
 from omnivox.server.http_api import http_api_routes
+from omnivox.server.http_common import ApiError
 from omnivox.server.realtime_ws import realtime_endpoint
 from omnivox.server.state import ServerState
 from omnivox.server.telephony import telephony_routes
@@ -45,6 +47,9 @@ async def healthz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state: ServerState = request.app.state.omnivox
+    server = state.config.server
+    if server.metrics_require_key and not is_authorized(server.api_keys, request.headers):
+        return JSONResponse(ApiError(401, "missing or invalid API key", code="invalid_api_key").body(), 401)
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 

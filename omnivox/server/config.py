@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from omnivox.pipeline.media import AudioLimits, ImageLimits
 
@@ -31,7 +31,17 @@ class ServerConfig(_Section):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     max_sessions: int = Field(100, ge=1)
     api_keys: list[str] = []
+    allowed_origins: list[str] = []
+    metrics_require_key: bool = False
     public_host: str | None = None
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_not_blank(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if not key.strip() or key != key.strip():
+                raise ValueError("an API key must not be empty nor begin or end with whitespace")
+        return keys
 
 
 class EngineConfig(_Section):
@@ -183,6 +193,22 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     return overrides
 
 
+API_KEYS_VARIABLE = f"{ENV_PREFIX}SERVER__API_KEYS"
+
+
+def _refuse_empty_keys_variable(environ: dict[str, str]) -> None:
+    """`OMNIVOX_SERVER__API_KEYS="[$KEY]"` with `KEY` unset must not start an open server."""
+    raw = environ.get(API_KEYS_VARIABLE)
+    if raw is None:
+        return
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return  # the validation of server.api_keys names the problem
+    if value in (None, "", []):
+        raise ConfigError(f"{API_KEYS_VARIABLE} is set but holds no key ({raw!r}); unset it to run without API keys")
+
+
 def default_config_text() -> str:
     return resources.files("omnivox").joinpath("configs/default.yaml").read_text()
 
@@ -197,7 +223,9 @@ def load_config(
         if not file.is_file():
             raise ConfigError(f"config file {file} does not exist")
         data = _deep_merge(data, _read_yaml(file.read_text(), str(file)))
-    data = _deep_merge(data, _env_overrides(dict(os.environ if environ is None else environ)))
+    environ = dict(os.environ if environ is None else environ)
+    _refuse_empty_keys_variable(environ)
+    data = _deep_merge(data, _env_overrides(environ))
     data = _deep_merge(data, overrides or {})
     try:
         return Config.model_validate(data)

@@ -1,10 +1,10 @@
 """What every HTTP door shares: OpenAI error objects, body parsing, auth/model/readiness checks, the engine
 stream opened before any header is sent, and SSE.
 
-Errors are OpenAI error objects: 400 invalid request, 401 missing or wrong key, 404 unknown model, 413 body over
-`limits.max_http_body_bytes`, 415 a JSON door's body not sent as `application/json`, 429 engine busy, 501 no
-recogniser, 503 engine not ready. Once a stream has started, an error is sent as `data: {"error": {...}}` and ends the
-stream (no `[DONE]`).
+Errors are OpenAI error objects: 400 invalid request, 401 missing or wrong key, 403 a browser origin not allowed, 404
+unknown model, 413 body over `limits.max_http_body_bytes`, 415 a JSON door's body not sent as `application/json`, 429
+engine busy, 501 no recogniser, 503 engine not ready. Once a stream has started, an error is sent as
+`data: {"error": {...}}` and ends the stream (no `[DONE]`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import anyio
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import FormData
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -127,6 +129,9 @@ def parse_body(body: bytes, model: type[BodyModel], max_depth: int) -> BodyModel
 
 
 def check_auth(request: Request, state: ServerState) -> None:
+    """The caller's origin (browsers) and key, before any work."""
+    if not state.origin_allowed(request.headers, request.url.path):
+        raise ApiError(403, "this origin is not allowed (server.allowed_origins)", code="origin_not_allowed")
     if not is_authorized(state.config.server.api_keys, request.headers):
         raise ApiError(401, "missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key")
 
@@ -165,6 +170,24 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def read_form(
+    request: Request, limit: int, *, max_files: int, max_fields: int, max_field_bytes: int = 64 * 1024
+) -> FormData:
+    """A multipart body of at most `limit` bytes in all (Starlette bounds only its text fields), parsed."""
+    body = await read_body(request, limit)
+
+    async def replay() -> AsyncIterator[bytes]:
+        yield body
+
+    parser = MultiPartParser(
+        request.headers, replay(), max_files=max_files, max_fields=max_fields, max_part_size=max_field_bytes
+    )
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:
+        raise ApiError(400, f"malformed multipart body: {exc.message}") from None
 
 
 async def open_engine_stream(state: ServerState, request: ResponseRequest) -> AsyncIterator[Delta]:

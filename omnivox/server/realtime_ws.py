@@ -103,6 +103,9 @@ def _parse_with_limit(raw: str, dialect: Dialect, limits: LimitsConfig) -> Any:
 async def realtime_endpoint(websocket: WebSocket) -> None:
     state: ServerState = websocket.app.state.omnivox
     headers = {k.lower(): v for k, v in websocket.headers.items()}
+    if not state.origin_allowed(headers, DOOR):
+        await websocket.close(POLICY_VIOLATION)  # before the handshake: the browser gets a 403
+        return
     offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
     await websocket.accept(subprotocol="realtime" if "realtime" in offered else None)
     dialect = choose_dialect(headers, offered)

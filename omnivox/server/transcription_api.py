@@ -5,38 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator
 
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from omnivox.pipeline.engines.base import INPUT_RATE
 from omnivox.pipeline.media import MediaError, container_of_file_name, container_of_type
-from omnivox.server.http_common import ApiError, check_auth, check_model, check_ready, read_body
+from omnivox.server.http_common import ApiError, check_auth, check_model, check_ready, read_form
 from omnivox.server.http_media import FILE_AUDIO_CONTAINERS, decode_input_audio, refused_media
 from omnivox.server.state import ServerState
 
 TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json")
 
 
-async def _replay(body: bytes) -> AsyncIterator[bytes]:
-    yield body
-
-
 async def transcriptions(request: Request) -> Response:
     state: ServerState = request.app.state.omnivox
     check_auth(request, state)
-    body = await read_body(request, state.config.limits.max_http_body_bytes)
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise ApiError(400, "send the audio as multipart/form-data with a `file` field")
-    try:
-        form = await MultiPartParser(
-            request.headers, _replay(body), max_files=1, max_fields=16, max_part_size=64 * 1024
-        ).parse()
-    except MultiPartException as exc:
-        raise ApiError(400, f"malformed multipart body: {exc.message}") from None
+    form = await read_form(request, state.config.limits.max_http_body_bytes, max_files=1, max_fields=16)
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise ApiError(400, "the `file` field (an audio file) is required", param="file")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import websockets
 
-from omnivox.pipeline.audio import encode_audio_file, synthesize_speech
+from omnivox.pipeline.audio import encode_audio_file, resample, synthesize_speech
 from omnivox.pipeline.engines.base import Delta, ImagePart, ResponseRequest
 from omnivox.pipeline.engines.scripted import ScriptedEngine
 from omnivox.pipeline.media import ImageLimits, MediaError, check_image, decode_image
@@ -179,6 +179,27 @@ def test_audio_with_too_many_channels_is_refused(server: RunningServer) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- formats
+
+
+def webm_opus(samples: np.ndarray, rate: int) -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="webm") as container:
+        stream = container.add_stream("libopus", rate=48_000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            (resample(samples, rate, 48_000) * 32767).astype(np.int16)[None], format="s16", layout="mono"
+        )
+        frame.sample_rate = 48_000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["wav", "mp3", "flac", "opus", "webm"])
+def test_every_accepted_container_is_transcribed(server: RunningServer, fmt: str) -> None:
+    speech = synthesize_speech("hello", 16_000)
+    data = webm_opus(speech, 16_000) if fmt == "webm" else encode_audio_file(speech, 16_000, fmt)
+    extension = {"opus": "ogg"}.get(fmt, fmt)
+    assert transcribe(server, data, f"speech.{extension}").json() == {"text": SECRET}
 
 
 def test_the_declared_format_must_be_the_real_one(server: RunningServer) -> None:

@@ -31,7 +31,9 @@ from omnivox.pipeline.engines.base import (
     EngineError,
     EngineNotReady,
     EngineOutOfMemory,
+    EngineUnhealthy,
     ResponseRequest,
+    engine_health_problem,
 )
 from omnivox.pipeline.internal_errors import INTERNAL_ERROR_CODE, report_internal_error
 from omnivox.server.auth import is_authorized
@@ -154,6 +156,8 @@ def served_model_names(state: ServerState) -> list[str]:
 def check_ready(state: ServerState) -> None:
     if not state.engine.ready:
         raise ApiError(503, "the engine is still loading; retry shortly", kind="server_error", code="engine_not_ready")
+    if (problem := engine_health_problem(state.engine)) is not None:
+        raise ApiError(503, problem, kind="server_error", code=EngineUnhealthy.code)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -62,6 +62,32 @@ async def test_realtime_websocket_refuses_hostile_json_and_stays_open(server: Ru
     assert updated["type"] == "session.updated" and updated["session"]["instructions"] == "hi"
 
 
+ODD_TYPES = {
+    "modalities holding a list": {"type": "session.update", "session": {"output_modalities": [["audio"]]}},
+    "audio null": {"type": "session.update", "session": {"audio": None}},
+    "audio input null": {"type": "session.update", "session": {"audio": {"input": None}}},
+    "format type a list": {"type": "session.update", "session": {"audio": {"input": {"format": {"type": []}}}}},
+    "eagerness a list": {
+        "type": "session.update",
+        "session": {"audio": {"input": {"turn_detection": {"type": "semantic_vad", "eagerness": ["low"]}}}},
+    },
+    "response modalities holding a list": {"type": "response.create", "response": {"output_modalities": [[]]}},
+}
+
+
+@pytest.mark.parametrize("event", ODD_TYPES.values(), ids=ODD_TYPES.keys())
+async def test_values_of_unexpected_types_are_invalid_requests(server: RunningServer, event: dict[str, Any]) -> None:
+    """Lists where strings belong (unhashable), null where objects belong: the client's error, named as such."""
+    async with websockets.connect(f"{server.ws_url}/v1/realtime") as ws:
+        assert (await next_event(ws))["type"] == "session.created"
+        await ws.send(json.dumps(event))
+        refused = await next_event(ws)
+        await ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+        cleared = await next_event(ws)
+    assert refused["type"] == "error" and refused["error"]["type"] == "invalid_request_error", refused
+    assert cleared["type"] == "input_audio_buffer.cleared"
+
+
 @pytest.mark.parametrize("value", [DEEP, "NaN", "9" * 30], ids=["deep", "NaN", "30 digits"])
 def test_http_bodies_with_hostile_json_are_a_400(server: RunningServer, value: str) -> None:
     body = f'{{"model":"scripted","messages":[{{"role":"user","content":"hi"}}],"max_tokens":{value}}}'

@@ -59,6 +59,7 @@ from omnivox.pipeline.session_config import (
     default_session,
     merge_update,
     parse_turn_detection,
+    valid_modalities,
     validate_session,
 )
 from omnivox.pipeline.turns import SpeechStarted, SpeechStopped, TurnDetector
@@ -491,7 +492,7 @@ class Session:
                 code="conversation_already_has_active_response",
             )
         modalities = params.get("output_modalities", self.config["output_modalities"])
-        if not isinstance(modalities, list) or not modalities or not set(modalities) <= {"audio", "text"}:
+        if not valid_modalities(modalities):
             raise ProtocolError("output_modalities must be ['audio'] or ['text']", param="response.output_modalities")
         instructions = params.get("instructions", self.config["instructions"])
         if not isinstance(instructions, str):

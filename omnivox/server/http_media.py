@@ -219,9 +219,10 @@ class MessageBuilder:
                 raw, declared=declared, allowed=allowed, param=param, media=self.media, max_seconds=budget
             )
         except ApiError as exc:
-            if exc.code == "audio_too_long":
-                exc.message = f"{param}: the request's audio is longer than {self.media.max_audio_s:g} s in all"
-            raise
+            if exc.code != "audio_too_long":
+                raise
+            message = f"{param}: the request's audio is longer than {self.media.max_audio_s:g} s in all"
+            raise ApiError(400, message, param=param, code=exc.code) from None
         self.audio_seconds += pcm.size / INPUT_RATE
         return AudioPart(pcm)
 

@@ -1,4 +1,5 @@
-"""Audio plumbing: sample conversions, streaming resampling, G.711, framing, formats and files.
+"""Audio plumbing: sample conversions, streaming resampling, G.711, framing, formats and files (client files are
+decoded by `media`, which bounds them).
 
 Everything inside omnivox is mono float32 in [-1, 1]; the doors convert at the edges with these helpers.
 G.711 is implemented with numpy (no `audioop`, which is gone in Python 3.13) and bit-exact to ITU-T G.711.
@@ -294,28 +295,6 @@ def _write_wav_to(target: str | io.BytesIO, samples: np.ndarray, rate: int, chan
 def write_wav(path: str | Path, samples: np.ndarray, rate: int, channels: int = 1) -> None:
     """Write float samples, shape (n,) or (n, channels), as a 16-bit PCM WAV file."""
     _write_wav_to(str(path), samples, rate, channels)
-
-
-def decode_audio_file(data: bytes) -> tuple[np.ndarray, int]:
-    """Decode a wav/mp3/flac/ogg/opus file held in memory to mono float32 at its native rate."""
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            if not container.streams.audio:
-                raise ValueError("the file has no audio stream")
-            stream = container.streams.audio[0]
-            rate = stream.codec_context.sample_rate or stream.rate
-            to_mono = av.AudioResampler(format="flt", layout="mono", rate=rate)
-            pieces = [
-                converted.to_ndarray().reshape(-1)
-                for frame in container.decode(stream)
-                for converted in to_mono.resample(frame)
-            ]
-            pieces.extend(converted.to_ndarray().reshape(-1) for converted in to_mono.resample(None))
-    except (av.error.FFmpegError, StopIteration, IndexError) as exc:
-        raise ValueError(f"could not decode audio file ({len(data)} bytes): {exc}") from exc
-    if not pieces:
-        raise ValueError(f"audio file ({len(data)} bytes) holds no audio samples")
-    return np.concatenate(pieces).astype(np.float32, copy=False), rate
 
 
 _CONTAINER_CODECS = {"mp3": ("mp3", "mp3", None), "flac": ("flac", "flac", None), "opus": ("ogg", "libopus", 48_000)}

@@ -5,7 +5,6 @@ Everything here is hostile input: each value is type-checked and refused with a 
 
 from __future__ import annotations
 
-import base64
 import binascii
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +15,7 @@ from omnivox.pipeline.audio import audio_format, resample
 from omnivox.pipeline.conversation import Item
 from omnivox.pipeline.engines.base import INPUT_RATE
 from omnivox.pipeline.events import ProtocolError
+from omnivox.pipeline.media import ImageLimits, MediaError, check_image
 
 MAX_APPEND_BYTES = 15 * 1024 * 1024
 """OpenAI's limit for one audio chunk (decoded bytes)."""
@@ -37,9 +37,9 @@ def decode_client_audio(data: Any, input_format: str, param: str) -> np.ndarray:
         raise ProtocolError(f"audio does not match {input_format}: {exc}", code="invalid_audio", param=param) from None
 
 
-def parse_item(data: Any, input_format: str, new_id: Callable[[str], str]) -> Item:
+def parse_item(data: Any, input_format: str, new_id: Callable[[str], str], images: ImageLimits) -> Item:
     """A `conversation.item.create` item (or a `response.create` input item) -> an `Item`; user audio is decoded
-    from the session's input format to 16 kHz."""
+    from the session's input format to 16 kHz, images are checked against `images` (undecoded)."""
     if not isinstance(data, dict):
         raise ProtocolError("conversation.item.create needs an 'item' object", param="item")
     if data.get("type", "message") != "message":
@@ -69,7 +69,10 @@ def parse_item(data: Any, input_format: str, new_id: Callable[[str], str]) -> It
         elif kind in ("output_audio", "audio") and role == "assistant":
             texts.append(part.get("transcript") or "")
         elif kind == "input_image" and role == "user":
-            item.images.append(parse_image(part.get("image_url"), f"{param}.image_url"))
+            if len(item.images) >= images.max_count:
+                message = f"an item holds at most {images.max_count} images"
+                raise ProtocolError(message, code="too_many_images", param=f"{param}.image_url")
+            item.images.append(parse_image(part.get("image_url"), f"{param}.image_url", images))
         else:
             raise ProtocolError(f"content type '{kind}' is not supported for role {role}", param=f"{param}.type")
     item.text = " ".join(t for t in texts if t)
@@ -78,12 +81,19 @@ def parse_item(data: Any, input_format: str, new_id: Callable[[str], str]) -> It
     return item
 
 
-def parse_image(url: Any, param: str) -> tuple[bytes, str]:
-    """A base64 data URL -> (bytes, mime type); the server fetches nothing."""
+def parse_image(url: Any, param: str, limits: ImageLimits) -> tuple[bytes, str]:
+    """A base64 data URL -> (bytes, mime type), its format and size checked on the header; the server fetches
+    nothing."""
     if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
         raise ProtocolError("image_url must be a base64 data URL", param=param)
     header, _, data = url.partition(";base64,")
+    if len(data) > limits.max_bytes * 4 // 3 + 4:
+        raise ProtocolError(f"the image is larger than {limits.max_bytes} bytes", code="image_too_large", param=param)
     try:
-        return base64.b64decode(data, validate=True), header[len("data:") :] or "image/png"
+        raw = binascii.a2b_base64(data, strict_mode=True)
     except (binascii.Error, ValueError):
         raise ProtocolError("image_url is not valid base64", param=param) from None
+    try:
+        return raw, check_image(raw, header[len("data:") :], limits).mime_type
+    except MediaError as exc:
+        raise ProtocolError(str(exc), code=exc.code, param=param) from None

@@ -9,13 +9,13 @@ chose. Nothing in this module does I/O.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 import numpy as np
 
+from omnivox.pipeline.client_json import JsonRefused, load_client_json
 from omnivox.pipeline.engines.base import Delta
 
 
@@ -218,12 +218,13 @@ _CONTENT_GA_TO_BETA = {"output_audio": "audio", "output_text": "text"}
 _CONTENT_BETA_TO_GA = {"audio": "output_audio", "text": "output_text"}
 
 
-def parse_client_event(raw: str | bytes, dialect: Dialect) -> ClientEvent:
-    """JSON text -> `ClientEvent` in the neutral dialect; raises `ProtocolError` for anything malformed."""
+def parse_client_event(raw: str | bytes, dialect: Dialect, *, max_depth: int) -> ClientEvent:
+    """JSON text -> `ClientEvent` in the neutral dialect; raises `ProtocolError` for anything malformed (including
+    non-finite numbers, integers beyond 64 bits and nesting deeper than `max_depth`)."""
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"invalid JSON: {exc}", code="invalid_json") from None
+        data = load_client_json(raw, max_depth)
+    except JsonRefused as exc:
+        raise ProtocolError(str(exc), code="invalid_json") from None
     if not isinstance(data, dict):
         raise ProtocolError("an event must be a JSON object", code="invalid_event")
     event_id = data.get("event_id")

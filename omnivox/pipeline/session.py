@@ -50,6 +50,7 @@ from omnivox.pipeline.events import (
     error_event,
 )
 from omnivox.pipeline.input_buffer import InputBuffer
+from omnivox.pipeline.media import ImageLimits
 from omnivox.pipeline.pacer import FramePacer
 from omnivox.pipeline.responses import ActiveResponse
 from omnivox.pipeline.session_config import (
@@ -58,6 +59,7 @@ from omnivox.pipeline.session_config import (
     merge_update,
     parse_turn_detection,
     response_sampling,
+    valid_modalities,
     validate_session,
 )
 from omnivox.pipeline.turns import SpeechStarted, SpeechStopped, TurnDetector
@@ -83,6 +85,8 @@ class SessionOptions:
     server_playout: bool = False
     """The door owns playout (WebRTC, telephony): emit `output_audio_buffer.*`, truncate at what was played."""
     max_input_buffer_s: float = 600.0
+    images: ImageLimits = field(default_factory=ImageLimits)
+    """Bounds on the images of a conversation item (`media.*` in the config)."""
     min_speech_ms: int = 64
     defaults: dict[str, Any] = field(default_factory=dict)
     """Initial GA session fields (voice, instructions, turn_detection, formats) merged over the built-in ones."""
@@ -275,7 +279,7 @@ class Session:
         out.append(ServerEvent("input_audio_buffer.cleared"))
 
     def _on_item_create(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
-        item = parse_item(payload.get("item"), self.input_format, self._new_id)
+        item = parse_item(payload.get("item"), self.input_format, self._new_id, self.options.images)
         previous = payload.get("previous_item_id")
         if self.conversation.get(item.id) is not None:
             raise ProtocolError(f"an item with id '{item.id}' already exists", param="item.id")
@@ -489,7 +493,7 @@ class Session:
             )
         sampling = response_sampling({**self.config, **params}, "response")
         modalities = params.get("output_modalities", self.config["output_modalities"])
-        if not isinstance(modalities, list) or not modalities or not set(modalities) <= {"audio", "text"}:
+        if not valid_modalities(modalities):
             raise ProtocolError("output_modalities must be ['audio'] or ['text']", param="response.output_modalities")
         instructions = params.get("instructions", self.config["instructions"])
         if not isinstance(instructions, str):
@@ -535,7 +539,7 @@ class Session:
             if isinstance(entry, dict) and entry.get("type") == "item_reference":
                 item = self._existing_item(entry.get("id"))
             else:
-                item = parse_item(entry, self.input_format, self._new_id)
+                item = parse_item(entry, self.input_format, self._new_id, self.options.images)
             message = item.to_message()
             if message is not None:
                 messages.append(message)

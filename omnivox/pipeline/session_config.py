@@ -65,17 +65,24 @@ def parse_turn_detection(data: Any, min_speech_ms: int) -> TurnDetectionConfig |
         raise ProtocolError(str(exc), param="session.audio.input.turn_detection") from None
 
 
+def valid_modalities(value: Any) -> bool:
+    """A non-empty list of "audio" and "text" (compared, never hashed: a client's list may hold anything)."""
+    return isinstance(value, list) and bool(value) and all(m in ("audio", "text") for m in value)
+
+
 def validate_session(session: dict[str, Any]) -> None:
     """Refuse a merged session the server cannot honour, naming the offending field."""
-    modalities = session.get("output_modalities")
-    if not (isinstance(modalities, list) and modalities and set(modalities) <= {"audio", "text"}):
+    if not valid_modalities(session.get("output_modalities")):
         raise ProtocolError("output_modalities must be ['audio'] or ['text']", param="session.output_modalities")
     if not isinstance(session.get("instructions"), str):
         raise ProtocolError("instructions must be a string", param="session.instructions")
+    audio = session.get("audio")
+    if not isinstance(audio, dict) or not all(isinstance(audio.get(d), dict) for d in ("input", "output")):
+        raise ProtocolError("audio must be an object with input and output objects", param="session.audio")
     for direction in ("input", "output"):
-        fmt = session.get("audio", {}).get(direction, {}).get("format")
+        fmt = audio[direction].get("format")
         param = f"session.audio.{direction}.format"
-        if not isinstance(fmt, dict) or fmt.get("type") not in FORMAT_TYPES:
+        if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str) or fmt["type"] not in FORMAT_TYPES:
             raise ProtocolError(f"{param} must be audio/pcm, audio/pcmu or audio/pcma", param=param)
         if fmt["type"] == "audio/pcm" and fmt.setdefault("rate", 24000) != 24000:
             raise ProtocolError("audio/pcm is 24000 Hz only", param=f"{param}.rate")

@@ -56,7 +56,7 @@ class TurnDetectionConfig:
             updates["idle_timeout_ms"] = idle
         if kind == "semantic_vad":
             eagerness = data.get("eagerness") or "auto"
-            if eagerness not in SEMANTIC_SILENCE_MS:
+            if not isinstance(eagerness, str) or eagerness not in SEMANTIC_SILENCE_MS:
                 raise ValueError(f"turn_detection.eagerness must be one of {sorted(SEMANTIC_SILENCE_MS)}")
             updates["eagerness"] = eagerness
             updates["silence_duration_ms"] = SEMANTIC_SILENCE_MS[eagerness]

@@ -14,10 +14,12 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from omnivox import __version__
 from omnivox.pipeline.engines import create_engine
-from omnivox.pipeline.engines.base import Engine, engine_failure
+from omnivox.pipeline.engines.base import Engine, engine_failure, engine_health_problem
 from omnivox.pipeline.vad import create_vad
+from omnivox.server.auth import is_authorized
 from omnivox.server.config import Config
 from omnivox.server.http_api import http_api_routes
+from omnivox.server.http_common import ApiError
 from omnivox.server.realtime_ws import realtime_endpoint
 from omnivox.server.state import ServerState
 from omnivox.server.telephony import telephony_routes
@@ -28,18 +30,21 @@ log = logging.getLogger(__name__)
 
 
 def engine_status(state: ServerState) -> str:
-    """The engine's state: "failed" once its device broke (only a restart recovers), "loading" until it is ready,
-    else "ok"."""
+    """The engine's state: "failed" once its device broke (only a restart recovers), "unhealthy" while its worker is
+    dead or stalled, "loading" until it is ready, else "ok"."""
     if engine_failure(state.engine) is not None:
         return "failed"
+    if engine_health_problem(state.engine) is not None:
+        return "unhealthy"
     return "ok" if state.engine.ready else "loading"
 
 
 async def healthz(request: Request) -> Response:
-    """Liveness: 503 while loading and once the engine failed for good (a broken CUDA context), so a supervisor
-    restarts the process."""
+    """Liveness: 503 while loading, while the engine cannot serve (a dead or stalled worker) and once it failed for
+    good (a broken CUDA context), so a supervisor restarts the process."""
     state: ServerState = request.app.state.omnivox
     status = engine_status(state)
+    problem = engine_health_problem(state.engine)
     body = {
         "status": status,
         "version": __version__,
@@ -47,10 +52,8 @@ async def healthz(request: Request) -> Response:
         "model": state.model_name,
         "sessions": state.sessions_open,
         "max_sessions": state.config.server.max_sessions,
+        **({"problem": problem} if problem else {}),
     }
-    failure = engine_failure(state.engine)
-    if failure is not None:
-        body["error"] = failure
     return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 
@@ -66,6 +69,9 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state: ServerState = request.app.state.omnivox
+    server = state.config.server
+    if server.metrics_require_key and not is_authorized(server.api_keys, request.headers):
+        return JSONResponse(ApiError(401, "missing or invalid API key", code="invalid_api_key").body(), 401)
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 

@@ -38,8 +38,7 @@ from omnivox.server.http_common import (
     check_auth,
     check_model,
     open_engine_stream,
-    parse_body,
-    read_body,
+    read_json_body,
     sse,
     stream_error,
 )
@@ -55,7 +54,7 @@ AUDIO_CHAT_CHUNK_BYTES = 1280
 async def audio_chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.omnivox
     check_auth(request, state)
-    body = parse_body(await read_body(request, state.config.limits.max_http_body_bytes), AudioChatRequest)
+    body = await read_json_body(request, state, AudioChatRequest)
     check_model(state, body.model)
     if not body.stream:
         raise ApiError(400, "this endpoint only streams: set stream to true", param="stream")

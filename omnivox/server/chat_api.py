@@ -32,8 +32,7 @@ from omnivox.server.http_common import (
     check_auth,
     check_model,
     open_engine_stream,
-    parse_body,
-    read_body,
+    read_json_body,
     sse,
     stream_error,
 )
@@ -83,7 +82,7 @@ def usage_body(usage: Usage | None) -> dict[str, Any]:
 async def chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.omnivox
     check_auth(request, state)
-    body = parse_body(await read_body(request, state.config.limits.max_http_body_bytes), ChatCompletionRequest)
+    body = await read_json_body(request, state, ChatCompletionRequest)
     check_model(state, body.model)
     modalities = body.modalities or ["text"]
     wants_audio = "audio" in modalities

@@ -7,8 +7,10 @@ import logging
 import sys
 from typing import Any
 
+from omnivox.server.auth import is_loopback
 from omnivox.server.config import Config, ConfigError, load_config
 
+log = logging.getLogger("omnivox")
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
@@ -30,6 +32,7 @@ def serve(config: Config) -> None:
 
     from omnivox.server.app import create_app
 
+    warn_if_exposed(config)
     app = create_app(config)
     uvicorn.run(
         app,
@@ -40,6 +43,19 @@ def serve(config: Config) -> None:
         ws="websockets",
         ws_max_size=2 * config.limits.max_message_bytes + (1 << 20),
         ws_per_message_deflate=False,
+    )
+
+
+def warn_if_exposed(config: Config) -> None:
+    """A server reachable from other machines without a key serves anyone who finds it: say so, loudly."""
+    server = config.server
+    if server.api_keys or is_loopback(server.host):
+        return
+    log.warning(
+        "NO API KEY: listening on %s:%d with server.api_keys empty, so ANYONE who can reach this port can use the "
+        "engine. Set keys (OMNIVOX_SERVER__API_KEYS='[sk-...]') or listen on 127.0.0.1.",
+        server.host,
+        server.port,
     )
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from omnivox.pipeline.media import AudioLimits, ImageLimits
 
 ENV_PREFIX = "OMNIVOX_"
 
@@ -29,7 +31,17 @@ class ServerConfig(_Section):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     max_sessions: int = Field(100, ge=1)
     api_keys: list[str] = []
+    allowed_origins: list[str] = []
+    metrics_require_key: bool = False
     public_host: str | None = None
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_not_blank(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if not key.strip() or key != key.strip():
+                raise ValueError("an API key must not be empty nor begin or end with whitespace")
+        return keys
 
 
 class EngineConfig(_Section):
@@ -71,6 +83,32 @@ class LimitsConfig(_Section):
     max_message_bytes: int = Field(15 * 1024 * 1024, ge=1024)
     max_input_buffer_s: float = Field(600, gt=0)
     max_http_body_bytes: int = Field(25 * 1024 * 1024, ge=1024)
+    max_json_depth: int = Field(64, ge=4, le=512)
+
+
+class MediaConfig(_Section):
+    """Client audio files and images (HTTP doors; images also on the realtime doors)."""
+
+    max_audio_s: float = Field(600, gt=0)
+    min_sample_rate: int = Field(8000, ge=1)
+    max_sample_rate: int = Field(192_000, ge=1)
+    max_channels: int = Field(8, ge=1, le=64)
+    max_parts: int = Field(32, ge=1)
+    max_images: int = Field(8, ge=0)
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(16 * 1024 * 1024, ge=1)
+
+    @model_validator(mode="after")
+    def _rates_in_order(self) -> MediaConfig:
+        if self.min_sample_rate > self.max_sample_rate:
+            raise ValueError("min_sample_rate must not exceed max_sample_rate")
+        return self
+
+    def audio_limits(self, max_seconds: float) -> AudioLimits:
+        return AudioLimits(max_seconds, self.min_sample_rate, self.max_sample_rate, self.max_channels)
+
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.max_images)
 
 
 class WebRtcConfig(_Section):
@@ -100,6 +138,7 @@ class Config(_Section):
     session: SessionDefaults = SessionDefaults()
     audio: AudioConfig = AudioConfig()
     limits: LimitsConfig = LimitsConfig()
+    media: MediaConfig = MediaConfig()
     webrtc: WebRtcConfig = WebRtcConfig()
     telephony: TelephonyConfig = TelephonyConfig()
     http: HttpConfig = HttpConfig()
@@ -154,6 +193,22 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     return overrides
 
 
+API_KEYS_VARIABLE = f"{ENV_PREFIX}SERVER__API_KEYS"
+
+
+def _refuse_empty_keys_variable(environ: dict[str, str]) -> None:
+    """`OMNIVOX_SERVER__API_KEYS="[$KEY]"` with `KEY` unset must not start an open server."""
+    raw = environ.get(API_KEYS_VARIABLE)
+    if raw is None:
+        return
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return  # the validation of server.api_keys names the problem
+    if value in (None, "", []):
+        raise ConfigError(f"{API_KEYS_VARIABLE} is set but holds no key ({raw!r}); unset it to run without API keys")
+
+
 def default_config_text() -> str:
     return resources.files("omnivox").joinpath("configs/default.yaml").read_text()
 
@@ -168,7 +223,9 @@ def load_config(
         if not file.is_file():
             raise ConfigError(f"config file {file} does not exist")
         data = _deep_merge(data, _read_yaml(file.read_text(), str(file)))
-    data = _deep_merge(data, _env_overrides(dict(os.environ if environ is None else environ)))
+    environ = dict(os.environ if environ is None else environ)
+    _refuse_empty_keys_variable(environ)
+    data = _deep_merge(data, _env_overrides(environ))
     data = _deep_merge(data, overrides or {})
     try:
         return Config.model_validate(data)

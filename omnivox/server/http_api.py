@@ -78,7 +78,7 @@ def openapi_schema(model_names: list[str]) -> dict[str, Any]:
                     "operationId": "createChatCompletion",
                     "security": security,
                     "requestBody": body("ChatCompletionRequest"),
-                    "responses": {"200": sse_or_json, **_error_responses(400, 401, 404, 413, 429, 503)},
+                    "responses": {"200": sse_or_json, **_error_responses(400, 401, 403, 404, 413, 415, 429, 503)},
                 }
             },
             "/audio/chat/completions": {
@@ -88,7 +88,7 @@ def openapi_schema(model_names: list[str]) -> dict[str, Any]:
                     "requestBody": body("AudioChatRequest"),
                     "responses": {
                         "200": {"description": "SSE audio chunks", "content": {"text/event-stream": {"schema": {}}}},
-                        **_error_responses(400, 401, 404, 413, 429, 503),
+                        **_error_responses(400, 401, 403, 404, 413, 415, 429, 503),
                     },
                 }
             },
@@ -119,7 +119,7 @@ def openapi_schema(model_names: list[str]) -> dict[str, Any]:
                             "description": "the transcript",
                             "content": {"application/json": {"schema": {"type": "object"}}, "text/plain": {}},
                         },
-                        **_error_responses(400, 401, 404, 413, 501, 503),
+                        **_error_responses(400, 401, 403, 404, 413, 501, 503),
                     },
                 }
             },
@@ -129,7 +129,7 @@ def openapi_schema(model_names: list[str]) -> dict[str, Any]:
                     "security": security,
                     "responses": {
                         "200": {"description": "the served model", "content": {"application/json": {"schema": {}}}},
-                        **_error_responses(401),
+                        **_error_responses(401, 403),
                     },
                 }
             },

@@ -1,9 +1,10 @@
 """What every HTTP door shares: OpenAI error objects, body parsing, auth/model/readiness checks, the engine
 stream opened before any header is sent, and SSE.
 
-Errors are OpenAI error objects: 400 invalid request, 401 missing or wrong key, 404 unknown model, 413 body over
-`limits.max_http_body_bytes`, 429 engine busy, 501 no recogniser, 503 engine not ready. Once a stream has started,
-an error is sent as `data: {"error": {...}}` and ends the stream (no `[DONE]`).
+Errors are OpenAI error objects: 400 invalid request, 401 missing or wrong key, 403 a browser origin not allowed, 404
+unknown model, 413 body over `limits.max_http_body_bytes`, 415 a JSON door's body not sent as `application/json`, 429
+engine busy, 501 no recogniser, 503 engine not ready. Once a stream has started, an error is sent as
+`data: {"error": {...}}` and ends the stream (no `[DONE]`).
 """
 
 from __future__ import annotations
@@ -17,19 +18,25 @@ from typing import Any, TypeVar
 
 import anyio
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import FormData
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from omnivox.pipeline.client_json import JsonRefused, load_client_json
 from omnivox.pipeline.engines.base import (
     Delta,
     EngineBusy,
     EngineError,
     EngineNotReady,
     EngineOutOfMemory,
+    EngineUnhealthy,
     InvalidRequest,
     ResponseRequest,
+    engine_health_problem,
 )
+from omnivox.pipeline.internal_errors import INTERNAL_ERROR_CODE, report_internal_error
 from omnivox.server.auth import is_authorized
 from omnivox.server.state import ServerState
 
@@ -71,6 +78,12 @@ def engine_api_error(exc: EngineError) -> ApiError:
     return ApiError(500, str(exc) or "the engine failed", kind="server_error", code=exc.code)
 
 
+def internal_api_error(context: str, exc: BaseException) -> ApiError:
+    """A 500 whose message carries only an error id; the details are logged under it."""
+    message = report_internal_error(log, context, exc)
+    return ApiError(500, message, kind="server_error", code=INTERNAL_ERROR_CODE)
+
+
 def openai_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
     """Answer refused requests and unexpected failures with OpenAI error objects instead of bare 500 pages."""
 
@@ -83,9 +96,8 @@ def openai_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable
             error = engine_api_error(exc)
             log.warning("%s %s: engine error %s: %s", request.method, request.url.path, exc.code, exc)
             return JSONResponse(error.body(), status_code=error.status)
-        except Exception:
-            log.exception("%s %s failed", request.method, request.url.path)
-            error = ApiError(500, "internal server error", kind="server_error", code="internal_error")
+        except Exception as exc:
+            error = internal_api_error(f"{request.method} {request.url.path} failed", exc)
             return JSONResponse(error.body(), status_code=500)
 
     return endpoint
@@ -94,11 +106,23 @@ def openai_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable
 BodyModel = TypeVar("BodyModel", bound=BaseModel)
 
 
-def parse_body(body: bytes, model: type[BodyModel]) -> BodyModel:
+async def read_json_body(request: Request, state: ServerState, model: type[BodyModel]) -> BodyModel:
+    """A JSON door's body: JSON by its content type (a browser posts `text/plain` across sites without asking, never
+    `application/json`), at most `limits.max_http_body_bytes`, parsed within `limits.max_json_depth`."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(
+            415, "send the body as JSON with Content-Type: application/json", code="unsupported_content_type"
+        )
+    limits = state.config.limits
+    return parse_body(await read_body(request, limits.max_http_body_bytes), model, limits.max_json_depth)
+
+
+def parse_body(body: bytes, model: type[BodyModel], max_depth: int) -> BodyModel:
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        data = load_client_json(body, max_depth)
+    except JsonRefused as exc:
+        raise ApiError(400, f"the request body is refused: {exc}", code="invalid_json") from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -111,6 +135,9 @@ def parse_body(body: bytes, model: type[BodyModel]) -> BodyModel:
 
 
 def check_auth(request: Request, state: ServerState) -> None:
+    """The caller's origin (browsers) and key, before any work."""
+    if not state.origin_allowed(request.headers, request.url.path):
+        raise ApiError(403, "this origin is not allowed (server.allowed_origins)", code="origin_not_allowed")
     if not is_authorized(state.config.server.api_keys, request.headers):
         raise ApiError(401, "missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key")
 
@@ -133,6 +160,8 @@ def served_model_names(state: ServerState) -> list[str]:
 def check_ready(state: ServerState) -> None:
     if not state.engine.ready:
         raise ApiError(503, "the engine is still loading; retry shortly", kind="server_error", code="engine_not_ready")
+    if (problem := engine_health_problem(state.engine)) is not None:
+        raise ApiError(503, problem, kind="server_error", code=EngineUnhealthy.code)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -149,6 +178,24 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def read_form(
+    request: Request, limit: int, *, max_files: int, max_fields: int, max_field_bytes: int = 64 * 1024
+) -> FormData:
+    """A multipart body of at most `limit` bytes in all (Starlette bounds only its text fields), parsed."""
+    body = await read_body(request, limit)
+
+    async def replay() -> AsyncIterator[bytes]:
+        yield body
+
+    parser = MultiPartParser(
+        request.headers, replay(), max_files=max_files, max_fields=max_fields, max_part_size=max_field_bytes
+    )
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:
+        raise ApiError(400, f"malformed multipart body: {exc.message}") from None
 
 
 async def open_engine_stream(state: ServerState, request: ResponseRequest) -> AsyncIterator[Delta]:
@@ -212,8 +259,7 @@ def stream_error(exc: BaseException, door: str, state: ServerState) -> str:
         log.warning("%s: engine error mid-stream %s: %s", door, exc.code, exc)
         error = engine_api_error(exc)
     else:
-        log.error("%s: stream failed", door, exc_info=exc)
-        error = ApiError(500, "internal server error", kind="server_error", code="internal_error")
+        error = internal_api_error(f"{door}: stream failed", exc)
     state.metrics.protocol_errors.labels(door, str(error.code)).inc()
     return sse(error.body())
 

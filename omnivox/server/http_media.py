@@ -10,13 +10,13 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
 from starlette.requests import Request
 
-from omnivox.pipeline.audio import decode_audio_file, pcm16_to_float, resample
+from omnivox.pipeline.audio import pcm16_to_float, resample
 from omnivox.pipeline.engines.base import (
     INPUT_RATE,
     AudioPart,
@@ -28,6 +28,14 @@ from omnivox.pipeline.engines.base import (
     TextPart,
     checked_sampling,
 )
+from omnivox.pipeline.media import (
+    AUDIO_NAMES,
+    MediaError,
+    check_image,
+    container_of_type,
+    decode_audio,
+)
+from omnivox.server.config import MediaConfig
 from omnivox.server.http_bodies import (
     INPUT_AUDIO_FORMATS,
     AudioChatRequest,
@@ -36,6 +44,7 @@ from omnivox.server.http_bodies import (
     ChatCompletionRequest,
     ChatMessage,
     ContentPart,
+    ImageContent,
     InputAudioContent,
     TextContent,
 )
@@ -106,20 +115,37 @@ def decode_base64(data: str, param: str) -> bytes:
         raise ApiError(400, f"{param} is not valid base64", param=param, code="invalid_base64") from None
 
 
-def decode_input_audio(raw: bytes, fmt: str, param: str, max_seconds: float) -> np.ndarray:
-    """Any accepted input audio -> mono float32 at the engine input rate."""
+FILE_AUDIO_CONTAINERS = ("wav", "mp3", "flac", "ogg", "webm")
+"""Audio files accepted by the transcription door and as chat `audio_url` parts."""
+INPUT_AUDIO_CONTAINERS = tuple(dict.fromkeys(AUDIO_NAMES[fmt] for fmt in INPUT_AUDIO_FORMATS if fmt != "pcm16"))
+"""Audio files accepted as chat `input_audio` parts (the one their `format` names)."""
+
+
+def refused_media(exc: MediaError, param: str) -> ApiError:
+    return ApiError(400, f"{param}: {exc}", param=param, code=exc.code)
+
+
+def decode_input_audio(
+    raw: bytes, *, declared: str | None, allowed: Collection[str], param: str, media: MediaConfig, max_seconds: float
+) -> np.ndarray:
+    """Client audio (raw pcm16 at 24 kHz, or a file of an `allowed` container that is the `declared` one) -> mono
+    float32 at the engine input rate, at most `max_seconds` of it."""
     try:
-        if fmt == "pcm16":
-            samples, rate = pcm16_to_float(raw), CHAT_AUDIO_RATE
+        if declared == "pcm16":
+            samples = pcm16_to_float(raw)
+            if samples.size > max_seconds * CHAT_AUDIO_RATE:
+                raise MediaError(f"the audio is longer than {max_seconds:g} s", code="audio_too_long")
+            samples = resample(samples, CHAT_AUDIO_RATE, INPUT_RATE)
         else:
-            samples, rate = decode_audio_file(raw)
+            limits = media.audio_limits(max_seconds)
+            samples = decode_audio(raw, declared=declared, allowed=allowed, limits=limits, out_rate=INPUT_RATE)
+    except MediaError as exc:
+        raise refused_media(exc, param) from None
     except ValueError as exc:
-        raise ApiError(400, f"{param}: cannot decode this audio ({fmt}): {exc}", param=param) from None
+        raise ApiError(400, f"{param}: {exc}", param=param, code="invalid_audio") from None
     if samples.size == 0:
-        raise ApiError(400, f"{param}: the audio is empty", param=param)
-    if samples.size / rate > max_seconds:
-        raise ApiError(400, f"{param}: the audio is longer than {max_seconds:g} s", param=param)
-    return resample(samples, rate, INPUT_RATE)
+        raise ApiError(400, f"{param}: the audio is empty", param=param, code="invalid_audio")
+    return samples
 
 
 def parse_data_url(url: str, param: str) -> tuple[str, bytes]:
@@ -130,11 +156,16 @@ def parse_data_url(url: str, param: str) -> tuple[str, bytes]:
 
 
 class MessageBuilder:
-    """Turns the request's messages into engine messages, decoding every media part."""
+    """Turns the request's messages into engine messages, decoding every media part within the request's budgets:
+    `media.max_parts` parts, `media.max_images` images and `media.max_audio_s` seconds of audio in all."""
 
-    def __init__(self, cache: AudioCache, max_audio_seconds: float) -> None:
+    def __init__(self, cache: AudioCache, media: MediaConfig) -> None:
         self.cache = cache
-        self.max_audio_seconds = max_audio_seconds
+        self.media = media
+        self.image_limits = media.image_limits()
+        self.audio_seconds = 0.0
+        self.media_parts = 0
+        self.images = 0
 
     def build(self, messages: list[ChatMessage]) -> tuple[Message, ...]:
         built = []
@@ -165,6 +196,10 @@ class MessageBuilder:
     def part(self, part: ContentPart, param: str) -> Part:
         if isinstance(part, TextContent):
             return TextPart(part.text)
+        self.media_parts += 1
+        if self.media_parts > self.media.max_parts:
+            message = f"{param}: a request holds at most {self.media.max_parts} audio and image parts"
+            raise ApiError(400, message, param=param, code="too_many_parts")
         if isinstance(part, InputAudioContent):
             fmt = part.input_audio.format
             if fmt not in INPUT_AUDIO_FORMATS:
@@ -176,20 +211,48 @@ class MessageBuilder:
                     code="unsupported_audio_format",
                 )
             raw = decode_base64(part.input_audio.data, f"{param}.input_audio.data")
-            return AudioPart(decode_input_audio(raw, fmt, f"{param}.input_audio.data", self.max_audio_seconds))
+            declared = "pcm16" if fmt == "pcm16" else AUDIO_NAMES[fmt]
+            return self.audio(raw, declared, INPUT_AUDIO_CONTAINERS, f"{param}.input_audio.data")
         if isinstance(part, AudioUrlContent):
-            _, raw = parse_data_url(part.audio_url.url, f"{param}.audio_url.url")
-            return AudioPart(decode_input_audio(raw, "file", f"{param}.audio_url.url", self.max_audio_seconds))
-        mime, data = parse_data_url(part.image_url.url, f"{param}.image_url.url")
-        if not mime.startswith("image/"):
-            raise ApiError(400, f"{param}.image_url.url: not an image ({mime})", param=f"{param}.image_url.url")
-        return ImagePart(data, mime)
+            mime, raw = parse_data_url(part.audio_url.url, f"{param}.audio_url.url")
+            try:
+                declared = container_of_type(mime)
+            except MediaError as exc:
+                raise refused_media(exc, f"{param}.audio_url.url") from None
+            return self.audio(raw, declared, FILE_AUDIO_CONTAINERS, f"{param}.audio_url.url")
+        return self.image(part, f"{param}.image_url.url")
+
+    def audio(self, raw: bytes, declared: str | None, allowed: Collection[str], param: str) -> AudioPart:
+        budget = self.media.max_audio_s - self.audio_seconds
+        try:
+            pcm = decode_input_audio(
+                raw, declared=declared, allowed=allowed, param=param, media=self.media, max_seconds=budget
+            )
+        except ApiError as exc:
+            if exc.code != "audio_too_long":
+                raise
+            message = f"{param}: the request's audio is longer than {self.media.max_audio_s:g} s in all"
+            raise ApiError(400, message, param=param, code=exc.code) from None
+        self.audio_seconds += pcm.size / INPUT_RATE
+        return AudioPart(pcm)
+
+    def image(self, part: ImageContent, param: str) -> ImagePart:
+        self.images += 1
+        if self.images > self.image_limits.max_count:
+            message = f"{param}: a request holds at most {self.image_limits.max_count} images"
+            raise ApiError(400, message, param=param, code="too_many_images")
+        mime, data = parse_data_url(part.image_url.url, param)
+        try:
+            info = check_image(data, mime, self.image_limits)
+        except MediaError as exc:
+            raise refused_media(exc, param) from None
+        return ImagePart(data, info.mime_type)
 
 
 async def build_messages(request: Request, messages: list[ChatMessage]) -> tuple[Message, ...]:
     """Decoding media takes CPU time: off the event loop."""
     state: ServerState = request.app.state.omnivox
-    builder = MessageBuilder(audio_cache(request), state.config.limits.max_input_buffer_s)
+    builder = MessageBuilder(audio_cache(request), state.config.media)
     return await asyncio.to_thread(builder.build, messages)
 
 

@@ -29,6 +29,7 @@ from omnivox.pipeline.events import (
 )
 from omnivox.pipeline.session import Session
 from omnivox.server.auth import is_authorized
+from omnivox.server.config import LimitsConfig
 from omnivox.server.runner import SessionRunner
 from omnivox.server.state import ServerState, SessionLimitReached
 
@@ -92,15 +93,19 @@ class EventWriter:
             )
 
 
-def _parse_with_limit(raw: str, dialect: Dialect, limit: int) -> Any:
+def _parse_with_limit(raw: str, dialect: Dialect, limits: LimitsConfig) -> Any:
+    limit = limits.max_message_bytes
     if len(raw) > limit:
         raise ProtocolError(f"message of {len(raw)} bytes is over the {limit}-byte limit", code="message_too_large")
-    return parse_client_event(raw, dialect)
+    return parse_client_event(raw, dialect, max_depth=limits.max_json_depth)
 
 
 async def realtime_endpoint(websocket: WebSocket) -> None:
     state: ServerState = websocket.app.state.omnivox
     headers = {k.lower(): v for k, v in websocket.headers.items()}
+    if not state.origin_allowed(headers, DOOR):
+        await websocket.close(POLICY_VIOLATION)  # before the handshake: the browser gets a 403
+        return
     offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
     await websocket.accept(subprotocol="realtime" if "realtime" in offered else None)
     dialect = choose_dialect(headers, offered)
@@ -130,7 +135,7 @@ async def _serve(websocket: WebSocket, state: ServerState, dialect: Dialect) -> 
     writer = EventWriter(session, dialect, websocket.send_text)
     runner = SessionRunner(session, state.engine, writer.output, door=DOOR, metrics=state.metrics)
     pump = asyncio.create_task(runner.run(), name=f"pump-{session.id}")
-    limit = state.config.limits.max_message_bytes
+    limits = state.config.limits
     try:
         while not pump.done():
             message = await websocket.receive()
@@ -143,7 +148,7 @@ async def _serve(websocket: WebSocket, state: ServerState, dialect: Dialect) -> 
                 )
                 continue
             try:
-                runner.feed(_parse_with_limit(raw, dialect, limit))
+                runner.feed(_parse_with_limit(raw, dialect, limits))
             except ProtocolError as exc:
                 await writer.error(exc, exc.event_id)
     except WebSocketDisconnect:

@@ -39,6 +39,7 @@ from omnivox.pipeline.events import (
     TranscriptionDone,
     error_event,
 )
+from omnivox.pipeline.internal_errors import INTERNAL_ERROR_CODE, report_internal_error
 from omnivox.pipeline.session import Session
 from omnivox.pipeline.vad import BatchedSileroVad
 from omnivox.server.metrics import Metrics
@@ -117,11 +118,9 @@ class SessionRunner:
         try:
             return self.session.handle(item, self._clock())
         except Exception as exc:
-            log.exception("%s: session core failed on %s", self.session.id, type(item).__name__)
-            error = ProtocolError(
-                f"internal error: {type(exc).__name__}", code="internal_error", error_type="server_error"
-            )
-            return [error_event(error)]
+            context = f"{self.session.id}: session core failed on {type(item).__name__}"
+            message = report_internal_error(log, context, exc)
+            return [error_event(ProtocolError(message, code=INTERNAL_ERROR_CODE, error_type="server_error"))]
 
     async def _dispatch(self, outputs: list[SessionOutput]) -> None:
         for output in outputs:
@@ -166,9 +165,12 @@ class SessionRunner:
             return
         try:
             text = await transcribe(order.audio, order.language, order.prompt)
-        except Exception as exc:
+        except EngineError as exc:
             log.warning("%s: transcription of %s failed: %s", self.session.id, order.item_id, exc)
-            self.feed(TranscriptionDone(order.item_id, None, f"{type(exc).__name__}: {exc}"))
+            self.feed(TranscriptionDone(order.item_id, None, str(exc)))
+        except Exception as exc:
+            message = report_internal_error(log, f"{self.session.id}: transcription of {order.item_id} crashed", exc)
+            self.feed(TranscriptionDone(order.item_id, None, message))
         else:
             self.feed(TranscriptionDone(order.item_id, text))
 
@@ -183,8 +185,8 @@ class SessionRunner:
             log.warning("%s: response %s failed: %s", self.session.id, response_id, exc)
             self.feed(EngineFailed(response_id, exc.code, str(exc)))
         except Exception as exc:
-            log.exception("%s: response %s crashed", self.session.id, response_id)
-            self.feed(EngineFailed(response_id, "engine_error", f"{type(exc).__name__}: {exc}"))
+            message = report_internal_error(log, f"{self.session.id}: response {response_id} crashed", exc)
+            self.feed(EngineFailed(response_id, INTERNAL_ERROR_CODE, message))
 
     def _cancel_engine(self, response_id: str) -> None:
         task = self._engine_tasks.pop(response_id, None)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from omnivox.pipeline.engines.base import Engine
 from omnivox.pipeline.session import Session, SessionOptions
 from omnivox.pipeline.vad import create_vad
+from omnivox.server.auth import origin_allowed
 from omnivox.server.config import Config
 from omnivox.server.metrics import Metrics
 
@@ -31,6 +32,15 @@ class ServerState:
     @property
     def model_name(self) -> str:
         return self.config.engine.served_model_name or self.engine.model_id
+
+    def origin_allowed(self, headers: Mapping[str, str], door: str) -> bool:
+        """A request from a page of another site carries that site's Origin: refused unless allowed (counted)."""
+        server = self.config.server
+        if origin_allowed(headers, server.allowed_origins, server.public_host):
+            return True
+        log.warning("%s: request from origin %.100r refused (server.allowed_origins)", door, headers.get("origin"))
+        self.metrics.sessions_rejected.labels(door, "origin").inc()
+        return False
 
     @contextmanager
     def session_slot(self, door: str) -> Iterator[None]:
@@ -69,6 +79,7 @@ class ServerState:
             output_rate=output_rate,
             server_playout=server_playout,
             max_input_buffer_s=config.limits.max_input_buffer_s,
+            images=config.media.image_limits(),
             min_speech_ms=config.vad.min_speech_ms,
             defaults=session_defaults,
         )

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from omnivox.pipeline.audio import StreamResampler, mulaw_decode, mulaw_encode
+from omnivox.pipeline.client_json import JsonRefused, load_client_json
 from omnivox.pipeline.engines.base import INPUT_RATE
 from omnivox.pipeline.events import (
     AudioIn,
@@ -68,11 +70,20 @@ def mark_name(item_id: str, audio_ms: float) -> str:
     return f"{item_id}:{int(audio_ms)}"
 
 
+_MARK_NAME = re.compile(r"(?P<item>[^:]{1,128}):(?P<millis>[0-9]{1,9})")
+"""What `mark_name` writes; a name echoed back that does not look like it was never ours."""
+DTMF_DIGITS = frozenset("0123456789*#ABCD")
+_SID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _sid(value: Any) -> str | None:
+    """A Twilio id (`MZ...`, `CA...`: 34 characters) as the client sent it, or None when it cannot be one."""
+    return value if isinstance(value, str) and _SID.fullmatch(value) else None
+
+
 def parse_mark_name(name: str) -> tuple[str, int] | None:
-    item_id, _, millis = name.rpartition(":")
-    if not item_id or not millis.isdigit():
-        return None
-    return item_id, int(millis)
+    match = _MARK_NAME.fullmatch(name)
+    return (match["item"], int(match["millis"])) if match else None
 
 
 def twilio_signature(auth_token: str, url: str, params: Mapping[str, str]) -> str:
@@ -127,24 +138,26 @@ class TwilioCall:
         return f"call {self.call_sid or '?'} (stream {self.stream_sid or '?'})"
 
     async def serve(self) -> None:
-        start_deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S
+        """Wait for `start` without a session slot, check it (stream id, key), then take a slot for the call."""
         try:
-            while not self._stopped and (self.pump is None or not self.pump.done()):
-                async with asyncio.timeout_at(start_deadline if self.runner is None else None):
-                    message = await self.websocket.receive()
-                if message["type"] == "websocket.disconnect":
-                    log.info("%s: socket closed by the caller side", self.label)
-                    break
-                if message.get("text") is None:
-                    self._warn_once("binary", "binary frames ignored (Media Streams sends JSON text)")
-                    continue
-                self._on_text(message["text"])
+            start = await self._await_start()
+            if start is not None and self._accept(start):
+                with self.state.session_slot(DOOR):
+                    try:
+                        self._start_session(start)
+                        await self._receive()
+                    finally:
+                        await self._stop_session()
+        except SessionLimitReached as exc:
+            log.warning("%s: call refused: %s", self.label, exc)
+            self._close_code = TRY_AGAIN_LATER
         except WebSocketDisconnect:
             log.info("%s: socket dropped", self.label)
         except TimeoutError:
             log.warning("%s: no 'start' within %.0f s, hanging up", self.label, START_TIMEOUT_S)
         finally:
-            await self._close()
+            with contextlib.suppress(Exception):
+                await self.websocket.close(self._close_code)
 
     def _warn_once(self, kind: str, message: str, *args: Any) -> None:
         """A misbehaving client repeats itself every 20 ms: say it once per kind, then only at debug level."""
@@ -152,16 +165,71 @@ class TwilioCall:
         self._warned.add(kind)
         log.log(level, "%s: " + message, self.label, *args)
 
-    async def _close(self) -> None:
+    async def _next_message(self) -> dict[str, Any] | None:
+        """The next JSON object Twilio sent (anything else is ignored); None once the socket is closed."""
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                log.info("%s: socket closed by the caller side", self.label)
+                return None
+            raw = message.get("text")
+            if raw is None:
+                self._warn_once("binary", "binary frames ignored (Media Streams sends JSON text)")
+                continue
+            try:
+                parsed = load_client_json(raw, self.state.config.limits.max_json_depth)
+            except JsonRefused as exc:
+                self._warn_once("json", "ignored a frame that is refused as JSON (%s): %.80r", exc, raw)
+                continue
+            if isinstance(parsed, dict):
+                return parsed
+            self._warn_once("json", "ignored a JSON frame that is not an object")
+
+    async def _await_start(self) -> dict[str, Any] | None:
+        """The `start` message, within `START_TIMEOUT_S`; None when the caller side hangs up first."""
+        async with asyncio.timeout(START_TIMEOUT_S):
+            while (message := await self._next_message()) is not None:
+                event = message.get("event")
+                if event == "start":
+                    return message
+                if event == "stop":
+                    return None
+                if event == "connected":
+                    log.debug("%s: connected (protocol %.40r)", self.label, message.get("protocol"))
+                else:
+                    self._warn_once("early", "%.40r before 'start' ignored", event)
+        return None
+
+    async def _receive(self) -> None:
+        while not self._stopped and self.pump is not None and not self.pump.done():
+            message = await self._next_message()
+            if message is None:
+                return
+            self._on_message(message)
+
+    async def _stop_session(self) -> None:
         if self.runner is not None:
             self.runner.stop()
         if self.pump is not None:
             with contextlib.suppress(Exception):
                 await self.pump
-        with contextlib.suppress(Exception):
-            await self.websocket.close(self._close_code)
 
     # ------------------------------------------------------------ Twilio -> core
+
+    def _accept(self, message: dict[str, Any]) -> bool:
+        """A `start` names a stream id we can echo and carries a valid key (when keys are set)."""
+        start = message.get("start") if isinstance(message.get("start"), dict) else {}
+        self.stream_sid = _sid(message.get("streamSid")) or _sid(start.get("streamSid"))
+        self.call_sid = _sid(start.get("callSid"))
+        if self.stream_sid is None:  # it is echoed in every message we send: never an arbitrary client string
+            log.warning("%s: refused, 'start' without a valid streamSid", self.label)
+        elif not self._authorized(start.get("customParameters")):
+            log.warning("%s: refused, no valid '%s' custom parameter", self.label, API_KEY_PARAMETER)
+            self.state.metrics.sessions_rejected.labels(DOOR, "auth").inc()
+        else:
+            return True
+        self._close_code = POLICY_VIOLATION
+        return False
 
     def _authorized(self, custom: Any) -> bool:
         headers = {k.lower(): v for k, v in self.websocket.headers.items()}
@@ -170,54 +238,30 @@ class TwilioCall:
             headers["authorization"] = f"Bearer {key}"
         return is_authorized(self.state.config.server.api_keys, headers)
 
-    def _on_text(self, raw: str) -> None:
-        try:
-            message = json.loads(raw)
-        except ValueError:
-            self._warn_once("json", "ignored a frame that is not JSON: %.80r", raw)
-            return
-        if not isinstance(message, dict):
-            self._warn_once("json", "ignored a JSON frame that is not an object")
-            return
+    def _on_message(self, message: dict[str, Any]) -> None:
         event = message.get("event")
-        if event == "connected":
-            log.debug("%s: connected (protocol %s)", self.label, message.get("protocol"))
-        elif event == "start":
-            self._on_start(message)
+        if event == "media":
+            self._on_media(message.get("media"))
+        elif event == "mark":
+            self._on_mark(message.get("mark"))
+        elif event == "dtmf":
+            self._on_dtmf(message.get("dtmf"))
         elif event == "stop":
             log.info("%s: stop received, hanging up", self.label)
             self._stopped = True
-        elif event in ("media", "dtmf", "mark"):
-            if self.runner is None:
-                self._warn_once(f"early-{event}", "'%s' before 'start' ignored", event)
-            elif event == "media":
-                self._on_media(message.get("media"))
-            elif event == "dtmf":
-                self._on_dtmf(message.get("dtmf"))
-            else:
-                self._on_mark(message.get("mark"))
-        else:
-            self._warn_once(f"unknown-{event}", "unknown event %r ignored", event)
-
-    def _on_start(self, message: dict[str, Any]) -> None:
-        if self.runner is not None:
+        elif event == "start":
             log.warning("%s: second 'start' ignored", self.label)
-            return
+        else:
+            self._warn_once("unknown", "unknown event %.40r ignored", event)
+
+    def _start_session(self, message: dict[str, Any]) -> None:
         start = message.get("start") if isinstance(message.get("start"), dict) else {}
-        self.stream_sid = message.get("streamSid") or start.get("streamSid")
-        self.call_sid = start.get("callSid")
-        if not self._authorized(start.get("customParameters")):
-            log.warning("%s: refused, no valid '%s' custom parameter", self.label, API_KEY_PARAMETER)
-            self.state.metrics.sessions_rejected.labels(DOOR, "auth").inc()
-            self._stopped = True
-            self._close_code = POLICY_VIOLATION
-            return
-        media_format = start.get("mediaFormat") or {}
+        media_format = start.get("mediaFormat") if isinstance(start.get("mediaFormat"), dict) else {}
         if media_format and (media_format.get("encoding"), media_format.get("sampleRate")) != (
             "audio/x-mulaw",
             PHONE_RATE,
         ):
-            log.warning("%s: media format %s is not 8 kHz mu-law; decoding as mu-law anyway", self.label, media_format)
+            log.warning("%s: media format %.120r is not 8 kHz mu-law; decoding as mu-law", self.label, media_format)
         telephony = self.state.config.telephony
         session = self.state.new_session(
             frame_ms=telephony.frame_ms,
@@ -237,15 +281,15 @@ class TwilioCall:
         try:
             payload = base64.b64decode(media.get("payload", ""), validate=True)
         except (binascii.Error, TypeError, ValueError):
-            self._warn_once("base64", "media chunk %s with bad base64 ignored", media.get("chunk"))
+            self._warn_once("base64", "media chunk %.20r with bad base64 ignored", media.get("chunk"))
             return
         self.runner.feed(AudioIn(self._resampler.process(mulaw_decode(payload))))
 
     def _on_dtmf(self, dtmf: Any) -> None:
         assert self.runner is not None
         digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
-        if not isinstance(digit, str) or not digit:
-            log.warning("%s: dtmf event without a digit ignored", self.label)
+        if not isinstance(digit, str) or digit not in DTMF_DIGITS:
+            self._warn_once("dtmf", "dtmf event without a keypad digit ignored: %.20r", digit)
             return
         log.info("%s: caller pressed %s", self.label, digit)
         if not self.state.config.telephony.dtmf_to_conversation:
@@ -265,7 +309,7 @@ class TwilioCall:
             return
         parsed = parse_mark_name(name)
         if parsed is None:
-            log.warning("%s: echo of unknown mark %r ignored", self.label, name)
+            self._warn_once("mark", "echo of unknown mark %.80r ignored", name)
             return
         self.runner.feed(PlayoutProgress(*parsed))
 
@@ -329,14 +373,11 @@ class TwilioCall:
 
 async def twilio_stream_endpoint(websocket: WebSocket) -> None:
     state: ServerState = websocket.app.state.omnivox
+    if not state.origin_allowed({k.lower(): v for k, v in websocket.headers.items()}, DOOR):
+        await websocket.close(POLICY_VIOLATION)  # before the handshake: a 403
+        return
     await websocket.accept()
-    try:
-        with state.session_slot(DOOR):
-            await TwilioCall(websocket, state).serve()
-    except SessionLimitReached as exc:
-        log.warning("telephony: call refused: %s", exc)
-        with contextlib.suppress(Exception):
-            await websocket.close(TRY_AGAIN_LATER, str(exc)[:120])
+    await TwilioCall(websocket, state).serve()
 
 
 def _candidate_urls(request: Request, public_host: str | None) -> list[str]:

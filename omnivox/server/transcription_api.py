@@ -1,40 +1,30 @@
 """`POST /v1/audio/transcriptions`: a multipart upload, answered by the engine's recogniser (501 where it has
-none)."""
+none). The file must be wav, mp3, flac, ogg or webm, and the one its content type (or else its file name) says."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import functools
 
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from omnivox.pipeline.engines.base import INPUT_RATE
-from omnivox.server.http_common import ApiError, check_auth, check_model, check_ready, read_body
-from omnivox.server.http_media import decode_input_audio
+from omnivox.pipeline.media import MediaError, container_of_file_name, container_of_type
+from omnivox.server.http_common import ApiError, check_auth, check_model, check_ready, read_form
+from omnivox.server.http_media import FILE_AUDIO_CONTAINERS, decode_input_audio, refused_media
 from omnivox.server.state import ServerState
 
 TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json")
 
 
-async def _replay(body: bytes) -> AsyncIterator[bytes]:
-    yield body
-
-
 async def transcriptions(request: Request) -> Response:
     state: ServerState = request.app.state.omnivox
     check_auth(request, state)
-    body = await read_body(request, state.config.limits.max_http_body_bytes)
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise ApiError(400, "send the audio as multipart/form-data with a `file` field")
-    try:
-        form = await MultiPartParser(
-            request.headers, _replay(body), max_files=1, max_fields=16, max_part_size=64 * 1024
-        ).parse()
-    except MultiPartException as exc:
-        raise ApiError(400, f"malformed multipart body: {exc.message}") from None
+    form = await read_form(request, state.config.limits.max_http_body_bytes, max_files=1, max_fields=16)
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise ApiError(400, "the `file` field (an audio file) is required", param="file")
@@ -57,9 +47,23 @@ async def transcriptions(request: Request) -> Response:
             501, f"the {state.engine.name} engine cannot transcribe", kind="server_error", code="not_implemented"
         )
     check_ready(state)
+    try:
+        declared = container_of_type(upload.content_type) or container_of_file_name(upload.filename)
+    except MediaError as exc:
+        raise refused_media(exc, "file") from None
     raw = await upload.read()
-    max_seconds = state.config.limits.max_input_buffer_s
-    audio = await asyncio.to_thread(decode_input_audio, raw, "file", "file", max_seconds)
+    media = state.config.media
+    audio = await asyncio.to_thread(
+        functools.partial(
+            decode_input_audio,
+            raw,
+            declared=declared,
+            allowed=FILE_AUDIO_CONTAINERS,
+            param="file",
+            media=media,
+            max_seconds=media.max_audio_s,
+        )
+    )
     text = await recognise(audio, fields["language"] or None, fields["prompt"] or "")
     if response_format == "text":
         return PlainTextResponse(text)

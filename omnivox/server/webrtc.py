@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fractions
-import json
 import logging
 import secrets
 import time
@@ -27,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from omnivox.pipeline.audio import StreamResampler, float_to_pcm16
+from omnivox.pipeline.client_json import load_client_json
 from omnivox.pipeline.engines.base import INPUT_RATE
 from omnivox.pipeline.events import (
     AudioIn,
@@ -39,7 +39,10 @@ from omnivox.pipeline.events import (
     SessionOutput,
     parse_client_event,
 )
-from omnivox.server.auth import is_authorized
+from omnivox.pipeline.internal_errors import report_internal_error
+from omnivox.server.auth import matching_key
+from omnivox.server.config import LimitsConfig
+from omnivox.server.http_common import ApiError, read_body, read_form
 from omnivox.server.realtime_ws import EventWriter
 from omnivox.server.runner import SessionRunner
 from omnivox.server.state import ServerState, SessionLimitReached
@@ -51,6 +54,8 @@ RATE = 48_000
 """Outbound frames at Opus' own rate, so aiortc's encoder never resamples."""
 FRAME_SAMPLES = RATE // 50
 EVENTS_CHANNEL = "oai-events"
+OFFER_FIELD_BYTES = 1024 * 1024
+"""The multipart `sdp` and `session` fields, each."""
 
 
 class PacedAudioTrack(MediaStreamTrack):
@@ -131,6 +136,8 @@ class Call:
     channel: Any = None
     outbox: list[str] = field(default_factory=list)
     closed: bool = False
+    owner: str | None = None
+    """The API key that made the call (None without keys): the only one that may hang it up."""
 
     async def send_text(self, text: str) -> None:
         if self.channel is not None and self.channel.readyState == "open":
@@ -177,10 +184,13 @@ def _error(status: int, message: str, code: str, error_type: str = "invalid_requ
     )
 
 
-async def _read_offer(request: Request) -> tuple[str, dict[str, Any] | None]:
+async def _read_offer(request: Request, limits: LimitsConfig) -> tuple[str, dict[str, Any] | None]:
+    """The SDP offer and the optional session (multipart), within `limits.max_http_body_bytes`."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        form = await request.form()
+        form = await read_form(
+            request, limits.max_http_body_bytes, max_files=2, max_fields=2, max_field_bytes=OFFER_FIELD_BYTES
+        )
         sdp, session = form.get("sdp"), form.get("session")
         if hasattr(sdp, "read"):
             sdp = (await sdp.read()).decode()
@@ -188,24 +198,40 @@ async def _read_offer(request: Request) -> tuple[str, dict[str, Any] | None]:
             session = (await session.read()).decode()
         if not isinstance(sdp, str) or not sdp.strip():
             raise ValueError("the form needs an 'sdp' field holding the offer")
-        parsed = json.loads(session) if isinstance(session, str) and session.strip() else None
+        has_session = isinstance(session, str) and session.strip()
+        parsed = load_client_json(session, limits.max_json_depth) if has_session else None
         if parsed is not None and not isinstance(parsed, dict):
             raise ValueError("the 'session' field must be a JSON object")
         return sdp, parsed
-    body = (await request.body()).decode(errors="replace")
+    body = (await read_body(request, limits.max_http_body_bytes)).decode(errors="replace")
     if not body.strip():
         raise ValueError("the body must be an SDP offer (application/sdp) or a multipart form with 'sdp'")
     return body, None
 
 
+def _caller_key(request: Request, state: ServerState) -> tuple[str | None, JSONResponse | None]:
+    """The key the caller presented (None when the server has no keys), or the response refusing the caller."""
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    if not state.origin_allowed(headers, DOOR):
+        return None, _error(403, "this origin is not allowed (server.allowed_origins)", "origin_not_allowed")
+    keys = state.config.server.api_keys
+    key = matching_key(keys, headers)
+    if keys and key is None:
+        state.metrics.sessions_rejected.labels(DOOR, "auth").inc()
+        return None, _error(401, "missing or invalid API key", "invalid_api_key")
+    return key, None
+
+
 async def create_call(request: Request) -> Response:
     """`POST /v1/realtime/calls` (GA) and `POST /v1/realtime` (beta): SDP offer in, SDP answer out."""
     state: ServerState = request.app.state.omnivox
-    if not is_authorized(state.config.server.api_keys, {k.lower(): v for k, v in request.headers.items()}):
-        state.metrics.sessions_rejected.labels(DOOR, "auth").inc()
-        return _error(401, "missing or invalid API key", "invalid_api_key")
+    owner, refused = _caller_key(request, state)
+    if refused is not None:
+        return refused
     try:
-        offer, session_update = await _read_offer(request)
+        offer, session_update = await _read_offer(request, state.config.limits)
+    except ApiError as exc:
+        return JSONResponse(exc.body(), status_code=exc.status)
     except (ValueError, UnicodeDecodeError) as exc:
         return _error(400, str(exc), "invalid_offer")
     slot = contextlib.ExitStack()
@@ -216,10 +242,11 @@ async def create_call(request: Request) -> Response:
     dialect = Dialect.BETA if request.url.path.rstrip("/").endswith("/v1/realtime") else Dialect.GA
     try:
         call = await _answer(request, state, offer, session_update, dialect, slot.close)
+        call.owner = owner
     except Exception as exc:
         slot.close()
-        log.warning("WebRTC offer refused: %s", exc)
-        return _error(400, f"could not accept the SDP offer: {exc}", "invalid_offer")
+        message = report_internal_error(log, "WebRTC offer refused", exc, public="could not accept the SDP offer")
+        return _error(400, message, "invalid_offer")
     answer = call.pc.localDescription
     return Response(
         answer.sdp,
@@ -261,6 +288,7 @@ async def _answer(
         await writer.output(output)
 
     runner = SessionRunner(session, state.engine, emit, door=DOOR, metrics=state.metrics)
+    max_depth = state.config.limits.max_json_depth
     call = Call(secrets.token_hex(12), pc, runner, writer, track, release_slot)
     holder["call"] = call
     calls[call.call_id] = call
@@ -283,7 +311,7 @@ async def _answer(
                 )
                 return
             try:
-                runner.feed(parse_client_event(message, dialect))
+                runner.feed(parse_client_event(message, dialect, max_depth=max_depth))
             except ProtocolError as exc:
                 call.tasks.append(asyncio.ensure_future(writer.error(exc, exc.event_id)))
 
@@ -348,12 +376,14 @@ async def _pump_caller_audio(track: MediaStreamTrack, runner: SessionRunner) -> 
 
 
 async def hangup_call(request: Request) -> Response:
+    """Only the key that made a call may end it (to another key, the call does not exist)."""
     state: ServerState = request.app.state.omnivox
-    if not is_authorized(state.config.server.api_keys, {k.lower(): v for k, v in request.headers.items()}):
-        return _error(401, "missing or invalid API key", "invalid_api_key")
+    key, refused = _caller_key(request, state)
+    if refused is not None:
+        return refused
     calls = _calls(request)
     call = calls.get(request.path_params["call_id"])
-    if call is None:
+    if call is None or call.owner != key:
         return _error(404, "no such call", "call_not_found")
     await call.close(calls)
     return Response(status_code=200)

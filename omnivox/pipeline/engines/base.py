@@ -196,6 +196,12 @@ class InvalidRequest(EngineError):
     code = "invalid_request_error"
 
 
+class EngineUnhealthy(EngineNotReady):
+    """The engine cannot serve at all (its worker died or stopped making progress); `/healthz` says so too."""
+
+    code = "engine_unhealthy"
+
+
 class EngineOutOfMemory(EngineError):
     """The accelerator ran out of memory for this request; other sessions go on."""
 
@@ -228,6 +234,12 @@ def engine_failure(engine: Engine) -> str | None:
     """Why the engine can no longer serve (e.g. a broken CUDA context), for an engine that says so through an
     optional `failure` attribute; None while it is healthy. Only a restart of the process recovers from it."""
     return getattr(engine, "failure", None)
+
+
+def engine_health_problem(engine: Engine) -> str | None:
+    """Why the engine cannot serve right now (its optional `health_problem` property: a dead or stalled worker, a
+    failed device), or None when nothing is known to be wrong. Loading is not a problem: see `ready`."""
+    return getattr(engine, "health_problem", None)
 
 
 def forget_conversation(engine: Engine, conversation_id: str) -> None:

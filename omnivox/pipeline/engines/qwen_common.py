@@ -14,7 +14,6 @@ import asyncio
 import gc
 import hashlib
 import importlib.util
-import io
 import json
 import logging
 import math
@@ -42,6 +41,7 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
+from omnivox.pipeline import media
 from omnivox.pipeline.engines.base import (
     INPUT_RATE,
     AudioPart,
@@ -371,15 +371,12 @@ class ImageFormat:
 
 
 def decode_image(part: ImagePart) -> np.ndarray:
-    """PNG/JPEG/WebP/... bytes -> `[H, W, 3]` uint8 RGB, through PyAV (already a server dependency, unlike PIL)."""
-    import av
-
+    """Image bytes -> `[H, W, 3]` uint8 RGB with `media.decode_image` (PyAV, already a server dependency, unlike PIL;
+    its decoder alone, no demuxer, bounded by the dimensions of the header the door checked)."""
     try:
-        with av.open(io.BytesIO(part.data)) as container:
-            frame = next(container.decode(video=0))
-            return frame.to_ndarray(format="rgb24")
-    except (av.FFmpegError, StopIteration, ValueError) as exc:
-        raise EngineError(f"could not decode an image part ({part.mime_type}, {len(part.data)} bytes): {exc}") from exc
+        return media.decode_image(part.data)
+    except media.MediaError as exc:
+        raise EngineError(f"could not decode an image part ({part.mime_type}, {len(part.data)} bytes): {exc}") from None
 
 
 def qwen2_5_audio_tokens(feature_frames: int) -> int:
@@ -793,6 +790,9 @@ class EngineOptions:
     """Thinker slot length (prompt + answer); the talker slot adds the longest speech. A prompt that does not fit
     decodes that request on growing caches; an answer that outgrows its slot goes on on a growing cache of its own
     (same tokens). Both are counted in `/metrics` (`omnivox_static_cache_fallbacks_total`)."""
+    stall_timeout_s: float = 30.0
+    """The GPU worker's watchdog: holding work without finishing a pass this long (a hung kernel or driver) makes
+    the engine unhealthy (`/healthz` 503) and fails the waiting requests instead of letting them hang."""
 
     def __post_init__(self) -> None:
         if self.static_cache and not self.enable_audio:
@@ -802,6 +802,8 @@ class EngineOptions:
         for name in ("max_active", "max_text_tokens", "static_cache_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.stall_timeout_s <= 0:
+            raise ValueError("stall_timeout_s must be > 0")
 
     @property
     def own_masks(self) -> tuple[str, ...]:
@@ -826,6 +828,7 @@ class QwenOmniEngine(ABC):
         self.model_id = model_id
         self.max_active = options.max_active
         self.max_queued = options.max_queued
+        self.stall_timeout_s = options.stall_timeout_s
         self.runtime = Runtime.resolve(
             device=options.device,
             dtype=options.dtype,
@@ -938,6 +941,11 @@ class QwenOmniEngine(ABC):
         return model is not None and bool(model.has_talker)
 
     @property
+    def health_problem(self) -> str | None:
+        """Why the engine cannot serve (its GPU worker died or stalled), None when it can."""
+        return self._worker.health_problem if self._worker is not None else None
+
+    @property
     def load_info(self) -> tuple[int, int]:
         """(active generations, queued requests)."""
         return self._worker.load if self._worker is not None else (0, 0)
@@ -954,6 +962,7 @@ class QwenOmniEngine(ABC):
                 step_batch=self.step_batch(),
                 on_out_of_memory=self.out_of_memory,
                 device_check=lambda: device_failure(self.runtime.device),
+                stall_timeout_s=self.stall_timeout_s,
             )
             self._ready = True
             log.info("%s: %s ready", self.name, self.model_id)

@@ -12,7 +12,10 @@ admitted after waiting answers, and it is not stepped while an active answer has
 
 A step that fails with an unexpected error is followed by the engine's device check: a CUDA error such as a
 device-side assert breaks the context for every later call, so the worker then fails every request, refuses new
-ones and reports the failure (`failure`), which the health endpoints turn into "unhealthy" for a supervisor.
+ones and reports the failure (`failure`, also its `health_problem`), which the health endpoints turn into "failed"
+for a supervisor. A watchdog: if the thread dies, or a pass over the active generations runs for over
+`stall_timeout_s` (a hung kernel or driver), `health_problem` says so, every waiting request fails with
+`EngineUnhealthy` and new ones are refused, instead of hanging; a stalled worker whose pass ends is healthy again.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ from omnivox.pipeline.engines.base import (
     Delta,
     EngineBusy,
     EngineError,
-    EngineNotReady,
     EngineOutOfMemory,
+    EngineUnhealthy,
 )
+from omnivox.pipeline.internal_errors import INTERNAL_ERROR_CODE, report_internal_error
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +98,14 @@ class GpuWorker:
         step_batch: StepBatch | None = None,
         on_out_of_memory: Callable[[], None] | None = None,
         device_check: Callable[[], str | None] | None = None,
+        stall_timeout_s: float = 30.0,
     ) -> None:
+        if stall_timeout_s <= 0:
+            raise ValueError("stall_timeout_s must be positive")
         self.name = name
         self.max_active = max_active
         self.max_queued = max_queued
+        self.stall_timeout_s = stall_timeout_s
         self._step_batch = step_batch
         self._on_out_of_memory = on_out_of_memory
         self._device_check = device_check
@@ -107,7 +115,9 @@ class GpuWorker:
         self._active: list[_Ticket] = []
         self._wake = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"omnivox-{name}", daemon=True)
+        self._pass_started: float | None = None
+        """When the pass now running started (None between passes): a pass that never ends is a stall."""
+        self._thread = threading.Thread(target=self._run_guarded, name=f"omnivox-{name}", daemon=True)
         self._thread.start()
         self.steps_run = 0
 
@@ -117,6 +127,21 @@ class GpuWorker:
         with self._wake:
             return len(self._active), len(self._pending)
 
+    @property
+    def health_problem(self) -> str | None:
+        """None while the worker serves; otherwise why it cannot: the device failed, its thread died, or one pass
+        over the active generations has been running for over `stall_timeout_s`."""
+        if self._closed:
+            return None
+        if self.failure is not None:
+            return f"the GPU failed and the server must be restarted: {self.failure}"
+        if not self._thread.is_alive():
+            return f"the {self.name} worker thread has died"
+        started = self._pass_started
+        if started is not None and (stalled_s := time.perf_counter() - started) > self.stall_timeout_s:
+            return f"the {self.name} worker has made no progress for {stalled_s:.0f} s"
+        return None
+
     async def stream(
         self, make_generation: Callable[[], Generation], *, background: bool = False
     ) -> AsyncIterator[Delta]:
@@ -124,18 +149,25 @@ class GpuWorker:
         to answers that have not started speaking yet."""
         loop = asyncio.get_running_loop()
         ticket = _Ticket(make_generation, loop, asyncio.Queue(), background)
+        if (problem := self.health_problem) is not None:
+            raise EngineUnhealthy(problem)
         with self._wake:
             if self._closed:
                 raise EngineError("the engine is shutting down")
-            if self.failure is not None:
-                raise self._failed_error()
             if len(self._pending) >= self.max_queued:
                 raise EngineBusy(f"server busy: {len(self._pending)} requests queued, retry shortly")
             self._pending.append(ticket)
             self._wake.notify()
+        watch_s = min(1.0, self.stall_timeout_s / 4)
         try:
             while True:
-                item = await ticket.queue.get()
+                try:
+                    async with asyncio.timeout(watch_s):
+                        item = await ticket.queue.get()
+                except TimeoutError:
+                    if (problem := self.health_problem) is not None:
+                        raise EngineUnhealthy(problem) from None
+                    continue
                 if item is _DONE:
                     return
                 if isinstance(item, BaseException):
@@ -151,6 +183,12 @@ class GpuWorker:
             self._closed = True
             self._wake.notify()
         self._thread.join(timeout=10)
+
+    def _run_guarded(self) -> None:
+        try:
+            self._run()
+        except BaseException:  # logged here, once: health_problem tells clients and /healthz
+            log.critical("%s: the worker thread died; the engine cannot serve any more", self.name, exc_info=True)
 
     def _run(self) -> None:
         while True:
@@ -168,7 +206,9 @@ class GpuWorker:
                         self._active.append(ticket)
                 waiting_for_audio = any(not t.background and not t.audible for t in self._active)
                 runnable = [t for t in self._active if not (t.background and waiting_for_audio)]
+                self._pass_started = time.perf_counter()
             self._advance(runnable)
+            self._pass_started = None
 
     def _next_pending(self) -> _Ticket:
         """The oldest waiting answer, else the oldest background request."""
@@ -225,8 +265,8 @@ class GpuWorker:
             elif isinstance(exc, EngineError):
                 error = exc
             else:
-                log.exception("%s: generation failed", self.name)
-                error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+                error = EngineError(report_internal_error(log, f"{self.name}: generation failed", exc))
+                error.code = INTERNAL_ERROR_CODE
                 self._check_device()
             self._retire(ticket)
             if _is_out_of_memory(exc) and self._on_out_of_memory is not None:
@@ -246,12 +286,10 @@ class GpuWorker:
             self.failure = failure
             tickets = [*self._active, *self._pending]
             self._pending.clear()
+        problem = self.health_problem
         for ticket in tickets:
             self._retire(ticket)
-            ticket.push(self._failed_error())
-
-    def _failed_error(self) -> EngineError:
-        return EngineNotReady(f"the GPU failed and the server must be restarted: {self.failure}")
+            ticket.push(EngineUnhealthy(problem or "the GPU failed"))
 
     def _retire(self, ticket: _Ticket) -> None:
         ticket.cancelled = True

@@ -30,13 +30,15 @@ log = logging.getLogger(__name__)
 async def healthz(request: Request) -> Response:
     state: ServerState = request.app.state.omnivox
     ready = state.engine.ready
+    engine_health = getattr(state.engine, "health", None)
     body = {
-        "status": "ok" if ready else "loading",
+        "status": "ok" if ready else ("unavailable" if engine_health else "loading"),
         "version": __version__,
         "engine": state.engine.name,
         "model": state.model_name,
         "sessions": state.sessions_open,
         "max_sessions": state.config.server.max_sessions,
+        **(engine_health() if engine_health else {}),
     }
     return JSONResponse(body, status_code=200 if ready else 503)
 
@@ -61,8 +63,11 @@ def door_routes() -> list[BaseRoute]:
 
 def create_app(config: Config, engine: Engine | None = None) -> Starlette:
     """Build the app; the engine loads during start-up (a failure stops the server with its message)."""
-    engine = engine or create_engine(config.engine.name, config.engine.model, config.engine.options)
+    engine = engine or create_engine(config.engine.name, config.engine.model, config.engine.engine_options())
     state = ServerState(config=config, engine=engine)
+    watch_hosts = getattr(engine, "watch_hosts", None)
+    if watch_hosts is not None:
+        watch_hosts(state.metrics.observe_engine_host)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

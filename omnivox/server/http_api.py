@@ -88,6 +88,7 @@ from omnivox.pipeline.engines.base import (
     Usage,
 )
 from omnivox.server.auth import is_authorized
+from omnivox.server.disconnect import ClientDisconnected, unless_disconnected
 from omnivox.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,8 @@ def openai_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable
             return await handler(request)
         except ApiError as exc:
             return JSONResponse(exc.body(), status_code=exc.status)
+        except ClientDisconnected:
+            return Response(status_code=499)  # nobody is listening any more
         except EngineError as exc:
             error = engine_api_error(exc)
             log.warning("%s %s: engine error %s: %s", request.method, request.url.path, exc.code, exc)
@@ -237,6 +240,14 @@ class ChatCompletionRequest(_Body):
     max_completion_tokens: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stop: str | list[str] | None = None
+    prompt_cache_key: str | None = Field(
+        None,
+        max_length=256,
+        description="the conversation this request continues: the engine keeps its encoded prompt under this key",
+    )
+    instructions: str | None = Field(
+        None, description="an extension: instructions appended to the model's own system prompt (as Realtime's)"
+    )
 
 
 class AudioChatRequest(_Body):
@@ -471,15 +482,23 @@ def sampling_params(body: ChatCompletionRequest | AudioChatRequest) -> SamplingP
     )
 
 
-async def open_engine_stream(state: ServerState, request: ResponseRequest) -> AsyncIterator[Delta]:
+async def open_engine_stream(
+    state: ServerState, request: ResponseRequest, http_request: Request, door: str
+) -> AsyncIterator[Delta]:
     """Start the engine and wait for its first delta, so that refusals (busy, not ready) become HTTP statuses
-    before any header is sent; returns the whole stream, first delta included."""
+    before any header is sent; returns the whole stream, first delta included. A client that leaves meanwhile
+    cancels the engine work at once."""
     check_ready(state)
     stream = state.engine.respond(request)
     try:
-        first = await anext(stream)
+        first = await unless_disconnected(http_request, anext(stream))
     except StopAsyncIteration:
         return stream  # finished already: iterating it yields nothing
+    except ClientDisconnected:
+        await stream.aclose()
+        log.info("%s: %s: the client left before the first delta; cancelled", door, request.request_id)
+        state.metrics.responses.labels(door, "cancelled").inc()
+        raise
     except BaseException:
         await stream.aclose()
         raise
@@ -615,6 +634,8 @@ async def chat_completions(request: Request) -> Response:
         output_audio=wants_audio,
         sampling=sampling_params(body),
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
+        conversation_id=body.prompt_cache_key or "",
+        instructions=body.instructions or "",
     )
     context = ChatContext(
         state=state,
@@ -625,7 +646,7 @@ async def chat_completions(request: Request) -> Response:
         max_tokens=engine_request.sampling.max_tokens,
         audio_id=f"audio_{uuid.uuid4().hex}" if wants_audio else None,
     )
-    deltas = await open_engine_stream(state, engine_request)
+    deltas = await open_engine_stream(state, engine_request, request, CHAT_DOOR)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventStream(chat_events(context, deltas, include_usage))
@@ -738,7 +759,7 @@ async def audio_chat_completions(request: Request) -> Response:
         sampling=sampling_params(body),
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
     )
-    deltas = await open_engine_stream(state, engine_request)
+    deltas = await open_engine_stream(state, engine_request, request, AUDIO_CHAT_DOOR)
     return EventStream(audio_chat_events(state, audio_cache(request), engine_request.request_id, deltas))
 
 

@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -159,3 +169,71 @@ class OpenAIStandIn(StandIn):
             chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
             chunk([], usage=usage),
         ]
+
+
+@dataclass
+class ServerProcess:
+    """An `omnivox serve` subprocess (stdout and stderr in `log`)."""
+
+    process: subprocess.Popen[str]
+    port: int
+    log: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample of the server's `/metrics` (0 when absent)."""
+        wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+        for line in httpx.get(f"{self.http_url}/metrics", timeout=5).text.splitlines():
+            sample, _, value = line.rpartition(" ")
+            if sample == wanted or (not labels and sample == name):
+                return float(value)
+        return 0.0
+
+
+@contextmanager
+def serve_process(*args: str, env: dict[str, str] | None = None, startup_s: float = 90) -> Iterator[ServerProcess]:
+    """`omnivox serve --host 127.0.0.1 --port <free> *args` until the block ends; waits for a 200 `/healthz`."""
+    port = free_port()
+    log = Path(tempfile.mkstemp(prefix="omnivox-serve-", suffix=".log")[1])
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OMNIVOX_")}
+    environ.update({"OMNIVOX_SERVER__LOG_LEVEL": "warning", **(env or {})})
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "omnivox.server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+            env=environ,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    server = ServerProcess(process, port, log)
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{server.http_url}/healthz", timeout=1).status_code == 200:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"omnivox serve {' '.join(args)} did not come up:\n{log.read_text()}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.unlink(missing_ok=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -34,7 +33,7 @@ from omnivox.pipeline.engines.base import (
 from omnivox.pipeline.engines.engine_hosts import EngineHost, HostPool
 from omnivox.pipeline.engines.remote import RemoteEngine
 from omnivox.pipeline.engines.scripted import ESPEAK_VOICES, ScriptedEngine
-from tests.remote_helpers import WORDS, OpenAIStandIn, VllmOmniStandIn, remote_config
+from tests.remote_helpers import WORDS, OpenAIStandIn, VllmOmniStandIn, free_port, remote_config
 from tests.server_helpers import RunningServer, running_server, scripted_config, serving
 from tests.test_http_api import EndlessEngine
 
@@ -108,12 +107,6 @@ async def eventually(condition: Any, timeout: float = 5.0) -> float:
         assert time.monotonic() - start < timeout, "timed out"
         await asyncio.sleep(0.005)
     return time.monotonic() - start
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # ---------------------------------------------------------------- omnivox engine host

@@ -4,6 +4,7 @@ stream read from an HTTP transport in arbitrary byte pieces."""
 from __future__ import annotations
 
 import base64
+import gc
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from omnivox.pipeline.audio import decode_audio_file, encode_audio_file, float_to_pcm16
+from omnivox.pipeline.engines import openai_chat
 from omnivox.pipeline.engines.base import (
     AudioPart,
     EngineBusy,
@@ -27,6 +29,7 @@ from omnivox.pipeline.engines.base import (
     Usage,
 )
 from omnivox.pipeline.engines.openai_chat import (
+    AudioEncodings,
     ChatAudio,
     ChatClient,
     ChatOptions,
@@ -34,6 +37,7 @@ from omnivox.pipeline.engines.openai_chat import (
     ChatUsage,
     HostUnreachable,
     build_chat_body,
+    encode_chat_body,
     stream_events,
     whole_events,
 )
@@ -291,3 +295,42 @@ async def test_an_oversized_event_is_refused() -> None:
     )
     with pytest.raises(EngineError, match="exceeds 1024 bytes"):
         await collect(client)
+
+
+# ---------------------------------------------------------------- encoding a turn
+
+
+def test_a_turn_encodes_only_its_new_audio_and_the_body_is_the_same_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    encoded: list[int] = []
+    original = openai_chat.wav_base64
+
+    def counting(pcm: np.ndarray) -> str:
+        encoded.append(pcm.size)
+        return original(pcm)
+
+    monkeypatch.setattr(openai_chat, "wav_base64", counting)
+    first_clip, second_clip = np.full(8_000, 0.25, np.float32), np.full(4_000, -0.25, np.float32)
+    encodings = AudioEncodings()
+    # a caller's text that looks like a placeholder stays text
+    first = ResponseRequest(messages=(Message("user", (AudioPart(first_clip), TextPart("00000000"))),))
+    second = ResponseRequest(
+        messages=(*first.messages, Message("assistant", (TextPart("ok"),)), Message("user", (AudioPart(second_clip),)))
+    )
+    for dialect in ("omnivox", "vllm-omni"):
+        options = ChatOptions(model="m", dialect=dialect)
+        for request in (first, second):
+            body = encode_chat_body(request, options, encodings)
+            assert json.loads(body) == build_chat_body(request, options)
+    assert encoded[:2] == [8_000, 4_000] and len(encodings) == 2
+    assert encodings.uncached_samples(second) == 0
+    del first, second, request, first_clip
+    gc.collect()
+    assert len(encodings) == 1  # a clip that died (its conversation ended) is dropped
+
+
+def test_the_encodings_are_bounded_in_bytes() -> None:
+    clips = [np.zeros(16_000, np.float32) for _ in range(3)]
+    encodings = AudioEncodings(max_bytes=2 * len(openai_chat.wav_base64(clips[0])))
+    for clip in clips:
+        encodings.get(clip)
+    assert len(encodings) == 2 and encodings.cached(clips[0]) is None and encodings.cached(clips[2]) is not None

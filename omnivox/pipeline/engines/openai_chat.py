@@ -32,7 +32,11 @@ import asyncio
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+import secrets
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,6 +68,8 @@ PCM16_RATE = 24_000
 CHAT_PATH = "/v1/chat/completions"
 THREAD_PARSE_BYTES = 256 * 1024
 """An event this large (a whole reply's audio) is decoded off the event loop."""
+INLINE_ENCODE_SAMPLES = 10 * INPUT_RATE
+"""New caller audio up to this long (about 1 ms to encode) is encoded on the event loop: a thread hop costs more."""
 
 
 class HostUnreachable(EngineNotReady):
@@ -96,15 +102,25 @@ class ChatOptions:
             raise ValueError(f"dialect must be one of {list(DIALECTS)}, got {self.dialect!r}")
 
 
-def build_chat_body(request: ResponseRequest, options: ChatOptions) -> dict[str, Any]:
-    """The streamed chat completion request for `request` (encodes audio: call it off the event loop)."""
+AudioData = Callable[[np.ndarray], str]
+"""Caller audio (16 kHz float32) -> the base64 text of its WAV file in the request."""
+
+
+def wav_base64(pcm: np.ndarray) -> str:
+    return base64.b64encode(encode_audio_file(pcm, INPUT_RATE, "wav")).decode()
+
+
+def build_chat_body(
+    request: ResponseRequest, options: ChatOptions, audio_data: AudioData = wav_base64
+) -> dict[str, Any]:
+    """The streamed chat completion request for `request`."""
     dialect = options.dialect
     instructions = "\n\n".join(text for text in (options.system_prompt.strip(), request.instructions.strip()) if text)
     messages: list[dict[str, Any]] = []
     if instructions and dialect != "omnivox":
         messages.append({"role": "system", "content": instructions})
     audio_part = options.audio_part or ("audio_url" if dialect == "vllm-omni" else "input_audio")
-    messages.extend(chat_message(message, audio_part) for message in request.messages)
+    messages.extend(chat_message(message, audio_part, audio_data) for message in request.messages)
     body: dict[str, Any] = {
         "model": options.model,
         "messages": messages,
@@ -130,7 +146,7 @@ def build_chat_body(request: ResponseRequest, options: ChatOptions) -> dict[str,
     return body
 
 
-def chat_message(message: Message, audio_part: str) -> dict[str, Any]:
+def chat_message(message: Message, audio_part: str, audio_data: AudioData = wav_base64) -> dict[str, Any]:
     """One engine message as an OpenAI chat message; assistant and system turns are text (assistant audio is
     represented by the transcript the caller heard)."""
     if message.role != "user":
@@ -141,7 +157,7 @@ def chat_message(message: Message, audio_part: str) -> dict[str, Any]:
         if isinstance(part, TextPart):
             content.append({"type": "text", "text": part.text})
         elif isinstance(part, AudioPart):
-            wav = base64.b64encode(encode_audio_file(part.pcm, INPUT_RATE, "wav")).decode()
+            wav = audio_data(part.pcm)
             if audio_part == "audio_url":
                 content.append({"type": "audio_url", "audio_url": {"url": f"data:audio/wav;base64,{wav}"}})
             else:
@@ -168,6 +184,78 @@ def sampling_fields(sampling: SamplingParams, dialect: Dialect) -> dict[str, Any
     if sampling.stop:
         fields["stop"] = list(sampling.stop)
     return fields
+
+
+class AudioEncodings:
+    """The base64 WAV of each caller clip, kept while the clip lives (the conversation keeps its turns' arrays), so
+    that a turn encodes only its new audio; bounded in bytes, oldest dropped first (a dropped clip is encoded again).
+
+    A request body is then assembled around the encoded clips instead of passing them through `json.dumps`, which
+    spends about 8 ms on every 2 MB of base64 holding the GIL: a turn costs its new audio, not the conversation's."""
+
+    def __init__(self, max_bytes: int = 256 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[int, tuple[weakref.ref[np.ndarray], bytes]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.RLock()  # long clips are encoded on a worker thread; clips die on any thread
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def cached(self, pcm: np.ndarray) -> bytes | None:
+        with self._lock:
+            entry = self._entries.get(id(pcm))
+            if entry is None or entry[0]() is not pcm:
+                return None
+            self._entries.move_to_end(id(pcm))
+            return entry[1]
+
+    def get(self, pcm: np.ndarray) -> bytes:
+        found = self.cached(pcm)
+        if found is not None:
+            return found
+        encoded = wav_base64(pcm).encode()
+        key = id(pcm)
+        with self._lock:
+            self._drop(key)
+            self._entries[key] = (weakref.ref(pcm, lambda _: self._drop(key)), encoded)
+            self._bytes += len(encoded)
+            while self._bytes > self.max_bytes and self._entries:
+                self._drop(next(iter(self._entries)))
+        return encoded
+
+    def _drop(self, key: int) -> None:
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                self._bytes -= len(entry[1])
+
+    def uncached_samples(self, request: ResponseRequest) -> int:
+        """Caller audio this request would have to encode."""
+        return sum(
+            part.pcm.size
+            for message in request.messages
+            for part in message.parts
+            if isinstance(part, AudioPart) and self.cached(part.pcm) is None
+        )
+
+
+def encode_chat_body(request: ResponseRequest, options: ChatOptions, encodings: AudioEncodings) -> bytes:
+    """The request body as JSON bytes, encoded clips spliced in where unguessable placeholders stood (a caller's
+    text can never name another clip)."""
+    nonce = secrets.token_hex(16)
+    clips: list[bytes] = []
+
+    def placeholder(pcm: np.ndarray) -> str:
+        clips.append(encodings.get(pcm))
+        return f"{nonce}{len(clips) - 1:08d}"
+
+    skeleton = json.dumps(build_chat_body(request, options, placeholder), separators=(",", ":")).encode()
+    first, *rest = skeleton.split(nonce.encode())
+    pieces = [first]
+    for piece in rest:
+        pieces += [clips[int(piece[:8])], piece[8:]]
+    return b"".join(pieces)
 
 
 # ---------------------------------------------------------------------------------------------- response
@@ -329,9 +417,12 @@ class ChatClient:
         api_key: str | None = None,
         timeouts: Timeouts = Timeouts(),
         max_event_bytes: int = 64 * 1024 * 1024,
+        encodings: AudioEncodings | None = None,
     ) -> None:
-        """`url` is the server's root or its `/v1` base; `max_event_bytes` bounds one SSE event or a whole body."""
+        """`url` is the server's root or its `/v1` base; `max_event_bytes` bounds one SSE event or a whole body;
+        `encodings` may be shared by the clients of several servers."""
         self.http = http
+        self.encodings = encodings or AudioEncodings()
         self.root = server_root(url)
         self.options = options
         self.api_key = api_key
@@ -341,12 +432,14 @@ class ChatClient:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def encode(self, request: ResponseRequest) -> bytes:
-        """The request body as bytes (encodes audio and JSON: call it off the event loop)."""
-        return json.dumps(build_chat_body(request, self.options), separators=(",", ":")).encode()
+    async def encode(self, request: ResponseRequest) -> bytes:
+        """The request body; only audio not encoded before costs time, off the event loop when it is long."""
+        if self.encodings.uncached_samples(request) <= INLINE_ENCODE_SAMPLES:
+            return encode_chat_body(request, self.options, self.encodings)
+        return await asyncio.to_thread(encode_chat_body, request, self.options, self.encodings)
 
     async def stream(self, request: ResponseRequest) -> AsyncIterator[ChatEvent]:
-        body = await asyncio.to_thread(self.encode, request)
+        body = await self.encode(request)
         async for event in self.stream_body(body):
             yield event
 

@@ -35,6 +35,7 @@ from omnivox.pipeline.engines.base import (
 from omnivox.pipeline.engines.engine_hosts import EngineHost, HostObserver, HostPool
 from omnivox.pipeline.engines.openai_chat import (
     DIALECTS,
+    AudioEncodings,
     ChatAudio,
     ChatClient,
     ChatOptions,
@@ -118,8 +119,14 @@ class RemoteEngine:
         """Check every host once (a host that is down does not stop the start: it is used once it answers)."""
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         self._http = httpx.AsyncClient(limits=limits, trust_env=False)
+        encodings = AudioEncodings()  # a conversation's clips, encoded once whichever host it goes to
         hosts = [
-            EngineHost(url, ChatClient(self._http, url, self.options, api_key=self.api_key, timeouts=self.timeouts))
+            EngineHost(
+                url,
+                ChatClient(
+                    self._http, url, self.options, api_key=self.api_key, timeouts=self.timeouts, encodings=encodings
+                ),
+            )
             for url in self._urls
         ]
         self._pool = HostPool(
@@ -171,7 +178,7 @@ class RemoteEngine:
         while True:
             host = pool.choose(request.conversation_id, frozenset(tried))
             if body is None:
-                body = await asyncio.to_thread(host.client.encode, request)
+                body = await host.client.encode(request)
             try:
                 with pool.in_flight(host):
                     async for delta in self._deltas(host.client.stream_body(body)):

@@ -6,7 +6,8 @@ called directly, as the in-process reference with the same engine.
 
 - First audio: a Realtime WebSocket client sends a text item and `response.create` and times the first
   `response.output_audio.delta`; turns alternate between the host (in process) and the front (through the hop),
-  so both see the same machine load. Printed: p50/p95 of each and what the hop adds.
+  so both see the same machine load. Printed: p50/p95 of each, their difference, and the percentiles of the
+  difference between back-to-back turns.
 - Barge-in: a caller streams speech at real time into the front (silero server VAD at default settings) and talks
   over every answer one second into it. Timed from the chunk holding the interruption's first voiced sample to the
   host aborting the answer (CLOCK_MONOTONIC is one clock for all processes), and, for reference, to the same
@@ -251,6 +252,8 @@ async def main(turns: int, barge_ins: int) -> None:
             print(summary(f"  {name}", values))
         added = np.percentile(figures["remote"], [50, 95]) - np.percentile(figures["in process"], [50, 95])
         print(f"  added by the hop                   p50 {added[0]:7.1f} ms  p95 {added[1]:7.1f} ms")
+        pairs = np.subtract(figures["remote"], figures["in process"])  # turns taken back to back: alike load
+        print(summary("  hop, turn by turn", list(pairs)))
         print("barge-in (caller speech onset -> engine answer aborted):")
         print(summary("  in process", await measure_barge_in(host, host, barge_ins)))
         print(summary("  remote (abort seen by the host)", await measure_barge_in(front, host, barge_ins)))

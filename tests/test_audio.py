@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import warnings
+import wave
 
 import numpy as np
 import pytest
+import soundfile
 
 from omnivox.pipeline.audio import (
     G711_ALAW,
@@ -26,7 +29,7 @@ from omnivox.pipeline.audio import (
     synthesize_speech,
     write_wav,
 )
-from omnivox.pipeline.media import AUDIO_CONTAINERS, AudioLimits, MediaError, decode_audio
+from omnivox.pipeline.media import AUDIO_CONTAINERS, AudioLimits, MediaError, decode_audio, decode_audio_native
 
 RATES = (8_000, 16_000, 24_000, 48_000)
 ALL_INT16 = np.arange(-32768, 32768, dtype=np.int16)
@@ -273,6 +276,32 @@ def test_encoded_files_decode_back_to_the_same_sound(fmt: str) -> None:
     assert np.argmax(spectrum) * rate / len(decoded) == pytest.approx(500.0, abs=5.0)
     if fmt in ("wav", "flac"):
         assert np.max(np.abs(decoded - signal)) < 1e-4
+
+
+def test_pcm16_wav_is_read_without_ffmpeg_within_the_same_bounds_and_other_wavs_still_decode() -> None:
+    signal = sine(16_000, 0.5)
+    pcm16 = encode_audio_file(signal, 16_000, "wav")
+    stereo = io.BytesIO()
+    with wave.open(stereo, "wb") as writer:
+        writer.setnchannels(2)
+        writer.setsampwidth(2)
+        writer.setframerate(16_000)
+        writer.writeframes(float_to_pcm16(np.stack([signal, signal], axis=1).reshape(-1)))
+    limits = AudioLimits(60)
+    for data in (pcm16, stereo.getvalue()):
+        decoded, rate = decode_audio_native(data, allowed=("wav",), limits=limits)
+        assert rate == 16_000 and decoded.size == signal.size
+        assert np.max(np.abs(decoded - signal)) < 1e-4
+    floats = io.BytesIO()
+    soundfile.write(floats, signal, 16_000, format="WAV", subtype="FLOAT")
+    decoded, rate = decode_audio_native(floats.getvalue(), allowed=("wav",), limits=limits)  # not PCM16: FFmpeg
+    assert rate == 16_000 and np.max(np.abs(decoded - signal)) < 1e-6
+    with pytest.raises(MediaError, match=r"longer than 0\.25 s"):
+        decode_audio_native(pcm16, allowed=("wav",), limits=AudioLimits(0.25))
+    with pytest.raises(MediaError, match="sample rate"):
+        decode_audio_native(encode_audio_file(signal, 4_000, "wav"), allowed=("wav",), limits=limits)
+    with pytest.raises(ValueError):
+        decode_audio_native(pcm16[:44] + b"\x01", allowed=("wav",), limits=limits)  # a header and half a sample
 
 
 def test_pcm16_output_is_raw_samples() -> None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -31,12 +32,20 @@ log = logging.getLogger(__name__)
 
 def engine_status(state: ServerState) -> str:
     """The engine's state: "failed" once its device broke (only a restart recovers), "unhealthy" while its worker is
-    dead or stalled, "loading" until it is ready, else "ok"."""
+    dead or stalled, "unavailable" while no remote engine host is ready, "loading" until it is ready, else "ok"."""
     if engine_failure(state.engine) is not None:
         return "failed"
     if engine_health_problem(state.engine) is not None:
         return "unhealthy"
-    return "ok" if state.engine.ready else "loading"
+    if state.engine.ready:
+        return "ok"
+    return "unavailable" if _remote_health(state) else "loading"
+
+
+def _remote_health(state: ServerState) -> dict[str, Any]:
+    """What an engine reached over the network says of its hosts (the remote engine's `health()`), else nothing."""
+    health = getattr(state.engine, "health", None)
+    return health() if health is not None else {}
 
 
 async def healthz(request: Request) -> Response:
@@ -53,6 +62,7 @@ async def healthz(request: Request) -> Response:
         "sessions": state.sessions_open,
         "max_sessions": state.config.server.max_sessions,
         **({"problem": problem} if problem else {}),
+        **_remote_health(state),
     }
     return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
@@ -91,9 +101,12 @@ def door_routes() -> list[BaseRoute]:
 
 def create_app(config: Config, engine: Engine | None = None) -> Starlette:
     """Build the app; the engine loads during start-up (a failure stops the server with its message)."""
-    engine = engine or create_engine(config.engine.name, config.engine.model, config.engine.options)
+    engine = engine or create_engine(config.engine.name, config.engine.model, config.engine.engine_options())
     state = ServerState(config=config, engine=engine)
     state.metrics.watch_engine(engine)
+    watch_hosts = getattr(engine, "watch_hosts", None)
+    if watch_hosts is not None:
+        watch_hosts(state.metrics.observe_engine_host)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -1,10 +1,17 @@
-"""Prometheus metrics, one registry per app so tests can run several servers in one process."""
+"""Prometheus metrics, one registry per app so tests can run several servers in one process.
+
+With `omnivox serve --workers N` every worker writes its values to files in `PROMETHEUS_MULTIPROC_DIR` and any
+worker's `/metrics` renders the sum over all of them (prometheus_client's multiprocess mode): counters and
+histograms add up, `sessions_active` and outstanding requests are summed over live workers, readiness and host
+health take the lowest value.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -17,7 +24,11 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.sessions_active = Gauge(
-            "omnivox_sessions_active", "Open realtime sessions", ["door"], registry=self.registry
+            "omnivox_sessions_active",
+            "Open realtime sessions",
+            ["door"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.sessions_total = Counter(
             "omnivox_sessions_total", "Realtime sessions opened", ["door"], registry=self.registry
@@ -44,13 +55,38 @@ class Metrics:
         self.protocol_errors = Counter(
             "omnivox_protocol_errors_total", "Error events sent to clients", ["door", "code"], registry=self.registry
         )
-        self.engine_ready = Gauge("omnivox_engine_ready", "1 once the engine has loaded", registry=self.registry)
+        self.engine_ready = Gauge(
+            "omnivox_engine_ready", "1 once the engine has loaded", registry=self.registry, multiprocess_mode="livemin"
+        )
+        self.engine_host_up = Gauge(
+            "omnivox_engine_host_up",
+            "1 while a remote engine host passes its health checks",
+            ["url"],
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
+        self.engine_host_outstanding = Gauge(
+            "omnivox_engine_host_outstanding",
+            "Requests in flight to a remote engine host",
+            ["url"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+
+    def observe_engine_host(self, url: str, healthy: bool, outstanding: int) -> None:
+        """A remote engine host's health or load changed."""
+        self.engine_host_up.labels(url).set(1 if healthy else 0)
+        self.engine_host_outstanding.labels(url).set(outstanding)
 
     def watch_engine(self, engine: Engine) -> None:
         """Report what the engine counts itself, read at each scrape."""
         self.registry.register(EngineCollector(engine))
 
     def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)
+            return generate_latest(merged)
         return generate_latest(self.registry)
 
 

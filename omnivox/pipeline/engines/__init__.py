@@ -14,6 +14,7 @@ ENGINES = {
     "scripted": ("omnivox.pipeline.engines.scripted", "ScriptedEngine"),
     "qwen2.5-omni": ("omnivox.pipeline.engines.qwen2_5_omni", "Qwen25OmniEngine"),
     "qwen3-omni": ("omnivox.pipeline.engines.qwen3_omni", "Qwen3OmniEngine"),
+    "remote": ("omnivox.pipeline.engines.remote", "RemoteEngine"),
 }
 DEFAULT_MODELS = {
     "scripted": "scripted",
@@ -47,4 +48,6 @@ def create_engine(name: str, model: str | None = None, options: dict[str, dict[s
     resolved = resolve_engine_name(name)
     module_name, class_name = ENGINES[resolved]
     engine_class = getattr(importlib.import_module(module_name), class_name)
+    if not model and resolved not in DEFAULT_MODELS:
+        raise ValueError(f"engine {resolved} needs engine.model")
     return engine_class(model or DEFAULT_MODELS[resolved], **((options or {}).get(resolved) or {}))

@@ -379,13 +379,50 @@ def test_prompt_has_the_official_system_prompt_instructions_and_the_whole_conver
     )
     plan: TurnPlan = engine.prepare(request)
     prompt = engine.tokenizer.decode(plan.inputs.input_ids[0])
-    assert prompt.startswith(f"<|im_start|>system\n{SYSTEM_PROMPT}\n\nAnswer briefly.<|im_end|>\n")
+    assert prompt.startswith(
+        f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>system\nAnswer briefly.<|im_end|>\n"
+    )
     assert "<|im_start|>assistant\nHello there<|im_end|>\n<|im_start|>user\nand <|audio_bos|>" in prompt
     assert prompt.endswith("<|audio_eos|><|im_end|>\n<|im_start|>assistant\n")
     assert plan.inputs.input_features is not None and plan.inputs.feature_attention_mask is not None
     assert plan.inputs.input_features.shape[0] == 2  # the assistant's audio is represented by its transcript
     assert [prompt.count("<|AUDIO|>")] == [25 + 50]  # 25 audio tokens per second of input
     assert plan.inputs.feature_attention_mask.sum(-1).tolist() == [100, 200]
+
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
+    "{{ '<|im_start|>assistant\n' }}"
+)
+"""The ChatML layout of the Qwen chat templates, for text-only messages."""
+
+
+@pytest.mark.parametrize(
+    ("instructions_turn", "expected_messages"),
+    [
+        ("system", [("system", SYSTEM_PROMPT), ("system", "Speak like a pirate."), ("user", "Hi!")]),
+        ("user", [("system", SYSTEM_PROMPT), ("user", "Speak like a pirate.\n\nHi!")]),
+    ],
+)
+def test_the_official_system_turn_stays_byte_exact_and_the_instructions_land_where_configured(
+    tiny_qwen2_5_dir: Path, instructions_turn: str, expected_messages: list[tuple[str, str]]
+) -> None:
+    """Speech output needs the official system prompt as the first turn, exactly: the caller's instructions never
+    change it, whichever turn carries them."""
+    engine = started(tiny_qwen2_5_dir, instructions_turn=instructions_turn, enable_audio=False)
+    later = (Message("assistant", (TextPart("Arr."),)), Message("user", (TextPart("Again!"),)))
+    for messages in [(Message("user", (TextPart("Hi!"),)),), (Message("user", (TextPart("Hi!"),)), *later)]:
+        request = ResponseRequest(messages=messages, instructions="  Speak like a pirate.  ")
+        ids = engine.prepare(request).inputs.input_ids[0].tolist()
+        official = engine.tokenizer(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n", add_special_tokens=False)
+        assert ids[: len(official.input_ids)] == official.input_ids
+        rendered = engine.tokenizer.apply_chat_template(
+            [{"role": role, "content": text} for role, text in expected_messages]
+            + [{"role": message.role, "content": message.parts[0].text} for message in messages[1:]],
+            chat_template=CHATML,
+            tokenize=False,
+        )
+        assert engine.tokenizer.decode(ids) == rendered
 
 
 def test_audio_features_equal_the_official_30_s_padding_on_every_valid_frame(engine: Qwen25OmniEngine) -> None:

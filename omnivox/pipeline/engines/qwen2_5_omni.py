@@ -52,6 +52,7 @@ from omnivox.pipeline.engines.prefix_cache import Prefix, keep_prompt
 from omnivox.pipeline.engines.qwen2_5_token2wav import DitSolver, Token2WavStream
 from omnivox.pipeline.engines.qwen_common import (
     DTYPES,
+    INSTRUCTIONS_TURNS,
     EngineOptions,
     ImageFormat,
     IncrementalText,
@@ -114,8 +115,14 @@ class Qwen25OmniOptions(EngineOptions):
     voice: str = "Chelsie"
     """Speaker for requests whose voice maps to no speaker of the checkpoint (Chelsie or Ethan)."""
     system_prompt: str = SYSTEM_PROMPT
-    """The model's system prompt; the caller's instructions are appended to it. The official one is needed for
+    """The model's system prompt, the first turn of every prompt. The official one, byte for byte, is needed for
     speech output: change it only for text-only use."""
+    instructions_turn: str = "system"
+    """Where the caller's instructions go: "system", a second system turn right after the official one; "user", the
+    head of the first user turn; "append", appended to the system prompt (the first turn is then no longer the
+    official one). Both "system" and "user" keep the official turn exact and the prompt's beginning the same from
+    turn to turn (so a conversation's stored prompt stays reusable); "system" keeps them the operator's words rather
+    than the caller's. Which of the two the 7B follows better is not measured (no weights here)."""
     max_audio_codes: int = 4096
     """Longest spoken answer in codec codes (20 ms each: 82 s), as `generate()`'s `talker_max_new_tokens`."""
     talker_top_k: int = 40
@@ -163,6 +170,8 @@ class Qwen25OmniOptions(EngineOptions):
         Token2WavStream.check_schedule(self.first_chunk_codes, self.chunk_ramp_mel)
         if self.max_audio_codes < 1:
             raise ValueError("max_audio_codes must be >= 1")
+        if self.instructions_turn not in INSTRUCTIONS_TURNS:
+            raise ValueError(f"instructions_turn must be one of {INSTRUCTIONS_TURNS}, got {self.instructions_turn!r}")
 
     @property
     def talker_sampling(self) -> Sampling:
@@ -612,6 +621,7 @@ class Qwen25OmniEngine(QwenOmniEngine):
             tokenizer,
             prompt_format(model.config.thinker_config.vision_config),
             system_prompt=self.options.system_prompt,
+            instructions_turn=self.options.instructions_turn,
         )
         self._tokenizer, self._model = tokenizer, model
         if self.options.dit_cuda_graph:

@@ -378,6 +378,10 @@ def feature_padding(extractor: WhisperFeatureExtractor, samples: int) -> int:
     return -(-(samples + extractor.n_fft) // hop) * hop
 
 
+INSTRUCTIONS_TURNS = ("append", "system", "user")
+"""Where `PromptBuilder` puts a request's instructions when the model has a system prompt of its own."""
+
+
 class PromptBuilder:
     """Turns a `ResponseRequest` into thinker inputs: one ChatML prompt plus one Whisper feature row per audio part.
 
@@ -391,24 +395,56 @@ class PromptBuilder:
     with a warning.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_format: PromptFormat, *, system_prompt: str) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_format: PromptFormat,
+        *,
+        system_prompt: str,
+        instructions_turn: str = "append",
+    ) -> None:
+        if instructions_turn not in INSTRUCTIONS_TURNS:
+            raise EngineError(f"instructions_turn must be one of {INSTRUCTIONS_TURNS}, got {instructions_turn!r}")
         self.tokenizer = tokenizer
         self.format = prompt_format
         self.system_prompt = system_prompt
+        self.instructions_turn = instructions_turn
         self.features = WhisperFeatureExtractor(feature_size=128, sampling_rate=INPUT_RATE)
 
-    def system_text(self, instructions: str) -> str:
-        """The model's own system prompt, with the caller's instructions appended (never substituted)."""
+    def opening_turns(self, instructions: str) -> list[tuple[str, str]]:
+        """The turns before the conversation: the model's own system prompt and the caller's instructions.
+
+        With no system prompt the instructions are the system turn. Otherwise `instructions_turn` says where they go:
+        appended to the system prompt ("append"), or in a system turn of their own after it ("system"), which keeps
+        the first turn byte for byte the model's prompt. "user" puts them at the head of the first user turn instead
+        (`_with_instructions`), so no turn is added here.
+        """
         instructions = instructions.strip()
         if not self.system_prompt:
-            return instructions
-        return f"{self.system_prompt}\n\n{instructions}" if instructions else self.system_prompt
+            return [("system", instructions)] if instructions else []
+        if not instructions or self.instructions_turn == "user":
+            return [("system", self.system_prompt)]
+        if self.instructions_turn == "system":
+            return [("system", self.system_prompt), ("system", instructions)]
+        return [("system", f"{self.system_prompt}\n\n{instructions}")]
+
+    def _with_instructions(self, turns: list[tuple[str, str]], instructions: str) -> list[tuple[str, str]]:
+        """The conversation with the instructions at the head of its first user turn (a user turn of their own when
+        there is none yet), for `instructions_turn: user`."""
+        instructions = instructions.strip()
+        if self.instructions_turn != "user" or not self.system_prompt or not instructions:
+            return turns
+        first_user = next((index for index, (role, _) in enumerate(turns) if role == "user"), None)
+        if first_user is None:
+            return [*turns, ("user", instructions)]
+        role, text = turns[first_user]
+        return [*turns[:first_user], (role, f"{instructions}\n\n{text}"), *turns[first_user + 1 :]]
 
     def build(self, request: ResponseRequest) -> ModelInputs:
         audio: list[np.ndarray] = []
         images: list[tuple[torch.Tensor, torch.Tensor]] = []
-        turns = [("system", self.system_text(request.instructions))] if self.system_text(request.instructions) else []
-        turns += [(message.role, self._message_text(message, audio, images)) for message in request.messages]
+        conversation = [(message.role, self._message_text(message, audio, images)) for message in request.messages]
+        turns = self.opening_turns(request.instructions) + self._with_instructions(conversation, request.instructions)
         prompt = "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns) + "<|im_start|>assistant\n"
         features = mask = None
         if audio:

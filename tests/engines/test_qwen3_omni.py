@@ -190,6 +190,31 @@ def test_a_stop_string_ends_the_answer_and_its_speech(
     assert _audio(steps).shape[0] == SAMPLES_PER_FRAME * len(generation.frames) - WINDOW_TAIL
 
 
+@pytest.mark.parametrize("ending", ["max_tokens 1", "end of text", "stop string"])
+def test_an_answer_whose_first_token_is_final_ends_at_once_without_speech(
+    tiny: Tiny, reference: Reference, ending: str
+) -> None:
+    """The final text token is never spoken (generate() gives its slot tts_eos); when it is the first one there is
+    nothing to say, so no talker runs, instead of one that never hears tts_eos and speaks to max_audio_frames."""
+    engine = tiny.engine(max_audio_frames=MAX_FRAMES)
+    first_token = {
+        "max_tokens 1": reference.text_ids[0],
+        "end of text": tiny.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        "stop string": tiny.tokenizer.convert_tokens_to_ids("a"),
+    }[ending]
+    request = _request(max_tokens=1) if ending == "max_tokens 1" else _request(stop=("a",))
+    generation = engine.make_generation(engine.prepare(request))
+    if ending != "max_tokens 1":  # the random thinker's first word is noise: it says what the case needs instead
+        generation._text_sampler = lambda logits, history: first_token  # type: ignore[assignment,method-assign]
+    steps = _run(generation)
+
+    assert len(steps) == 1
+    assert generation.text_ids == [first_token]
+    assert generation.frames == []
+    assert not any(isinstance(d, AudioDelta) for d in steps[0])
+    assert isinstance(steps[0][-1], Usage)
+
+
 def test_a_multi_turn_conversation_equals_generate(tiny: Tiny) -> None:
     request = _request(
         Message("user", (AudioPart(_tone(1.0, 300)),)),

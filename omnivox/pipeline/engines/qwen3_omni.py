@@ -539,7 +539,11 @@ class Qwen3Generation:
         self.decoding = "static" if isinstance(self._decoder, SlotSeats) else "eager"
         self._decoder.begin_thinker(out.past_key_values, encoded.rope_delta)
         self._accept_text(self._text_sampler(out.logits[:, -1], self._history_tensor()), deltas)
-        if talker_states is None:
+        if talker_states is None or self._thinker_done:
+            # A first token that already ends the answer (end of text, max_tokens 1, a stop string) leaves nothing
+            # to say: the final token is never spoken (its slot would carry tts_eos, which this talker, having no
+            # slot before its prefill, would never read). generate() fails on such an answer.
+            self._talker_done = True
             self._finish_if_done(deltas)
             return None
         hidden = self._talker_prefill(inputs, talker_states)

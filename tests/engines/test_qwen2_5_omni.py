@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tiny_common import png_image
+from tiny_common import png_image, processor_audio
 from tiny_models import OnlyCodes
 from transformers import LogitsProcessorList, WhisperFeatureExtractor
+from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import Qwen2_5OmniProcessor
 
 from omnivox.pipeline.engines.base import (
     AudioDelta,
@@ -441,6 +442,28 @@ def test_audio_features_equal_the_official_30_s_padding_on_every_valid_frame(eng
         assert frames == -(-len(clip) // 160) == int(inputs.feature_attention_mask[row].sum())
         torch.testing.assert_close(
             inputs.input_features[row, :, :frames], official["input_features"][row, :, :frames], rtol=0, atol=0
+        )
+
+
+def test_a_turn_over_30_s_becomes_clips_the_processor_would_make_and_nothing_is_dropped(
+    engine: Qwen25OmniEngine,
+) -> None:
+    """The processor keeps the first 30 s of a clip (and drops the rest); the prompt keeps that first clip exactly and
+    the rest as a clip of its own, encoded as the processor encodes it."""
+    speech = (0.2 * np.random.default_rng(3).standard_normal(45 * 16_000 + 123)).astype(np.float32)
+    inputs = engine.prepare(ResponseRequest(messages=(Message("user", (AudioPart(speech),)),))).inputs
+    prompt = engine.tokenizer.decode(inputs.input_ids[0])
+    segments = prompt.split("<|audio_bos|>")[1:]
+
+    assert inputs.input_features is not None and inputs.feature_attention_mask is not None
+    assert len(segments) == 2 and len(inputs.audio_keys) == 2
+    for row, clip in enumerate((speech, speech[30 * 16_000 :])):
+        official = processor_audio(Qwen2_5OmniProcessor, [clip])
+        frames = int(official["feature_attention_mask"].sum())
+        assert frames == int(inputs.feature_attention_mask[row].sum()) == [3000, 1501][row]
+        assert segments[row].count("<|AUDIO|>") == int(official["num_audio_tokens"][0])
+        torch.testing.assert_close(
+            inputs.input_features[row, :, :frames], official["input_features"][0, :, :frames], rtol=0, atol=0
         )
 
 

@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tiny_common import png_image
+from tiny_common import png_image, processor_audio
 from tiny_qwen3 import build_tiny_qwen3
 from transformers import PreTrainedTokenizerBase, Qwen3OmniMoeForConditionalGeneration
+from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import Qwen3OmniMoeProcessor
 
 from omnivox.pipeline.engines import qwen3_omni
 from omnivox.pipeline.engines.base import (
@@ -272,6 +273,27 @@ def test_an_image_with_audio_equals_generate(tiny: Tiny) -> None:
     assert plan.inputs.image_grid_thw is not None and plan.inputs.image_grid_thw.tolist() == [[1, 4, 6]]
     assert generation.text_ids == expected.text_ids
     assert torch.equal(_codes(generation), expected.codes)
+
+
+def test_each_audio_clip_gets_the_features_and_token_count_of_the_processor(tiny: Tiny) -> None:
+    """Qwen3's processor extracts a clip as it is (no padding: floor(N/160) frames, not one more) and counts its
+    audio tokens from that; every clip of a conversation is encoded as the processor encodes it alone."""
+    rng = np.random.default_rng(2)
+    clips = [_tone(1.5, 220)[:24_077], (0.2 * rng.standard_normal(16_000)).astype(np.float32), _tone(0.3, 500)[:4_830]]
+    request = _request(*(Message("user", (AudioPart(clip),)) for clip in clips))
+    inputs = tiny.engine().prepare(request).inputs
+    prompt = tiny.tokenizer.decode(inputs.input_ids[0])
+    counts = [segment.count("<|audio_pad|>") for segment in prompt.split("<|audio_start|>")[1:]]
+
+    assert inputs.input_features is not None and inputs.feature_attention_mask is not None
+    for row, clip in enumerate(clips):
+        official = processor_audio(Qwen3OmniMoeProcessor, [clip])
+        frames = int(official["feature_attention_mask"].sum())
+        assert frames == len(clip) // 160 == int(inputs.feature_attention_mask[row].sum())
+        assert counts[row] == int(official["num_audio_tokens"][0])
+        torch.testing.assert_close(
+            inputs.input_features[row, :, :frames], official["input_features"][0], rtol=0, atol=0
+        )
 
 
 @pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`")

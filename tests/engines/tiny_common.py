@@ -7,13 +7,14 @@ shapes, so the tiny builders take these from one place and add only their own sp
 from __future__ import annotations
 
 import io
+import types
 from typing import Any
 
 import av
 import numpy as np
 from tokenizers import AddedToken
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import PreTrainedTokenizerBase, Qwen2Tokenizer
+from transformers import PreTrainedTokenizerBase, Qwen2Tokenizer, WhisperFeatureExtractor
 
 HIDDEN = 32
 """Width of every tiny sub-model."""
@@ -70,3 +71,17 @@ def png_image(height: int, width: int) -> bytes:
         for packet in [*stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")), *stream.encode()]:
             container.mux(packet)
     return buffer.getvalue()
+
+
+def processor_audio(processor_class: type, clips: list[np.ndarray]) -> dict[str, Any]:
+    """What a Qwen-Omni processor class makes of audio clips given together (its own `_process_audio`, with its own
+    audio settings): `input_features`, `feature_attention_mask`, `num_audio_tokens`.
+
+    The processors cannot be built here (their video part needs torchvision), so the method runs on a stand-in with
+    the one attribute it reads besides its arguments: the 128-bin Whisper feature extractor both checkpoints ship.
+    """
+    stand_in = types.SimpleNamespace(feature_extractor=WhisperFeatureExtractor(feature_size=128), n_window=50)
+    stand_in.replace_audio_token = lambda inputs, audio_idx: ""
+    kwargs = {**processor_class.audio_kwargs, "return_tensors": "pt"}
+    audio_inputs, _ = processor_class._process_audio(stand_in, clips, **kwargs)
+    return audio_inputs

@@ -92,6 +92,7 @@ def prompt_format(vision_config: Any) -> PromptFormat:
         audio_placeholder="<|AUDIO|>",
         audio_end="<|audio_eos|>",
         audio_tokens=qwen2_5_audio_tokens,
+        max_audio_seconds=30.0,
         image=ImageFormat(
             start="<|vision_bos|>",
             placeholder="<|IMAGE|>",

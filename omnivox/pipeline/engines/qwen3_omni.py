@@ -80,6 +80,7 @@ def prompt_format(vision_config: Any) -> PromptFormat:
         audio_placeholder="<|audio_pad|>",
         audio_end="<|audio_end|>",
         audio_tokens=qwen3_audio_tokens,
+        audio_zero_padded=False,
         image=ImageFormat(
             start="<|vision_start|>",
             placeholder="<|image_pad|>",

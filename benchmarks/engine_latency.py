@@ -69,7 +69,9 @@ class ModuleTimer:
         self._handles: list[Any] = []
         self._started: dict[str, float] = {}
 
-    def watch(self, label: str, module: torch.nn.Module) -> None:
+    def watch(self, label: str, module: torch.nn.Module, last: torch.nn.Module | None = None) -> None:
+        """Time each call of `module`, or from its start to the end of `last` (a span of calls)."""
+
         def before(*_: Any) -> None:
             synchronize(self.device)
             self._started[label] = time.perf_counter()
@@ -78,7 +80,7 @@ class ModuleTimer:
             synchronize(self.device)
             self.calls[label].append(time.perf_counter() - self._started[label])
 
-        self._handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+        self._handles += [module.register_forward_pre_hook(before), (last or module).register_forward_hook(after)]
 
     def reset(self) -> None:
         self.calls.clear()
@@ -246,7 +248,8 @@ class Qwen25Bench:
         timer.watch("thinker LM", model.thinker.model.language_model)  # every decode step, eager or static
         if model.has_talker:
             timer.watch("talker LM", model.talker.model)
-            timer.watch("DiT call", model.token2wav.code2wav_dit_model)
+            dit = model.token2wav.code2wav_dit_model
+            timer.watch("DiT call", dit.time_embed, last=dit.proj_out)  # one velocity (DitSolver.velocity)
             timer.watch("BigVGAN", model.token2wav.code2wav_bigvgan_model)
 
     def stage_lines(self, calls: dict[str, list[float]]) -> list[str]:

@@ -43,7 +43,7 @@ from omnivox.pipeline.engines.qwen2_5_omni import (
     TurnPlan,
     step_generations,
 )
-from omnivox.pipeline.engines.qwen2_5_token2wav import Token2WavStream, plan_chunks
+from omnivox.pipeline.engines.qwen2_5_token2wav import DitSolver, Token2WavStream, plan_chunks
 from omnivox.pipeline.engines.qwen_common import (
     TRANSCRIPTION_INSTRUCTION,
     TRANSCRIPTION_MIN_TOKENS,
@@ -309,13 +309,11 @@ def test_vocoder_stream_is_480_samples_per_code_and_joins_smoothly(
     engine: Qwen25OmniEngine, first_chunk_codes: int
 ) -> None:
     """Chunked decoding approximates the whole-utterance DiT (same noise); each chunk must join without a step."""
-    speaker = engine.model.speaker_map["Chelsie"]
     codes = [int(c) for c in torch.randint(0, 8192, (157,), generator=torch.Generator().manual_seed(1))]
     stream = Token2WavStream(
         engine.model.token2wav,
         engine.dit_solver,
-        conditioning=speaker["cond"].float(),
-        reference_mel=speaker["ref_mel"].float(),
+        voice=engine.voices["Chelsie"],
         max_codes=len(codes),
         generator=torch.Generator().manual_seed(3),
         first_chunk_codes=first_chunk_codes,
@@ -334,6 +332,121 @@ def test_vocoder_stream_is_480_samples_per_code_and_joins_smoothly(
     assert len(streamed) == len(whole) == SAMPLES_PER_CODE * len(codes)
     relative_error = np.abs(streamed - whole).max() / np.abs(whole).max()
     assert relative_error < 1e-3
+
+
+def test_token2wav_keeps_the_checkpoints_float32_weights_under_a_bf16_model(tiny_qwen2_5_dir: Path) -> None:
+    """from_pretrained builds token2wav in float32 (enable_talker) and loads it so, whatever `dtype` the rest gets:
+    nothing is rounded to bf16 on the way (the checkpoint's own tensors, bit for bit)."""
+    from safetensors.torch import load_file
+
+    engine = Qwen25OmniEngine(str(tiny_qwen2_5_dir), device="cpu", dtype="bfloat16")
+    model, _ = engine.load_weights()
+    stored = {key: value for key, value in load_file(tiny_qwen2_5_dir / "model.safetensors").items()}
+    assert model.thinker.lm_head.weight.dtype == torch.bfloat16
+    loaded = {f"token2wav.{name}": value for name, value in model.token2wav.state_dict().items()}
+    assert {value.dtype for value in loaded.values() if value.is_floating_point()} == {torch.float32}
+    assert all(torch.equal(loaded[key], stored[key]) for key in stored if key in loaded)
+    assert sum(key in loaded for key in stored) > 200
+
+
+def test_the_dit_velocity_is_the_models_forward_with_the_voice_computed_once(engine: Qwen25OmniEngine) -> None:
+    dit = engine.model.token2wav.code2wav_dit_model
+    speaker = engine.model.speaker_map["Ethan"]
+    generator = torch.Generator().manual_seed(5)
+    state = torch.randn(1, 100, dit.mel_dim, generator=generator)
+    codes = torch.randint(0, 8193, (1, 50), generator=generator)
+    with torch.inference_mode():
+        output = dit(
+            hidden_states=state,
+            quantized_code=codes,
+            speaker_embedding=speaker["cond"].float()[:, None].expand(-1, 100, -1),
+            condition_vector=speaker["ref_mel"].float(),
+            time_step=torch.tensor(0.37),
+            apply_cfg=True,
+        )
+        guided, unguided = output.chunk(2)
+        velocity = engine.dit_solver.velocity(state, codes, engine.voices["Ethan"], 0.37)
+    torch.testing.assert_close(velocity, guided + (guided - unguided) * 0.5, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_each_voice_is_encoded_once_not_at_every_dit_call(tiny_qwen2_5_dir: Path) -> None:
+    """The speaker encoder's output depends only on the voice: it runs once per speaker at load, never per chunk."""
+    engine = Qwen25OmniEngine(str(tiny_qwen2_5_dir), device="cpu", max_text_tokens=20, max_audio_codes=120, **GREEDY)
+    model, tokenizer = engine.load_weights()
+    encoded: list[int] = []
+    hook = model.token2wav.code2wav_dit_model.input_embed.spk_encoder.register_forward_hook(
+        lambda _module, args, _output: encoded.append(args[0].shape[0])
+    )
+    try:
+        engine.install(model, tokenizer)
+        assert len(encoded) == len(model.speaker_map) == 2
+        encoded.clear()
+        for voice in ("Chelsie", "Ethan"):
+            generation, deltas = run_to_end(engine, replace(audio_turn(), voice=voice))
+            assert len(pcm_of(deltas)) == SAMPLES_PER_CODE * len(generation.codes) >= 100  # two DiT windows or more
+    finally:
+        hook.remove()
+    assert encoded == []
+
+
+@pytest.mark.slow
+def test_a_bf16_dit_gets_its_time_and_speaker_conditioning_in_float32(tiny_qwen2_5_dir: Path) -> None:
+    """With dit_dtype bfloat16 the ODE time still reaches the sinusoidal embedding (scale 1000) as float32, and the
+    speaker encoder runs in float32: only the transformer blocks are bfloat16."""
+    engine = started(tiny_qwen2_5_dir, max_text_tokens=8, max_audio_codes=60, dit_dtype="bfloat16", **GREEDY)
+    dit = engine.model.token2wav.code2wav_dit_model
+    times: list[torch.Tensor] = []
+    hook = dit.time_embed.register_forward_pre_hook(lambda _module, args: times.append(args[0]))
+    try:
+        with torch.inference_mode():
+            mel = engine.dit_solver.solve(
+                torch.randn(1, 96, dit.mel_dim, generator=torch.Generator().manual_seed(0)),
+                torch.zeros(1, 48, dtype=torch.long),
+                engine.voices["Chelsie"],
+            )
+    finally:
+        hook.remove()
+    assert dit.transformer_blocks[0].attn.to_q.weight.dtype == torch.bfloat16
+    assert {parameter.dtype for parameter in dit.time_embed.parameters()} == {torch.float32}
+    assert {parameter.dtype for parameter in dit.input_embed.spk_encoder.parameters()} == {torch.float32}
+    assert len(times) == 4 * (10 - 1) and all(time.dtype == torch.float32 for time in times)
+    assert sorted({round(float(time[0]), 6) for time in times})[:2] == [0.0, round(engine.dit_solver._times[1] / 3, 6)]
+    assert engine.voices["Chelsie"].reference.dtype == torch.float32
+    assert mel.dtype == torch.float32 and torch.isfinite(mel).all()
+
+
+@pytest.mark.slow
+def test_the_last_window_of_an_utterance_runs_at_a_fixed_length_with_the_same_mel(engine: Qwen25OmniEngine) -> None:
+    """With CUDA graphs only the regular window lengths are captured: the last, shorter window of an utterance is
+    padded to one of them with frames masked out of attention, so it replays a graph instead of running eagerly
+    (its mel is the same). Here the padded path runs eagerly (no GPU)."""
+    dit = engine.model.token2wav.code2wav_dit_model
+    windows = Token2WavStream.regular_windows(48)
+    codes = [int(c) for c in torch.randint(0, 8192, (157,), generator=torch.Generator().manual_seed(1))]
+    lengths: list[int] = []
+    hook = dit.input_embed.proj.register_forward_pre_hook(lambda _module, args: lengths.append(args[0].shape[1]))
+    audio = {}
+    try:
+        for fixed in ((), windows):
+            solver = DitSolver(dit, steps=10, fixed_lengths=fixed)
+            stream = Token2WavStream(
+                engine.model.token2wav,
+                solver,
+                voice=engine.voices["Chelsie"],
+                max_codes=len(codes),
+                generator=torch.Generator().manual_seed(3),
+            )
+            lengths.clear()
+            with torch.inference_mode():
+                chunks = [pcm for code in codes for pcm in stream.push(code)] + stream.flush()
+            audio[fixed] = np.concatenate(chunks)
+            assert (set(lengths) <= set(windows)) == bool(fixed)  # unpadded, the last window has its own length
+    finally:
+        hook.remove()
+    assert windows == (96, 144)
+    assert len(audio[()]) == len(audio[windows]) == SAMPLES_PER_CODE * len(codes)
+    np.testing.assert_allclose(audio[windows], audio[()], rtol=0, atol=1e-5 * np.abs(audio[()]).max())
 
 
 @pytest.mark.slow

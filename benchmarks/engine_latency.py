@@ -376,7 +376,8 @@ class Qwen3Bench:
         if model.has_talker:
             timer.watch("talker LM", model.talker.model)
             timer.watch("code predictor", engine.code_predictor)  # type: ignore[attr-defined]  # 15 passes a frame
-            timer.watch("code2wav", model.code2wav)
+            code2wav = model.code2wav  # decode_window: the code embedding first, the output convolution last
+            timer.watch("code2wav", code2wav.code_embedding, last=code2wav.decoder[-1])
 
     def stage_lines(self, calls: dict[str, list[float]]) -> list[str]:
         if not calls.get("talker LM"):

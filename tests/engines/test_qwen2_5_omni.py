@@ -468,6 +468,93 @@ def test_talker_attention_mask_switch_changes_the_talker_only(tiny_qwen2_5_dir: 
     assert len(pcm_of(deltas)) == SAMPLES_PER_CODE * len(with_mask.codes)
 
 
+def talker_reference_with_mask(
+    engine: Qwen25OmniEngine, request: ResponseRequest, *, text_tokens: int, codes: int
+) -> tuple[list[int], list[int]]:
+    """(text ids, codec codes) of a greedy answer as transformers 4.52's generate() made it, its talker keeping the
+    attention mask (5.23's drops it), written out by hand from the model's own modules: the thinker's generate() with
+    hidden states; the talker prefill with its mask (TMRoPE positions from the prompt, codec pad/bos embeddings
+    added); then one code at a time, the talker computing its positions itself from the mask and its rope offset."""
+    model, talker = engine.model, engine.model.talker
+    plan = engine.prepare(request)
+    inputs = plan.inputs.tensors(torch.device("cpu"), torch.float32)
+    input_ids = inputs["input_ids"]
+    embed = model.thinker.get_input_embeddings()
+    with torch.inference_mode():
+        thinker = model.thinker.generate(
+            **inputs,
+            max_new_tokens=text_tokens,
+            do_sample=False,
+            eos_token_id=sorted(engine.text_eos_ids),
+            output_hidden_states=True,
+            return_dict_in_generate=True,
+        )
+        text_ids = thinker.sequences[0, input_ids.shape[1] :].tolist()
+        prompt_embeds = thinker.hidden_states[0][0].clone()
+        config = model.config.thinker_config
+        prompt_embeds[(input_ids == config.audio_token_index) | (input_ids == config.image_token_index)] = 0
+        replies = [states[-1] + states[0] for states in thinker.hidden_states[1:]]  # of every token fed back
+        speaker_bos = torch.tensor([[model.speaker_map[plan.speaker]["bos_token"]]])
+        ends = embed(torch.tensor([[talker.text_eos_token, talker.text_pad_token]])).split(1, dim=1)
+        reply_stream = [*replies[1:], *ends]  # then tts_pad for ever
+        prompt_length = input_ids.shape[1] + 2
+        output = talker(
+            input_ids=torch.tensor(
+                [[talker.codec_mask_token] * input_ids.shape[1] + [talker.codec_pad_token, talker.codec_bos_token]]
+            ),
+            input_text_ids=torch.cat([input_ids, speaker_bos, torch.tensor([text_ids[:1]])], dim=1),
+            inputs_embeds=torch.cat([thinker.hidden_states[0][-1] + prompt_embeds, embed(speaker_bos), replies[0]], 1),
+            attention_mask=torch.ones(1, prompt_length, dtype=torch.long),
+            audio_feature_lengths=inputs["feature_attention_mask"].sum(1),
+            image_grid_thw=inputs.get("image_grid_thw"),
+            use_cache=True,
+        )
+        spoken: list[int] = []
+        while len(spoken) < codes:
+            scores = OnlyCodes()(None, output.logits[:, -1].clone())
+            scores[..., talker.codec_bos_token] = -float("inf")
+            code = int(scores.argmax(-1))
+            if code in engine.codec_stop_ids:
+                break
+            spoken.append(code)
+            output = talker(
+                input_ids=torch.tensor([[code]]),
+                thinker_reply_part=reply_stream[min(len(spoken) - 1, len(reply_stream) - 1)],
+                attention_mask=torch.ones(1, prompt_length + len(spoken), dtype=torch.long),
+                past_key_values=output.past_key_values,
+                use_cache=True,
+            )
+    return text_ids, spoken
+
+
+@pytest.fixture(scope="module")
+def masked_engines(tiny_qwen2_5_dir: Path) -> dict[str, Qwen25OmniEngine]:
+    """The production talker (its attention mask on), on growing caches and on static slots."""
+    limits = {"max_text_tokens": 20, "max_audio_codes": 120, **GREEDY}
+    return {
+        "eager": started(tiny_qwen2_5_dir, **limits),
+        "static slots": started(tiny_qwen2_5_dir, static_cache=True, static_cache_tokens=256, max_active=2, **limits),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("decoding", "image"), [("eager", False), ("static slots", False), ("static slots", True)])
+def test_the_production_talker_with_its_mask_equals_a_hand_written_reference(
+    masked_engines: dict[str, Qwen25OmniEngine], decoding: str, image: bool
+) -> None:
+    engine = masked_engines[decoding]
+    parts = (ImagePart(png_image(60, 90)), AudioPart(tone(1.0))) if image else (AudioPart(tone(1.5)),)
+    request = ResponseRequest(messages=(Message("user", parts),), sampling=SamplingParams(temperature=0.0))
+    text_ids, codes = talker_reference_with_mask(engine, request, text_tokens=20, codes=120)
+    generation, deltas = run_to_end(engine, request)
+
+    assert generation.decoding == ("static" if decoding == "static slots" else "eager")
+    assert generation.text_ids == text_ids
+    assert generation.codes == codes
+    assert len(codes) > 20
+    assert len(pcm_of(deltas)) == SAMPLES_PER_CODE * len(codes)
+
+
 @pytest.mark.slow
 def test_seeded_sampling_repeats_and_the_seed_matters(tiny_qwen2_5_dir: Path) -> None:
     engine = started(tiny_qwen2_5_dir, max_text_tokens=12, max_audio_codes=60)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -186,48 +186,6 @@ class ModelBench(Protocol):
 class Qwen25Bench:
     """Qwen2.5-Omni: tiny checkpoint, random weights at 7B/3B size, or a real checkpoint."""
 
-    SIZES: ClassVar[dict[str, dict[str, Any]]] = {
-        # thinker text/audio/vision and token2wav: the config-class defaults are the 7B checkpoint's, except vision
-        # hidden_size (1280). The talker class defaults copy the thinker, so the checkpoint's talker dims are given.
-        "7b": {
-            "text": {"tie_word_embeddings": False},
-            "audio": {},
-            "vision": {"hidden_size": 1280},
-            "talker": {
-                "embedding_size": 3584,
-                "hidden_size": 896,
-                "intermediate_size": 18944,
-                "num_hidden_layers": 24,
-                "num_attention_heads": 12,
-                "num_key_value_heads": 4,
-                "head_dim": 128,
-            },
-        },
-        # 3B: thinker as Qwen2.5-3B; talker dims assumed from the published 3B config (896 wide, 24 layers).
-        "3b": {
-            "text": {
-                "hidden_size": 2048,
-                "intermediate_size": 11008,
-                "num_hidden_layers": 36,
-                "num_attention_heads": 16,
-                "num_key_value_heads": 2,
-                "vocab_size": 151936,
-                "tie_word_embeddings": True,
-            },
-            "audio": {"output_dim": 2048},
-            "vision": {"hidden_size": 1280, "out_hidden_size": 2048},
-            "talker": {
-                "embedding_size": 2048,
-                "hidden_size": 896,
-                "intermediate_size": 4864,
-                "num_hidden_layers": 24,
-                "num_attention_heads": 14,
-                "num_key_value_heads": 2,
-                "head_dim": 64,
-            },
-        },
-    }
-
     def build(self, args: argparse.Namespace, options: dict[str, Any]) -> QwenOmniEngine:
         from omnivox.pipeline.engines.qwen2_5_omni import Qwen25OmniEngine
 
@@ -284,44 +242,15 @@ class Qwen25Bench:
 
 def random_weights_engine(size: str, **options: Any) -> QwenOmniEngine:
     """The engine with checkpoint-size random weights built directly on the device (nothing is downloaded)."""
-    from tiny_models import build_tokenizer, tiny_qwen2_5_config
-    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
+    from tiny_models import build_tokenizer, full_size_config, random_qwen2_5
 
     from omnivox.pipeline.engines.qwen2_5_omni import Qwen25OmniEngine
 
     class RandomQwen25(Qwen25OmniEngine):
         def load_weights(self) -> tuple[Any, Any]:
             tokenizer = build_tokenizer()
-            tiny = tiny_qwen2_5_config(tokenizer)
-            dims = Qwen25Bench.SIZES[size]
-            mrope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
-            ids = {k: v for k, v in tiny.thinker_config.to_dict().items() if k.endswith(("token_id", "token_index"))}
-            talker_ids = {k: v for k, v in tiny.talker_config.to_dict().items() if k.endswith(("_id", "token_index"))}
-            config = Qwen2_5OmniConfig(
-                thinker_config={
-                    **ids,
-                    "audio_config": dims["audio"],
-                    "vision_config": dims["vision"],
-                    "text_config": {**dims["text"], "rope_parameters": mrope},
-                },
-                talker_config={**talker_ids, **dims["talker"], "vocab_size": 8448, "rope_parameters": mrope},
-                token2wav_config={},
-            )
-            default_dtype = torch.get_default_dtype()
-            torch.set_default_dtype(self.runtime.dtype)
-            try:
-                with torch.device(self.runtime.device):
-                    model = Qwen2_5OmniForConditionalGeneration(config).eval()
-            finally:
-                torch.set_default_dtype(default_dtype)
-            generator = torch.Generator().manual_seed(0)
-            dit = config.token2wav_config.dit_config
-            model.speaker_map["Chelsie"] = {
-                "bos_token": tokenizer.convert_tokens_to_ids("<|spk_chelsie|>"),
-                "cond": torch.randn(1, dit.enc_emb_dim, generator=generator),
-                "ref_mel": torch.randn(1, 300, dit.mel_dim, generator=generator),
-            }
-            return model, tokenizer
+            config = full_size_config(tokenizer, size)
+            return random_qwen2_5(config, tokenizer, self.runtime.device, self.runtime.dtype), tokenizer
 
     return RandomQwen25(f"random-qwen2.5-omni-{size}", **options)
 

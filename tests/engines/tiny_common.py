@@ -12,9 +12,11 @@ from typing import Any
 
 import av
 import numpy as np
+import torch
 from tokenizers import AddedToken
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import PreTrainedTokenizerBase, Qwen2Tokenizer, WhisperFeatureExtractor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Qwen2Tokenizer, WhisperFeatureExtractor
+from transformers.initialization import no_init_weights
 
 HIDDEN = 32
 """Width of every tiny sub-model."""
@@ -85,3 +87,33 @@ def processor_audio(processor_class: type, clips: list[np.ndarray]) -> dict[str,
     kwargs = {**processor_class.audio_kwargs, "return_tensors": "pt"}
     audio_inputs, _ = processor_class._process_audio(stand_in, clips, **kwargs)
     return audio_inputs
+
+
+def random_model(
+    model_class: type[PreTrainedModel],
+    config: Any,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    *,
+    draw_once: bool = True,
+) -> PreTrainedModel:
+    """`model_class(config)` built directly on `device` in `dtype`.
+
+    With `draw_once` its weights are drawn once, by transformers' own initialisation (`init_weights`) without
+    torch's default one before it: that halves the time a CPU takes to build a model with a billion parameters,
+    most of it spent drawing random numbers. Without, it is built as usual (the tiny checkpoints keep the weights
+    their tests were written against)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        if not draw_once:
+            with torch.device(device):
+                return model_class(config).eval()
+        with torch.device(device), no_init_weights():
+            model = model_class(config)
+        model.tie_weights()  # before drawing: a tied head would otherwise be drawn (and held) once more first
+        with torch.device(device):
+            model.init_weights()
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()

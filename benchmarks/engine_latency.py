@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -69,7 +69,9 @@ class ModuleTimer:
         self._handles: list[Any] = []
         self._started: dict[str, float] = {}
 
-    def watch(self, label: str, module: torch.nn.Module) -> None:
+    def watch(self, label: str, module: torch.nn.Module, last: torch.nn.Module | None = None) -> None:
+        """Time each call of `module`, or from its start to the end of `last` (a span of calls)."""
+
         def before(*_: Any) -> None:
             synchronize(self.device)
             self._started[label] = time.perf_counter()
@@ -78,7 +80,7 @@ class ModuleTimer:
             synchronize(self.device)
             self.calls[label].append(time.perf_counter() - self._started[label])
 
-        self._handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+        self._handles += [module.register_forward_pre_hook(before), (last or module).register_forward_hook(after)]
 
     def reset(self) -> None:
         self.calls.clear()
@@ -184,48 +186,6 @@ class ModelBench(Protocol):
 class Qwen25Bench:
     """Qwen2.5-Omni: tiny checkpoint, random weights at 7B/3B size, or a real checkpoint."""
 
-    SIZES: ClassVar[dict[str, dict[str, Any]]] = {
-        # thinker text/audio/vision and token2wav: the config-class defaults are the 7B checkpoint's, except vision
-        # hidden_size (1280). The talker class defaults copy the thinker, so the checkpoint's talker dims are given.
-        "7b": {
-            "text": {"tie_word_embeddings": False},
-            "audio": {},
-            "vision": {"hidden_size": 1280},
-            "talker": {
-                "embedding_size": 3584,
-                "hidden_size": 896,
-                "intermediate_size": 18944,
-                "num_hidden_layers": 24,
-                "num_attention_heads": 12,
-                "num_key_value_heads": 4,
-                "head_dim": 128,
-            },
-        },
-        # 3B: thinker as Qwen2.5-3B; talker dims assumed from the published 3B config (896 wide, 24 layers).
-        "3b": {
-            "text": {
-                "hidden_size": 2048,
-                "intermediate_size": 11008,
-                "num_hidden_layers": 36,
-                "num_attention_heads": 16,
-                "num_key_value_heads": 2,
-                "vocab_size": 151936,
-                "tie_word_embeddings": True,
-            },
-            "audio": {"output_dim": 2048},
-            "vision": {"hidden_size": 1280, "out_hidden_size": 2048},
-            "talker": {
-                "embedding_size": 2048,
-                "hidden_size": 896,
-                "intermediate_size": 4864,
-                "num_hidden_layers": 24,
-                "num_attention_heads": 14,
-                "num_key_value_heads": 2,
-                "head_dim": 64,
-            },
-        },
-    }
-
     def build(self, args: argparse.Namespace, options: dict[str, Any]) -> QwenOmniEngine:
         from omnivox.pipeline.engines.qwen2_5_omni import Qwen25OmniEngine
 
@@ -246,7 +206,8 @@ class Qwen25Bench:
         timer.watch("thinker LM", model.thinker.model.language_model)  # every decode step, eager or static
         if model.has_talker:
             timer.watch("talker LM", model.talker.model)
-            timer.watch("DiT call", model.token2wav.code2wav_dit_model)
+            dit = model.token2wav.code2wav_dit_model
+            timer.watch("DiT call", dit.time_embed, last=dit.proj_out)  # one velocity (DitSolver.velocity)
             timer.watch("BigVGAN", model.token2wav.code2wav_bigvgan_model)
 
     def stage_lines(self, calls: dict[str, list[float]]) -> list[str]:
@@ -281,44 +242,15 @@ class Qwen25Bench:
 
 def random_weights_engine(size: str, **options: Any) -> QwenOmniEngine:
     """The engine with checkpoint-size random weights built directly on the device (nothing is downloaded)."""
-    from tiny_models import build_tokenizer, tiny_qwen2_5_config
-    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
+    from tiny_models import build_tokenizer, full_size_config, random_qwen2_5
 
     from omnivox.pipeline.engines.qwen2_5_omni import Qwen25OmniEngine
 
     class RandomQwen25(Qwen25OmniEngine):
         def load_weights(self) -> tuple[Any, Any]:
             tokenizer = build_tokenizer()
-            tiny = tiny_qwen2_5_config(tokenizer)
-            dims = Qwen25Bench.SIZES[size]
-            mrope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
-            ids = {k: v for k, v in tiny.thinker_config.to_dict().items() if k.endswith(("token_id", "token_index"))}
-            talker_ids = {k: v for k, v in tiny.talker_config.to_dict().items() if k.endswith(("_id", "token_index"))}
-            config = Qwen2_5OmniConfig(
-                thinker_config={
-                    **ids,
-                    "audio_config": dims["audio"],
-                    "vision_config": dims["vision"],
-                    "text_config": {**dims["text"], "rope_parameters": mrope},
-                },
-                talker_config={**talker_ids, **dims["talker"], "vocab_size": 8448, "rope_parameters": mrope},
-                token2wav_config={},
-            )
-            default_dtype = torch.get_default_dtype()
-            torch.set_default_dtype(self.runtime.dtype)
-            try:
-                with torch.device(self.runtime.device):
-                    model = Qwen2_5OmniForConditionalGeneration(config).eval()
-            finally:
-                torch.set_default_dtype(default_dtype)
-            generator = torch.Generator().manual_seed(0)
-            dit = config.token2wav_config.dit_config
-            model.speaker_map["Chelsie"] = {
-                "bos_token": tokenizer.convert_tokens_to_ids("<|spk_chelsie|>"),
-                "cond": torch.randn(1, dit.enc_emb_dim, generator=generator),
-                "ref_mel": torch.randn(1, 300, dit.mel_dim, generator=generator),
-            }
-            return model, tokenizer
+            config = full_size_config(tokenizer, size)
+            return random_qwen2_5(config, tokenizer, self.runtime.device, self.runtime.dtype), tokenizer
 
     return RandomQwen25(f"random-qwen2.5-omni-{size}", **options)
 
@@ -373,7 +305,8 @@ class Qwen3Bench:
         if model.has_talker:
             timer.watch("talker LM", model.talker.model)
             timer.watch("code predictor", engine.code_predictor)  # type: ignore[attr-defined]  # 15 passes a frame
-            timer.watch("code2wav", model.code2wav)
+            code2wav = model.code2wav  # decode_window: the code embedding first, the output convolution last
+            timer.watch("code2wav", code2wav.code_embedding, last=code2wav.decoder[-1])
 
     def stage_lines(self, calls: dict[str, list[float]]) -> list[str]:
         if not calls.get("talker LM"):

@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tiny_common import png_image
+from tiny_common import png_image, processor_audio
 from tiny_models import OnlyCodes
 from transformers import LogitsProcessorList, WhisperFeatureExtractor
+from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import Qwen2_5OmniProcessor
 
 from omnivox.pipeline.engines.base import (
     AudioDelta,
@@ -42,7 +43,7 @@ from omnivox.pipeline.engines.qwen2_5_omni import (
     TurnPlan,
     step_generations,
 )
-from omnivox.pipeline.engines.qwen2_5_token2wav import Token2WavStream, plan_chunks
+from omnivox.pipeline.engines.qwen2_5_token2wav import DitSolver, Token2WavStream, plan_chunks
 from omnivox.pipeline.engines.qwen_common import (
     TRANSCRIPTION_INSTRUCTION,
     TRANSCRIPTION_MIN_TOKENS,
@@ -308,13 +309,11 @@ def test_vocoder_stream_is_480_samples_per_code_and_joins_smoothly(
     engine: Qwen25OmniEngine, first_chunk_codes: int
 ) -> None:
     """Chunked decoding approximates the whole-utterance DiT (same noise); each chunk must join without a step."""
-    speaker = engine.model.speaker_map["Chelsie"]
     codes = [int(c) for c in torch.randint(0, 8192, (157,), generator=torch.Generator().manual_seed(1))]
     stream = Token2WavStream(
         engine.model.token2wav,
         engine.dit_solver,
-        conditioning=speaker["cond"].float(),
-        reference_mel=speaker["ref_mel"].float(),
+        voice=engine.voices["Chelsie"],
         max_codes=len(codes),
         generator=torch.Generator().manual_seed(3),
         first_chunk_codes=first_chunk_codes,
@@ -335,6 +334,121 @@ def test_vocoder_stream_is_480_samples_per_code_and_joins_smoothly(
     assert relative_error < 1e-3
 
 
+def test_token2wav_keeps_the_checkpoints_float32_weights_under_a_bf16_model(tiny_qwen2_5_dir: Path) -> None:
+    """from_pretrained builds token2wav in float32 (enable_talker) and loads it so, whatever `dtype` the rest gets:
+    nothing is rounded to bf16 on the way (the checkpoint's own tensors, bit for bit)."""
+    from safetensors.torch import load_file
+
+    engine = Qwen25OmniEngine(str(tiny_qwen2_5_dir), device="cpu", dtype="bfloat16")
+    model, _ = engine.load_weights()
+    stored = {key: value for key, value in load_file(tiny_qwen2_5_dir / "model.safetensors").items()}
+    assert model.thinker.lm_head.weight.dtype == torch.bfloat16
+    loaded = {f"token2wav.{name}": value for name, value in model.token2wav.state_dict().items()}
+    assert {value.dtype for value in loaded.values() if value.is_floating_point()} == {torch.float32}
+    assert all(torch.equal(loaded[key], stored[key]) for key in stored if key in loaded)
+    assert sum(key in loaded for key in stored) > 200
+
+
+def test_the_dit_velocity_is_the_models_forward_with_the_voice_computed_once(engine: Qwen25OmniEngine) -> None:
+    dit = engine.model.token2wav.code2wav_dit_model
+    speaker = engine.model.speaker_map["Ethan"]
+    generator = torch.Generator().manual_seed(5)
+    state = torch.randn(1, 100, dit.mel_dim, generator=generator)
+    codes = torch.randint(0, 8193, (1, 50), generator=generator)
+    with torch.inference_mode():
+        output = dit(
+            hidden_states=state,
+            quantized_code=codes,
+            speaker_embedding=speaker["cond"].float()[:, None].expand(-1, 100, -1),
+            condition_vector=speaker["ref_mel"].float(),
+            time_step=torch.tensor(0.37),
+            apply_cfg=True,
+        )
+        guided, unguided = output.chunk(2)
+        velocity = engine.dit_solver.velocity(state, codes, engine.voices["Ethan"], 0.37)
+    torch.testing.assert_close(velocity, guided + (guided - unguided) * 0.5, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_each_voice_is_encoded_once_not_at_every_dit_call(tiny_qwen2_5_dir: Path) -> None:
+    """The speaker encoder's output depends only on the voice: it runs once per speaker at load, never per chunk."""
+    engine = Qwen25OmniEngine(str(tiny_qwen2_5_dir), device="cpu", max_text_tokens=20, max_audio_codes=120, **GREEDY)
+    model, tokenizer = engine.load_weights()
+    encoded: list[int] = []
+    hook = model.token2wav.code2wav_dit_model.input_embed.spk_encoder.register_forward_hook(
+        lambda _module, args, _output: encoded.append(args[0].shape[0])
+    )
+    try:
+        engine.install(model, tokenizer)
+        assert len(encoded) == len(model.speaker_map) == 2
+        encoded.clear()
+        for voice in ("Chelsie", "Ethan"):
+            generation, deltas = run_to_end(engine, replace(audio_turn(), voice=voice))
+            assert len(pcm_of(deltas)) == SAMPLES_PER_CODE * len(generation.codes) >= 100  # two DiT windows or more
+    finally:
+        hook.remove()
+    assert encoded == []
+
+
+@pytest.mark.slow
+def test_a_bf16_dit_gets_its_time_and_speaker_conditioning_in_float32(tiny_qwen2_5_dir: Path) -> None:
+    """With dit_dtype bfloat16 the ODE time still reaches the sinusoidal embedding (scale 1000) as float32, and the
+    speaker encoder runs in float32: only the transformer blocks are bfloat16."""
+    engine = started(tiny_qwen2_5_dir, max_text_tokens=8, max_audio_codes=60, dit_dtype="bfloat16", **GREEDY)
+    dit = engine.model.token2wav.code2wav_dit_model
+    times: list[torch.Tensor] = []
+    hook = dit.time_embed.register_forward_pre_hook(lambda _module, args: times.append(args[0]))
+    try:
+        with torch.inference_mode():
+            mel = engine.dit_solver.solve(
+                torch.randn(1, 96, dit.mel_dim, generator=torch.Generator().manual_seed(0)),
+                torch.zeros(1, 48, dtype=torch.long),
+                engine.voices["Chelsie"],
+            )
+    finally:
+        hook.remove()
+    assert dit.transformer_blocks[0].attn.to_q.weight.dtype == torch.bfloat16
+    assert {parameter.dtype for parameter in dit.time_embed.parameters()} == {torch.float32}
+    assert {parameter.dtype for parameter in dit.input_embed.spk_encoder.parameters()} == {torch.float32}
+    assert len(times) == 4 * (10 - 1) and all(time.dtype == torch.float32 for time in times)
+    assert sorted({round(float(time[0]), 6) for time in times})[:2] == [0.0, round(engine.dit_solver._times[1] / 3, 6)]
+    assert engine.voices["Chelsie"].reference.dtype == torch.float32
+    assert mel.dtype == torch.float32 and torch.isfinite(mel).all()
+
+
+@pytest.mark.slow
+def test_the_last_window_of_an_utterance_runs_at_a_fixed_length_with_the_same_mel(engine: Qwen25OmniEngine) -> None:
+    """With CUDA graphs only the regular window lengths are captured: the last, shorter window of an utterance is
+    padded to one of them with frames masked out of attention, so it replays a graph instead of running eagerly
+    (its mel is the same). Here the padded path runs eagerly (no GPU)."""
+    dit = engine.model.token2wav.code2wav_dit_model
+    windows = Token2WavStream.regular_windows(48)
+    codes = [int(c) for c in torch.randint(0, 8192, (157,), generator=torch.Generator().manual_seed(1))]
+    lengths: list[int] = []
+    hook = dit.input_embed.proj.register_forward_pre_hook(lambda _module, args: lengths.append(args[0].shape[1]))
+    audio = {}
+    try:
+        for fixed in ((), windows):
+            solver = DitSolver(dit, steps=10, fixed_lengths=fixed)
+            stream = Token2WavStream(
+                engine.model.token2wav,
+                solver,
+                voice=engine.voices["Chelsie"],
+                max_codes=len(codes),
+                generator=torch.Generator().manual_seed(3),
+            )
+            lengths.clear()
+            with torch.inference_mode():
+                chunks = [pcm for code in codes for pcm in stream.push(code)] + stream.flush()
+            audio[fixed] = np.concatenate(chunks)
+            assert (set(lengths) <= set(windows)) == bool(fixed)  # unpadded, the last window has its own length
+    finally:
+        hook.remove()
+    assert windows == (96, 144)
+    assert len(audio[()]) == len(audio[windows]) == SAMPLES_PER_CODE * len(codes)
+    np.testing.assert_allclose(audio[windows], audio[()], rtol=0, atol=1e-5 * np.abs(audio[()]).max())
+
+
 @pytest.mark.slow
 def test_text_only_request_streams_the_same_text_and_no_audio(engine: Qwen25OmniEngine) -> None:
     spoken, _ = run_to_end(engine, audio_turn())
@@ -352,6 +466,93 @@ def test_talker_attention_mask_switch_changes_the_talker_only(tiny_qwen2_5_dir: 
     assert with_mask.text_ids == without_mask.text_ids
     assert with_mask.codes != without_mask.codes
     assert len(pcm_of(deltas)) == SAMPLES_PER_CODE * len(with_mask.codes)
+
+
+def talker_reference_with_mask(
+    engine: Qwen25OmniEngine, request: ResponseRequest, *, text_tokens: int, codes: int
+) -> tuple[list[int], list[int]]:
+    """(text ids, codec codes) of a greedy answer as transformers 4.52's generate() made it, its talker keeping the
+    attention mask (5.23's drops it), written out by hand from the model's own modules: the thinker's generate() with
+    hidden states; the talker prefill with its mask (TMRoPE positions from the prompt, codec pad/bos embeddings
+    added); then one code at a time, the talker computing its positions itself from the mask and its rope offset."""
+    model, talker = engine.model, engine.model.talker
+    plan = engine.prepare(request)
+    inputs = plan.inputs.tensors(torch.device("cpu"), torch.float32)
+    input_ids = inputs["input_ids"]
+    embed = model.thinker.get_input_embeddings()
+    with torch.inference_mode():
+        thinker = model.thinker.generate(
+            **inputs,
+            max_new_tokens=text_tokens,
+            do_sample=False,
+            eos_token_id=sorted(engine.text_eos_ids),
+            output_hidden_states=True,
+            return_dict_in_generate=True,
+        )
+        text_ids = thinker.sequences[0, input_ids.shape[1] :].tolist()
+        prompt_embeds = thinker.hidden_states[0][0].clone()
+        config = model.config.thinker_config
+        prompt_embeds[(input_ids == config.audio_token_index) | (input_ids == config.image_token_index)] = 0
+        replies = [states[-1] + states[0] for states in thinker.hidden_states[1:]]  # of every token fed back
+        speaker_bos = torch.tensor([[model.speaker_map[plan.speaker]["bos_token"]]])
+        ends = embed(torch.tensor([[talker.text_eos_token, talker.text_pad_token]])).split(1, dim=1)
+        reply_stream = [*replies[1:], *ends]  # then tts_pad for ever
+        prompt_length = input_ids.shape[1] + 2
+        output = talker(
+            input_ids=torch.tensor(
+                [[talker.codec_mask_token] * input_ids.shape[1] + [talker.codec_pad_token, talker.codec_bos_token]]
+            ),
+            input_text_ids=torch.cat([input_ids, speaker_bos, torch.tensor([text_ids[:1]])], dim=1),
+            inputs_embeds=torch.cat([thinker.hidden_states[0][-1] + prompt_embeds, embed(speaker_bos), replies[0]], 1),
+            attention_mask=torch.ones(1, prompt_length, dtype=torch.long),
+            audio_feature_lengths=inputs["feature_attention_mask"].sum(1),
+            image_grid_thw=inputs.get("image_grid_thw"),
+            use_cache=True,
+        )
+        spoken: list[int] = []
+        while len(spoken) < codes:
+            scores = OnlyCodes()(None, output.logits[:, -1].clone())
+            scores[..., talker.codec_bos_token] = -float("inf")
+            code = int(scores.argmax(-1))
+            if code in engine.codec_stop_ids:
+                break
+            spoken.append(code)
+            output = talker(
+                input_ids=torch.tensor([[code]]),
+                thinker_reply_part=reply_stream[min(len(spoken) - 1, len(reply_stream) - 1)],
+                attention_mask=torch.ones(1, prompt_length + len(spoken), dtype=torch.long),
+                past_key_values=output.past_key_values,
+                use_cache=True,
+            )
+    return text_ids, spoken
+
+
+@pytest.fixture(scope="module")
+def masked_engines(tiny_qwen2_5_dir: Path) -> dict[str, Qwen25OmniEngine]:
+    """The production talker (its attention mask on), on growing caches and on static slots."""
+    limits = {"max_text_tokens": 20, "max_audio_codes": 120, **GREEDY}
+    return {
+        "eager": started(tiny_qwen2_5_dir, **limits),
+        "static slots": started(tiny_qwen2_5_dir, static_cache=True, static_cache_tokens=256, max_active=2, **limits),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("decoding", "image"), [("eager", False), ("static slots", False), ("static slots", True)])
+def test_the_production_talker_with_its_mask_equals_a_hand_written_reference(
+    masked_engines: dict[str, Qwen25OmniEngine], decoding: str, image: bool
+) -> None:
+    engine = masked_engines[decoding]
+    parts = (ImagePart(png_image(60, 90)), AudioPart(tone(1.0))) if image else (AudioPart(tone(1.5)),)
+    request = ResponseRequest(messages=(Message("user", parts),), sampling=SamplingParams(temperature=0.0))
+    text_ids, codes = talker_reference_with_mask(engine, request, text_tokens=20, codes=120)
+    generation, deltas = run_to_end(engine, request)
+
+    assert generation.decoding == ("static" if decoding == "static slots" else "eager")
+    assert generation.text_ids == text_ids
+    assert generation.codes == codes
+    assert len(codes) > 20
+    assert len(pcm_of(deltas)) == SAMPLES_PER_CODE * len(codes)
 
 
 @pytest.mark.slow
@@ -379,13 +580,50 @@ def test_prompt_has_the_official_system_prompt_instructions_and_the_whole_conver
     )
     plan: TurnPlan = engine.prepare(request)
     prompt = engine.tokenizer.decode(plan.inputs.input_ids[0])
-    assert prompt.startswith(f"<|im_start|>system\n{SYSTEM_PROMPT}\n\nAnswer briefly.<|im_end|>\n")
+    assert prompt.startswith(
+        f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>system\nAnswer briefly.<|im_end|>\n"
+    )
     assert "<|im_start|>assistant\nHello there<|im_end|>\n<|im_start|>user\nand <|audio_bos|>" in prompt
     assert prompt.endswith("<|audio_eos|><|im_end|>\n<|im_start|>assistant\n")
     assert plan.inputs.input_features is not None and plan.inputs.feature_attention_mask is not None
     assert plan.inputs.input_features.shape[0] == 2  # the assistant's audio is represented by its transcript
     assert [prompt.count("<|AUDIO|>")] == [25 + 50]  # 25 audio tokens per second of input
     assert plan.inputs.feature_attention_mask.sum(-1).tolist() == [100, 200]
+
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
+    "{{ '<|im_start|>assistant\n' }}"
+)
+"""The ChatML layout of the Qwen chat templates, for text-only messages."""
+
+
+@pytest.mark.parametrize(
+    ("instructions_turn", "expected_messages"),
+    [
+        ("system", [("system", SYSTEM_PROMPT), ("system", "Speak like a pirate."), ("user", "Hi!")]),
+        ("user", [("system", SYSTEM_PROMPT), ("user", "Speak like a pirate.\n\nHi!")]),
+    ],
+)
+def test_the_official_system_turn_stays_byte_exact_and_the_instructions_land_where_configured(
+    tiny_qwen2_5_dir: Path, instructions_turn: str, expected_messages: list[tuple[str, str]]
+) -> None:
+    """Speech output needs the official system prompt as the first turn, exactly: the caller's instructions never
+    change it, whichever turn carries them."""
+    engine = started(tiny_qwen2_5_dir, instructions_turn=instructions_turn, enable_audio=False)
+    later = (Message("assistant", (TextPart("Arr."),)), Message("user", (TextPart("Again!"),)))
+    for messages in [(Message("user", (TextPart("Hi!"),)),), (Message("user", (TextPart("Hi!"),)), *later)]:
+        request = ResponseRequest(messages=messages, instructions="  Speak like a pirate.  ")
+        ids = engine.prepare(request).inputs.input_ids[0].tolist()
+        official = engine.tokenizer(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n", add_special_tokens=False)
+        assert ids[: len(official.input_ids)] == official.input_ids
+        rendered = engine.tokenizer.apply_chat_template(
+            [{"role": role, "content": text} for role, text in expected_messages]
+            + [{"role": message.role, "content": message.parts[0].text} for message in messages[1:]],
+            chat_template=CHATML,
+            tokenize=False,
+        )
+        assert engine.tokenizer.decode(ids) == rendered
 
 
 def test_audio_features_equal_the_official_30_s_padding_on_every_valid_frame(engine: Qwen25OmniEngine) -> None:
@@ -404,6 +642,28 @@ def test_audio_features_equal_the_official_30_s_padding_on_every_valid_frame(eng
         assert frames == -(-len(clip) // 160) == int(inputs.feature_attention_mask[row].sum())
         torch.testing.assert_close(
             inputs.input_features[row, :, :frames], official["input_features"][row, :, :frames], rtol=0, atol=0
+        )
+
+
+def test_a_turn_over_30_s_becomes_clips_the_processor_would_make_and_nothing_is_dropped(
+    engine: Qwen25OmniEngine,
+) -> None:
+    """The processor keeps the first 30 s of a clip (and drops the rest); the prompt keeps that first clip exactly and
+    the rest as a clip of its own, encoded as the processor encodes it."""
+    speech = (0.2 * np.random.default_rng(3).standard_normal(45 * 16_000 + 123)).astype(np.float32)
+    inputs = engine.prepare(ResponseRequest(messages=(Message("user", (AudioPart(speech),)),))).inputs
+    prompt = engine.tokenizer.decode(inputs.input_ids[0])
+    segments = prompt.split("<|audio_bos|>")[1:]
+
+    assert inputs.input_features is not None and inputs.feature_attention_mask is not None
+    assert len(segments) == 2 and len(inputs.audio_keys) == 2
+    for row, clip in enumerate((speech, speech[30 * 16_000 :])):
+        official = processor_audio(Qwen2_5OmniProcessor, [clip])
+        frames = int(official["feature_attention_mask"].sum())
+        assert frames == int(inputs.feature_attention_mask[row].sum()) == [3000, 1501][row]
+        assert segments[row].count("<|AUDIO|>") == int(official["num_audio_tokens"][0])
+        torch.testing.assert_close(
+            inputs.input_features[row, :, :frames], official["input_features"][0, :, :frames], rtol=0, atol=0
         )
 
 

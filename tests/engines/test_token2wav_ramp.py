@@ -34,12 +34,10 @@ def random_codes(count: int) -> list[int]:
 def make_stream(
     engine: Qwen25OmniEngine, max_codes: int, first: int = 48, ramp: tuple[int, ...] = ()
 ) -> Token2WavStream:
-    speaker = engine.model.speaker_map["Chelsie"]
     return Token2WavStream(
         engine.model.token2wav,
         engine.dit_solver,
-        conditioning=speaker["cond"].float(),
-        reference_mel=speaker["ref_mel"].float(),
+        voice=engine.voices["Chelsie"],
         max_codes=max_codes,
         generator=torch.Generator().manual_seed(3),
         first_chunk_codes=first,

@@ -7,13 +7,16 @@ shapes, so the tiny builders take these from one place and add only their own sp
 from __future__ import annotations
 
 import io
+import types
 from typing import Any
 
 import av
 import numpy as np
+import torch
 from tokenizers import AddedToken
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import PreTrainedTokenizerBase, Qwen2Tokenizer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Qwen2Tokenizer, WhisperFeatureExtractor
+from transformers.initialization import no_init_weights
 
 HIDDEN = 32
 """Width of every tiny sub-model."""
@@ -70,3 +73,47 @@ def png_image(height: int, width: int) -> bytes:
         for packet in [*stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")), *stream.encode()]:
             container.mux(packet)
     return buffer.getvalue()
+
+
+def processor_audio(processor_class: type, clips: list[np.ndarray]) -> dict[str, Any]:
+    """What a Qwen-Omni processor class makes of audio clips given together (its own `_process_audio`, with its own
+    audio settings): `input_features`, `feature_attention_mask`, `num_audio_tokens`.
+
+    The processors cannot be built here (their video part needs torchvision), so the method runs on a stand-in with
+    the one attribute it reads besides its arguments: the 128-bin Whisper feature extractor both checkpoints ship.
+    """
+    stand_in = types.SimpleNamespace(feature_extractor=WhisperFeatureExtractor(feature_size=128), n_window=50)
+    stand_in.replace_audio_token = lambda inputs, audio_idx: ""
+    kwargs = {**processor_class.audio_kwargs, "return_tensors": "pt"}
+    audio_inputs, _ = processor_class._process_audio(stand_in, clips, **kwargs)
+    return audio_inputs
+
+
+def random_model(
+    model_class: type[PreTrainedModel],
+    config: Any,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    *,
+    draw_once: bool = True,
+) -> PreTrainedModel:
+    """`model_class(config)` built directly on `device` in `dtype`.
+
+    With `draw_once` its weights are drawn once, by transformers' own initialisation (`init_weights`) without
+    torch's default one before it: that halves the time a CPU takes to build a model with a billion parameters,
+    most of it spent drawing random numbers. Without, it is built as usual (the tiny checkpoints keep the weights
+    their tests were written against)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        if not draw_once:
+            with torch.device(device):
+                return model_class(config).eval()
+        with torch.device(device), no_init_weights():
+            model = model_class(config)
+        model.tie_weights()  # before drawing: a tied head would otherwise be drawn (and held) once more first
+        with torch.device(device):
+            model.init_weights()
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()

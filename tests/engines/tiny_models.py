@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tiny_common import HIDDEN, byte_level_tokenizer, tiny_audio_config, tiny_vision_config
+from tiny_common import HIDDEN, byte_level_tokenizer, random_model, tiny_audio_config, tiny_vision_config
 from transformers import (
     LogitsProcessor,
     PreTrainedTokenizerBase,
@@ -122,13 +122,90 @@ def tiny_qwen2_5_config(tokenizer: PreTrainedTokenizerBase) -> Qwen2_5OmniConfig
     )
 
 
-def build_tiny_qwen2_5(directory: Path, *, seed: int = 0) -> Path:
-    """Write a tiny random Qwen2.5-Omni checkpoint (weights, config, spk_dict.pt, tokenizer) into `directory`."""
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
-    model = Qwen2_5OmniForConditionalGeneration(tiny_qwen2_5_config(tokenizer))
-    dit = model.config.token2wav_config.dit_config
-    speakers = {
+FULL_SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    # thinker text/audio/vision and token2wav: the config-class defaults are the 7B checkpoint's, except vision
+    # hidden_size (1280). The talker class defaults copy the thinker, so the checkpoint's talker dims are given.
+    "7b": {
+        "text": {"tie_word_embeddings": False},
+        "audio": {},
+        "vision": {"hidden_size": 1280},
+        "talker": {
+            "embedding_size": 3584,
+            "hidden_size": 896,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 4,
+            "head_dim": 128,
+        },
+    },
+    # 3B: thinker as Qwen2.5-3B; talker dims assumed from the published 3B config (896 wide, 24 layers).
+    "3b": {
+        "text": {
+            "hidden_size": 2048,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 2,
+            "vocab_size": 151936,
+            "tie_word_embeddings": True,
+        },
+        "audio": {"output_dim": 2048},
+        "vision": {"hidden_size": 1280, "out_hidden_size": 2048},
+        "talker": {
+            "embedding_size": 2048,
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "head_dim": 64,
+        },
+    },
+}
+"""Qwen2.5-Omni's checkpoint dimensions where they differ from the config classes' defaults."""
+
+
+def full_size_config(
+    tokenizer: PreTrainedTokenizerBase, size: str = "7b", *, shallow: bool = False
+) -> Qwen2_5OmniConfig:
+    """Qwen2.5-Omni at the checkpoint's widths (hidden sizes, heads, head_dim, mrope sections, vocabulary and codec
+    sizes, DiT and BigVGAN widths) with the tiny tokenizer's special ids.
+
+    `shallow` keeps every width but cuts the depth, for CPU tests (about 1.1 B parameters, 4.5 GB in float32 at 7B):
+    one thinker layer, two of every other stack (a windowed and a full-attention vision block; a DiT layer looking
+    back and one looking ahead), one BigVGAN residual block per upsampling, and tied thinker embeddings (the
+    152064 x 3584 vocabulary matrix held once, not twice).
+    """
+    tiny = tiny_qwen2_5_config(tokenizer)
+    dims = FULL_SIZES[size]
+    mrope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
+    ids = {k: v for k, v in tiny.thinker_config.to_dict().items() if k.endswith(("token_id", "token_index"))}
+    talker_ids = {k: v for k, v in tiny.talker_config.to_dict().items() if k.endswith(("_id", "token_index"))}
+    text, audio, vision = {**dims["text"], "rope_parameters": mrope}, dict(dims["audio"]), dict(dims["vision"])
+    talker = {**talker_ids, **dims["talker"], "vocab_size": 8448, "rope_parameters": mrope}
+    token2wav: dict[str, Any] = {}
+    if shallow:
+        text |= {"num_hidden_layers": 1, "tie_word_embeddings": True}
+        audio |= {"encoder_layers": 2}
+        vision |= {"depth": 2, "fullatt_block_indexes": [1]}
+        talker |= {"num_hidden_layers": 2}
+        token2wav = {
+            "dit_config": {"num_hidden_layers": 2, "look_backward_layers": [0], "look_ahead_layers": [1]},
+            "bigvgan_config": {"resblock_kernel_sizes": [3], "resblock_dilation_sizes": [[1, 3, 5]]},
+        }
+    tied = {"tie_word_embeddings": text["tie_word_embeddings"]}  # the thinker ties its head by its own flag
+    return Qwen2_5OmniConfig(
+        thinker_config={**ids, **tied, "audio_config": audio, "vision_config": vision, "text_config": text},
+        talker_config=talker,
+        token2wav_config=token2wav,
+    )
+
+
+def random_speakers(tokenizer: PreTrainedTokenizerBase, config: Qwen2_5OmniConfig) -> dict[str, dict[str, Any]]:
+    """Chelsie and Ethan as `spk_dict.pt` holds them, with random conditioning (from torch's global generator)."""
+    dit = config.token2wav_config.dit_config
+    return {
         name: {
             "bos_token": tokenizer.convert_tokens_to_ids(f"<|spk_{name.lower()}|>"),
             "cond": torch.randn(1, dit.enc_emb_dim),
@@ -136,6 +213,27 @@ def build_tiny_qwen2_5(directory: Path, *, seed: int = 0) -> Path:
         }
         for name in ("Chelsie", "Ethan")
     }
+
+
+def random_qwen2_5(
+    config: Qwen2_5OmniConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Qwen2_5OmniForConditionalGeneration:
+    """A randomly initialised model with its two speakers, built directly on `device` in `dtype` (token2wav stays
+    float32, as `from_pretrained` gives it)."""
+    model = random_model(Qwen2_5OmniForConditionalGeneration, config, device, dtype)
+    model.speaker_map.update(random_speakers(tokenizer, config))
+    return model  # type: ignore[return-value]
+
+
+def build_tiny_qwen2_5(directory: Path, *, seed: int = 0) -> Path:
+    """Write a tiny random Qwen2.5-Omni checkpoint (weights, config, spk_dict.pt, tokenizer) into `directory`."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    model = Qwen2_5OmniForConditionalGeneration(tiny_qwen2_5_config(tokenizer))
+    speakers = random_speakers(tokenizer, model.config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     torch.save(speakers, directory / "spk_dict.pt")

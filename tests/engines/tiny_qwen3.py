@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tiny_common import HIDDEN, byte_level_tokenizer, tiny_audio_config, tiny_vision_config
+from tiny_common import HIDDEN, byte_level_tokenizer, random_model, tiny_audio_config, tiny_vision_config
 from transformers import PreTrainedTokenizerBase, Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
 SPECIAL_TOKENS = (
@@ -152,11 +152,17 @@ def tiny_config(tokenizer: PreTrainedTokenizerBase) -> Qwen3OmniMoeConfig:
     )
 
 
-def full_size_config(tokenizer: PreTrainedTokenizerBase) -> Qwen3OmniMoeConfig:
+def full_size_config(tokenizer: PreTrainedTokenizerBase, *, shallow: bool = False) -> Qwen3OmniMoeConfig:
     """The Qwen3-Omni-30B-A3B dimensions (35.3 B parameters, 70.5 GB in bf16) with the tiny tokenizer's special ids.
 
     Random weights at these dimensions cost the same compute as the checkpoint, for benchmarks without downloads.
     Values are transformers' defaults where they match the checkpoint, set here where they differ.
+
+    `shallow` keeps every width but cuts the depth, for CPU tests (about 0.7 B parameters, 2.9 GB in float32): one
+    thinker layer (the talker then reads its layer 1), two of every other stack (audio and vision encoders, with
+    one deepstack layer, talker, code predictor, code2wav transformer), 8 experts per MoE layer instead of 128
+    (each token still routed to the real 8 or 6 of them), and tied thinker embeddings (the 152064 x 2048
+    vocabulary matrix held once).
     """
     tiny = tiny_config(tokenizer).to_dict()
     mrope = {
@@ -170,7 +176,7 @@ def full_size_config(tokenizer: PreTrainedTokenizerBase) -> Qwen3OmniMoeConfig:
     multimodal_ids = {key: thinker[key] for key in ("audio_token_id", "image_token_id", "video_token_id")}
     multimodal_ids |= {"vision_start_token_id": thinker["vision_start_token_id"]}
     multimodal_ids |= {"audio_start_token_id": thinker["audio_start_token_id"]}
-    return Qwen3OmniMoeConfig(
+    config = Qwen3OmniMoeConfig(
         thinker_config={
             **multimodal_ids,
             "user_token_id": thinker["user_token_id"],
@@ -233,19 +239,29 @@ def full_size_config(tokenizer: PreTrainedTokenizerBase) -> Qwen3OmniMoeConfig:
         code2wav_config={"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
         **{key: tiny[key] for key in TOP_LEVEL_TOKEN_IDS},
     )
+    if not shallow:
+        return config
+    whole = config.to_dict()
+    thinker, talker = whole["thinker_config"], whole["talker_config"]
+    thinker |= {"tie_word_embeddings": True}
+    thinker["text_config"] |= {"num_hidden_layers": 1, "num_experts": 8, "tie_word_embeddings": True}
+    thinker["audio_config"] |= {"encoder_layers": 2}
+    thinker["vision_config"] |= {"depth": 2, "deepstack_visual_indexes": [1]}
+    talker |= {"accept_hidden_layer": 1}
+    talker["text_config"] |= {"num_hidden_layers": 2, "num_local_experts": 8}  # its name for num_experts
+    talker["code_predictor_config"] |= {"num_hidden_layers": 2}
+    whole["code2wav_config"] |= {"num_hidden_layers": 2}
+    for stack in (thinker["text_config"], talker["text_config"], talker["code_predictor_config"]):
+        stack.pop("layer_types", None)  # derived from the number of layers again
+    return Qwen3OmniMoeConfig(**whole)
 
 
 def random_qwen3(
-    config: Qwen3OmniMoeConfig, device: str = "cpu", dtype: torch.dtype = torch.float32
+    config: Qwen3OmniMoeConfig, device: str = "cpu", dtype: torch.dtype = torch.float32, *, draw_once: bool = True
 ) -> torch.nn.Module:
-    """A randomly initialised model built directly on `device` in `dtype` (no checkpoint, no copy)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen3OmniMoeForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
+    """A randomly initialised model built directly on `device` in `dtype` (no checkpoint, no copy; see
+    `random_model` for `draw_once`)."""
+    model = random_model(Qwen3OmniMoeForConditionalGeneration, config, device, dtype, draw_once=draw_once)
     with torch.no_grad():
         for module in model.modules():  # transformers 5.23 leaves these torch.empty: garbage that differs per process
             if type(module).__name__ == "Qwen3OmniMoeTalkerTextExperts":
@@ -258,6 +274,6 @@ def build_tiny_qwen3(directory: Path, seed: int = 0) -> Path:
     """Write a tiny random checkpoint (weights, config, tokenizer) to `directory` and return it."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    random_qwen3(tiny_config(tokenizer)).save_pretrained(directory)
+    random_qwen3(tiny_config(tokenizer), draw_once=False).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

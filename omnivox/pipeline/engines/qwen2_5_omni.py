@@ -49,9 +49,10 @@ from omnivox.pipeline.engines.base import (
     Usage,
 )
 from omnivox.pipeline.engines.prefix_cache import Prefix, keep_prompt
-from omnivox.pipeline.engines.qwen2_5_token2wav import DitSolver, Token2WavStream
+from omnivox.pipeline.engines.qwen2_5_token2wav import DitSolver, Token2WavStream, Voice, cast_dit
 from omnivox.pipeline.engines.qwen_common import (
     DTYPES,
+    INSTRUCTIONS_TURNS,
     EngineOptions,
     ImageFormat,
     IncrementalText,
@@ -91,6 +92,7 @@ def prompt_format(vision_config: Any) -> PromptFormat:
         audio_placeholder="<|AUDIO|>",
         audio_end="<|audio_eos|>",
         audio_tokens=qwen2_5_audio_tokens,
+        max_audio_seconds=30.0,
         image=ImageFormat(
             start="<|vision_bos|>",
             placeholder="<|IMAGE|>",
@@ -114,8 +116,14 @@ class Qwen25OmniOptions(EngineOptions):
     voice: str = "Chelsie"
     """Speaker for requests whose voice maps to no speaker of the checkpoint (Chelsie or Ethan)."""
     system_prompt: str = SYSTEM_PROMPT
-    """The model's system prompt; the caller's instructions are appended to it. The official one is needed for
+    """The model's system prompt, the first turn of every prompt. The official one, byte for byte, is needed for
     speech output: change it only for text-only use."""
+    instructions_turn: str = "system"
+    """Where the caller's instructions go: "system", a second system turn right after the official one; "user", the
+    head of the first user turn; "append", appended to the system prompt (the first turn is then no longer the
+    official one). Both "system" and "user" keep the official turn exact and the prompt's beginning the same from
+    turn to turn (so a conversation's stored prompt stays reusable); "system" keeps them the operator's words rather
+    than the caller's. Which of the two the 7B follows better is not measured (no weights here)."""
     max_audio_codes: int = 4096
     """Longest spoken answer in codec codes (20 ms each: 82 s), as `generate()`'s `talker_max_new_tokens`."""
     talker_top_k: int = 40
@@ -125,11 +133,14 @@ class Qwen25OmniOptions(EngineOptions):
     prefill embeddings are applied only then. transformers 5.23's `generate()` drops an all-ones mask and so runs
     the talker without both; False reproduces `generate()` exactly (the tests use it)."""
     dit_steps: int = 10
-    """ODE steps of the token2wav DiT (the official 10). Fewer steps cut vocoder time proportionally; 5 steps moved
-    the mel by 2.7 % (random weights, so not a quality measure): listen before lowering it."""
+    """ODE steps of the token2wav DiT (the official 10, reference-exact). Fewer steps cut vocoder time
+    proportionally; 5 steps moved the mel by 2.7 % (random weights, so not a quality measure): not verified by ear,
+    listen before lowering it."""
     dit_dtype: str = "float32"
-    """DiT precision: the official float32, or bfloat16 (on an H100 about 1.1x faster eager and 2.7x inside a CUDA
-    graph, mel deviation 0.65 % on random weights). BigVGAN always stays in float32."""
+    """DiT precision: the official float32 (reference-exact; the checkpoint's token2wav is loaded in float32), or
+    bfloat16 (on an H100 about 1.1x faster eager and 2.7x inside a CUDA graph, mel deviation 0.65 % on random
+    weights; not verified by ear). Either way the time embedding and the speaker encoder run in float32 and BigVGAN
+    stays float32."""
     first_chunk_codes: int = 48
     """Codes (20 ms each) before the first vocoder chunk. 48 is the official schedule (72 mel kept, 24 of
     look-ahead, 0.52 s of audio first). Fewer gives earlier first audio with less look-ahead for the first chunk
@@ -149,7 +160,9 @@ class Qwen25OmniOptions(EngineOptions):
     dit_cuda_graph: bool = False
     """Replay the whole DiT integration of the regular chunk windows as one CUDA graph each (needs CUDA). Same math;
     on an H100 a 144-mel window took 56 ms instead of 305 ms (bf16, 5 steps) and 344 instead of 736 ms (fp32, 10
-    steps) in the research measurement. Captured at start-up (about 1 s per window length)."""
+    steps) in the research measurement. Captured at start-up (about 1 s per window length). An utterance's last,
+    shorter window is padded to a regular one with frames masked out of attention, so it replays a graph too instead
+    of stalling the end of the speech on an eager run (same mel, checked on CPU)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -163,6 +176,8 @@ class Qwen25OmniOptions(EngineOptions):
         Token2WavStream.check_schedule(self.first_chunk_codes, self.chunk_ramp_mel)
         if self.max_audio_codes < 1:
             raise ValueError("max_audio_codes must be >= 1")
+        if self.instructions_turn not in INSTRUCTIONS_TURNS:
+            raise ValueError(f"instructions_turn must be one of {INSTRUCTIONS_TURNS}, got {self.instructions_turn!r}")
 
     @property
     def talker_sampling(self) -> Sampling:
@@ -464,8 +479,7 @@ class Qwen25Generation:
         self._vocoder = Token2WavStream(
             model.token2wav,
             self._engine.dit_solver,
-            conditioning=speaker["cond"].to(self._device).float(),
-            reference_mel=speaker["ref_mel"].to(self._device).float(),
+            voice=self._engine.voices[self._plan.speaker],
             max_codes=self._plan.max_audio_codes,
             generator=self._generator,
             first_chunk_codes=self._options.first_chunk_codes,
@@ -548,6 +562,8 @@ class Qwen25OmniEngine(QwenOmniEngine):
                     f"{ENGINE_NAME}: {switch} needs a CUDA device, the engine runs on {self.runtime.device}"
                 )
         self._dit_solver: DitSolver | None = None
+        self.voices: dict[str, Voice] = {}
+        """Each speaker's DiT conditioning, computed once when the model is installed."""
         self.codec_stop_ids: tuple[int, ...] = ()
         self.codebook_guard: CodebookGuard | None = None
 
@@ -579,8 +595,8 @@ class Qwen25OmniEngine(QwenOmniEngine):
     def install(self, model: Qwen2_5OmniForConditionalGeneration, tokenizer: PreTrainedTokenizerBase) -> None:
         """Check a loaded model against the options and derive the per-model constants every request uses."""
         if self.options.enable_audio:
-            model.token2wav.float()
-            model.token2wav.code2wav_dit_model.to(DTYPES[self.options.dit_dtype])
+            model.token2wav.float()  # a no-op for from_pretrained: it loads token2wav in float32 (enable_talker)
+            cast_dit(model.token2wav.code2wav_dit_model, DTYPES[self.options.dit_dtype])
             if not model.speaker_map:
                 raise EngineError(f"{ENGINE_NAME}: {self.model_id!r} has no speakers (spk_dict.pt is empty)")
             if self.options.voice not in model.speaker_map:
@@ -588,14 +604,19 @@ class Qwen25OmniEngine(QwenOmniEngine):
                     f"{ENGINE_NAME}: voice {self.options.voice!r} is not a speaker of {self.model_id!r} "
                     f"(available: {sorted(model.speaker_map)})"
                 )
+            windows = Token2WavStream.regular_windows(self.options.first_chunk_codes, self.options.chunk_ramp_mel)
             self._dit_solver = DitSolver(
                 model.token2wav.code2wav_dit_model,
                 steps=self.options.dit_steps,
+                fixed_lengths=windows if self.options.dit_cuda_graph else (),
                 graphs=self.options.dit_cuda_graph,
-                graph_lengths=Token2WavStream.regular_windows(
-                    self.options.first_chunk_codes, self.options.chunk_ramp_mel
-                ),
             )
+            self.voices = {
+                name: self._dit_solver.voice(
+                    speaker["cond"].to(self.runtime.device), speaker["ref_mel"].to(self.runtime.device)
+                )
+                for name, speaker in model.speaker_map.items()
+            }
             talker = model.talker
             self.codec_stop_ids = (talker.codec_pad_token, talker.codec_eos_token)
             codebook = model.config.token2wav_config.dit_config.num_embeds
@@ -611,6 +632,7 @@ class Qwen25OmniEngine(QwenOmniEngine):
             tokenizer,
             prompt_format(model.config.thinker_config.vision_config),
             system_prompt=self.options.system_prompt,
+            instructions_turn=self.options.instructions_turn,
         )
         self._tokenizer, self._model = tokenizer, model
         if self.options.dit_cuda_graph:
@@ -643,17 +665,16 @@ class Qwen25OmniEngine(QwenOmniEngine):
 
     @torch.inference_mode()  # as the vocoder runs in a step: no autograd records inside the graphs
     def _prewarm_dit(self) -> None:
-        """Capture the DiT graphs of the regular windows for every speaker's reference length before any caller."""
+        """Capture the DiT graphs of the regular windows (which every voice shares) before any caller."""
         dit = self.model.token2wav.code2wav_dit_model
         device = self.runtime.device
-        for speaker in self.model.speaker_map.values():
-            for length in Token2WavStream.regular_windows(self.options.first_chunk_codes, self.options.chunk_ramp_mel):
-                self.dit_solver.solve(
-                    torch.zeros(1, length, dit.mel_dim, device=device),
-                    torch.zeros(1, length // Token2WavStream.MEL_PER_CODE, dtype=torch.long, device=device),
-                    speaker["cond"].to(device).float(),
-                    speaker["ref_mel"].to(device).float(),
-                )
+        voice = next(iter(self.voices.values()))
+        for length in Token2WavStream.regular_windows(self.options.first_chunk_codes, self.options.chunk_ramp_mel):
+            self.dit_solver.solve(
+                torch.zeros(1, length, dit.mel_dim, device=device),
+                torch.zeros(1, length // Token2WavStream.MEL_PER_CODE, dtype=torch.long, device=device),
+                voice,
+            )
 
     def _prewarm_slots(self) -> None:
         """Run a short answer on every slot at once, so first-call costs are paid before any caller."""
@@ -673,6 +694,7 @@ class Qwen25OmniEngine(QwenOmniEngine):
     def unload(self) -> None:
         self.slots = None
         self._dit_solver = None
+        self.voices = {}
         self._model = None
         self._tokenizer = None
         self._prompts = None

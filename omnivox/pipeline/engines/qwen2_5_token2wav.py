@@ -21,78 +21,163 @@ log = logging.getLogger(__name__)
 ENGINE_NAME = "qwen2.5-omni"
 
 
+class Voice(NamedTuple):
+    """One speaker's conditioning of the DiT, computed once (`DitSolver.voice`), float32, both halves of the
+    classifier-free guidance batch: the speaker's own, then the unconditioned one the model pairs it with."""
+
+    speaker: torch.Tensor
+    """`[2, C]` the speaker's conditioning vector (`spk_dict.pt` "cond"), then zeros."""
+    reference: torch.Tensor
+    """`[2, E]` the DiT's speaker encoder (ECAPA-TDNN) over the speaker's reference mel, then over silence of the
+    same length. `DiT.forward` recomputes both at every call (36 per chunk at 10 steps) though they never change."""
+
+
+def cast_dit(dit: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The DiT's transformer in `dtype`; its time embedding and speaker encoder float32 whatever that is.
+
+    The ODE time reaches a sinusoidal embedding scaled by 1000: as a bf16 scalar it is up to 2e-3 off, which is
+    radians of phase at the highest frequencies. The speaker encoder runs once per voice, so its precision is free.
+    """
+    dit.to(dtype)
+    dit.time_embed.float()
+    dit.input_embed.spk_encoder.float()
+
+
 class DitSolver:
     """The DiT's flow-matching ODE from a caller-given noise window (`DiT.sample()` draws its own noise).
 
-    RK4 over `steps` time points with the sway schedule and classifier-free guidance 0.5, as `DiT.sample()`. The ODE
-    state stays float32 whatever the DiT's dtype. Time points are Python floats, so an integration never waits for
-    the device and can be captured: with `graphs`, the windows of `graph_lengths` mel (the schedule's regular
-    windows) are each captured once as one CUDA graph and replayed; other lengths (the last chunk) run eagerly.
+    RK4 over `steps` time points with the sway schedule and classifier-free guidance 0.5, as `DiT.sample()`. Each
+    velocity is the DiT's forward with the speaker parts precomputed (`Voice`) and the time embedding in float32
+    (`velocity`); the ODE state stays float32 whatever the DiT's dtype. Time points are Python floats, so an
+    integration never waits for the device and can be captured.
+
+    `fixed_lengths` (the schedule's regular windows) are the only window lengths run: a shorter window, the last
+    chunk of an utterance, is padded to the next of them with frames it cannot see (attention is the DiT's only
+    mixing across frames, and the padding is masked out of it both ways), so its mel is the same and its cost
+    bounded. With `graphs` each fixed length is captured once as one CUDA graph and replayed.
     """
 
     GUIDANCE_SCALE = 0.5
     SWAY_COEFFICIENT = -1.0
+    OUT_OF_REACH = 1 << 20
+    """A block distance no attention layer looks across: keeps padding and real frames apart."""
 
     def __init__(
-        self, dit: torch.nn.Module, *, steps: int, graphs: bool = False, graph_lengths: tuple[int, ...] = ()
+        self, dit: torch.nn.Module, *, steps: int, fixed_lengths: tuple[int, ...] = (), graphs: bool = False
     ) -> None:
         self._dit = dit
-        self.dtype = next(dit.parameters()).dtype
+        self.dtype = dit.proj_out.weight.dtype
         uniform = [index / (steps - 1) for index in range(steps)]
         self._times = [t + self.SWAY_COEFFICIENT * (math.cos(math.pi / 2 * t) - 1 + t) for t in uniform]
         self._graphs = graphs
-        self._graph_lengths = set(graph_lengths)
-        self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
+        self._fixed_lengths = tuple(sorted(fixed_lengths))
+        self._captured: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
 
-    def solve(
-        self, noise: torch.Tensor, codes: torch.Tensor, conditioning: torch.Tensor, reference_mel: torch.Tensor
-    ) -> torch.Tensor:
-        """noise `[1, T, mel]` float32, codes `[1, T/2]`, speaker conditioning `[1, C]`, reference mel `[1, R, mel]`
-        -> mel `[1, mel, T]` float32."""
-        if not self._graphs or noise.shape[1] not in self._graph_lengths:
-            return self._integrate(noise, codes, conditioning, reference_mel)
-        key = (noise.shape[1], reference_mel.shape[1])
-        if key not in self._captured:
-            self._captured[key] = self._capture(noise, codes, conditioning, reference_mel)
-        graph, buffers, output = self._captured[key]
-        for buffer, value in zip(buffers, (noise, codes, conditioning, reference_mel), strict=True):
+    @torch.inference_mode()
+    def voice(self, conditioning: torch.Tensor, reference_mel: torch.Tensor) -> Voice:
+        """A speaker's `Voice` from its conditioning `[1, C]` and reference mel `[1, R, mel]`."""
+        encoder = self._dit.input_embed.spk_encoder
+        mels = torch.cat([reference_mel, torch.zeros_like(reference_mel)]).float()
+        speaker = conditioning.float()
+        return Voice(torch.cat([speaker, torch.zeros_like(speaker)]), encoder(mels).float())
+
+    def solve(self, noise: torch.Tensor, codes: torch.Tensor, voice: Voice) -> torch.Tensor:
+        """noise `[1, T, mel]` float32, codes `[1, T/2]`, the speaker's `Voice` -> mel `[1, mel, T]` float32."""
+        length = noise.shape[1]
+        fixed = next((size for size in self._fixed_lengths if size >= length), None)
+        if fixed is None:
+            return self._integrate(noise, codes, voice, None)
+        valid = torch.tensor(length, device=noise.device)
+        noise = torch.nn.functional.pad(noise, (0, 0, 0, fixed - length))
+        codes = torch.nn.functional.pad(codes, (0, (fixed - length) // Token2WavStream.MEL_PER_CODE))
+        inputs = (noise, codes, voice.speaker, voice.reference, valid)
+        if not self._graphs:
+            return self._integrate(noise, codes, voice, valid)[:, :, :length]
+        if fixed not in self._captured:
+            self._captured[fixed] = self._capture(inputs)
+        graph, buffers, output = self._captured[fixed]
+        for buffer, value in zip(buffers, inputs, strict=True):
             buffer.copy_(value)
         graph.replay()
-        return output.clone()
+        return output[:, :, :length].clone()
+
+    def velocity(
+        self,
+        state: torch.Tensor,
+        codes: torch.Tensor,
+        voice: Voice,
+        time: float,
+        block_diff: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The guided velocity `[1, T, mel]` float32 at `time` of a state `[1, T, mel]`: `DiT.forward(...,
+        apply_cfg=True)` and the guidance, with the speaker parts from `voice` and the time embedding in float32.
+        `block_diff` (`block_distances`) may mark padding; by default every frame is real."""
+        dit, dtype, frames = self._dit, self.dtype, state.shape[1]
+        if block_diff is None:
+            block_diff = self.block_distances(frames, None, state.device)
+        times = torch.full((2,), time, device=state.device, dtype=torch.float32)
+        time_embedding = dit.time_embed(times).to(dtype)
+        code_embedding = torch.cat([dit.text_embed(codes), dit.text_embed(codes, drop_code=True)])
+        hidden = dit.input_embed.proj(
+            torch.cat(
+                (
+                    torch.cat([state, state]).to(dtype),
+                    voice.reference.to(dtype)[:, None].expand(-1, frames, -1),
+                    code_embedding,
+                    voice.speaker.to(dtype)[:, None].expand(-1, frames, -1),
+                ),
+                dim=-1,
+            )
+        )
+        positions = torch.arange(frames, device=state.device)[None].expand(2, -1)
+        position_embeddings = dit.rotary_embed(hidden, positions)
+        for block in dit.transformer_blocks:
+            hidden = block(hidden, time_embedding, position_embeddings=position_embeddings, block_diff=block_diff)
+        output = dit.proj_out(dit.norm_out(hidden, time_embedding)).float()
+        guided, unguided = torch.chunk(output, 2, dim=0)
+        return guided + (guided - unguided) * self.GUIDANCE_SCALE
+
+    def block_distances(self, frames: int, valid: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """The DiT's block distances `[2, heads, T, T]` (`_create_block_diff`), frames from `valid` on kept apart as
+        padding: a padded frame sees only padding, so its rows stay finite, and a real frame never sees it."""
+        index = torch.arange(frames, device=device)
+        blocks = index // self._dit.block_size
+        distance = blocks[None, :] - blocks[:, None]
+        if valid is not None:
+            real = index < valid
+            apart = real[:, None] != real[None, :]
+            distance = torch.where(real[:, None] | apart, distance, 0)
+            distance = torch.where(apart, self.OUT_OF_REACH, distance)
+        return distance.expand(2, self._dit.num_attention_heads, frames, frames)
 
     def _integrate(
-        self, noise: torch.Tensor, codes: torch.Tensor, conditioning: torch.Tensor, reference_mel: torch.Tensor
+        self, noise: torch.Tensor, codes: torch.Tensor, voice: Voice, valid: torch.Tensor | None
     ) -> torch.Tensor:
-        speaker = conditioning.to(self.dtype).unsqueeze(1).repeat(1, noise.shape[1], 1)
-        reference = reference_mel.to(self.dtype)
+        block_diff = self.block_distances(noise.shape[1], valid, noise.device)
 
         def velocity(time: float, state: torch.Tensor) -> torch.Tensor:
-            output = self._dit(
-                hidden_states=state.to(self.dtype),
-                quantized_code=codes,
-                speaker_embedding=speaker,
-                condition_vector=reference,
-                time_step=torch.full((), time, device=state.device, dtype=self.dtype),
-                apply_cfg=True,
-            ).float()
-            guided, unguided = torch.chunk(output, 2, dim=0)
-            return guided + (guided - unguided) * self.GUIDANCE_SCALE
+            return self.velocity(state, codes, voice, time, block_diff)
 
         trajectory = RungeKutta4ODESolver(function=velocity, initial_value=noise.float()).integrate(self._times)
         return trajectory[-1].permute(0, 2, 1)
 
     def _capture(
-        self, noise: torch.Tensor, codes: torch.Tensor, conditioning: torch.Tensor, reference_mel: torch.Tensor
+        self, inputs: tuple[torch.Tensor, ...]
     ) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]:
-        buffers = tuple(value.clone() for value in (noise, codes, conditioning, reference_mel))
+        buffers = tuple(value.clone() for value in inputs)
+        noise, codes, speaker, reference, valid = buffers
+
+        def integrate() -> torch.Tensor:
+            return self._integrate(noise, codes, Voice(speaker, reference), valid)
+
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._integrate(*buffers)
+            integrate()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            output = self._integrate(*buffers)
+            output = integrate()
         log.info("%s: captured the DiT integration for %d mel frames", ENGINE_NAME, noise.shape[1])
         return graph, buffers, output
 
@@ -144,8 +229,7 @@ class Token2WavStream:
         token2wav: torch.nn.Module,
         solver: DitSolver,
         *,
-        conditioning: torch.Tensor,
-        reference_mel: torch.Tensor,
+        voice: Voice,
         max_codes: int,
         generator: torch.Generator,
         first_chunk_codes: int = 48,
@@ -155,9 +239,8 @@ class Token2WavStream:
         self._bounds = next(self._schedule)  # the chunk being waited for
         self._solver = solver
         self._bigvgan = token2wav.code2wav_bigvgan_model
-        self._device = conditioning.device
-        self._conditioning = conditioning
-        self._reference_mel = reference_mel
+        self._device = voice.speaker.device
+        self._voice = voice
         self.samples_per_mel = int(np.prod(self._bigvgan.config.upsample_rates))
         mel_dim = token2wav.code2wav_dit_model.mel_dim
         self.noise = torch.randn(
@@ -190,7 +273,7 @@ class Token2WavStream:
 
     def denoise(self, noise: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Mel `[1, 80, T]` for a noise slice and its codes, with this utterance's speaker."""
-        return self._solver.solve(noise, codes, self._conditioning, self._reference_mel)
+        return self._solver.solve(noise, codes, self._voice)
 
     @classmethod
     def check_schedule(cls, first_chunk_codes: int, chunk_ramp_mel: Sequence[int] = ()) -> None:

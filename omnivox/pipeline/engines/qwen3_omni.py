@@ -24,9 +24,10 @@ the module and interleaved sessions would overwrite each other's.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -81,6 +82,7 @@ def prompt_format(vision_config: Any) -> PromptFormat:
         audio_placeholder="<|audio_pad|>",
         audio_end="<|audio_end|>",
         audio_tokens=qwen3_audio_tokens,
+        audio_zero_padded=False,
         image=ImageFormat(
             start="<|vision_start|>",
             placeholder="<|image_pad|>",
@@ -118,8 +120,11 @@ class Qwen3OmniOptions(EngineOptions):
     """Codec frames (80 ms each) per code2wav window once speech is under way."""
     first_chunk_frames: int = 1
     """Frames in the first window; 1 gives the earliest first audio. Windows then double up to `chunk_frames`."""
-    left_context_frames: int = 25
-    """Frames re-decoded before each window (the official streaming value); at least 1."""
+    left_context_frames: int | None = None
+    """Frames of past codes each code2wav window re-reads. None (the default) is the vocoder's whole receptive field
+    (578 frames at full size: 8 transformer layers with a 72-frame window, then the convolutions' 10), so streamed
+    audio equals a whole decode; only the transformer reads that far, the convolutions take their 10 frames, so it
+    costs little. 25 was the official streaming value: shorter than even one layer's window."""
     max_audio_frames: int = 4096
     """Longest spoken answer in codec frames (80 ms each: 5.5 minutes)."""
     talker_top_k: int = 50
@@ -220,35 +225,90 @@ def _filtered_scores(logits: torch.Tensor, temperature: float, top_k: int, top_p
     return scores
 
 
-def check_windows(chunk_frames: int, first_chunk_frames: int, left_context_frames: int) -> None:
+def check_windows(chunk_frames: int, first_chunk_frames: int, left_context_frames: int | None) -> None:
     """Reject window settings that could not stream every sample exactly once."""
     if not 1 <= first_chunk_frames <= chunk_frames:
         raise ValueError(f"need 1 <= first_chunk_frames ({first_chunk_frames}) <= chunk_frames ({chunk_frames})")
-    if left_context_frames < 1:
+    if left_context_frames is not None and left_context_frames < 1:
         raise ValueError("left_context_frames must be >= 1: without context each window's 555-sample tail is lost")
+
+
+def code2wav_receptive_field(config: Any) -> tuple[int, int]:
+    """Frames of past codes that reach a code2wav output sample: (through the transformer, through the convolutions).
+
+    The transformer is causal with a sliding window, so each of its layers reaches `sliding_window - 1` frames
+    further back (8 x 71 = 568 at full size). The convolutions after it (two ConvNeXt upsamplers, then the decoder's
+    causal convolutions and dilated residual units at ever higher rates) reach about 9.4 frames back; the transposed
+    convolutions reach one input sample of their own rate back (and one ahead, which is the tail a window lacks).
+    """
+    transformer = config.num_hidden_layers * (config.sliding_window - 1)
+    rate, reach = 1, 0.0
+    for factor in config.upsampling_ratios:  # transposed convolution (kernel = stride), then ConvNeXt (kernel 7)
+        rate *= factor
+        reach += 6 / rate
+    reach += 6 / rate  # the decoder's first causal convolution (kernel 7)
+    for factor in config.upsample_rates:  # transposed convolution, then residual units with dilations 1, 3, 9
+        reach += 1 / rate
+        rate *= factor
+        reach += 6 * (1 + 3 + 9) / rate
+    reach += 6 / rate  # the output convolution
+    return transformer, math.ceil(reach)
+
+
+class Code2WavWindow(NamedTuple):
+    """A code window to decode: `codes` `[1, quantizers, frames]`, of which the convolutions run on the last
+    `convolved` frames only (the earlier ones are the transformer's context)."""
+
+    codes: torch.Tensor
+    convolved: int
+
+
+def decode_window(code2wav: torch.nn.Module, codes: torch.Tensor, convolved: int) -> torch.Tensor:
+    """`code2wav.forward` on `[batch, quantizers, frames]` codes with the convolution stack run on the last
+    `convolved` frames: `[batch, 1, convolved * 1920 - 555]` samples. The transformer reaches hundreds of frames back
+    and costs little; the convolutions, which make 1920 samples a frame, reach only a few."""
+    hidden = code2wav.code_embedding(codes + code2wav.code_offset).mean(1)
+    hidden = code2wav.pre_transformer(inputs_embeds=hidden).last_hidden_state
+    hidden = hidden[:, -convolved:].permute(0, 2, 1)
+    for blocks in code2wav.upsample:
+        for block in blocks:
+            hidden = block(hidden)
+    for block in code2wav.decoder:
+        hidden = block(hidden)
+    return hidden.clamp(min=-1, max=1)
 
 
 class CausalCode2WavStream:
     """Decodes codec frames to 24 kHz PCM as they arrive, with no gap and no repeated sample.
 
     A code2wav window of n frames yields n*1920 - 555 samples (the causal transposed convolutions drop a tail).
-    Each window therefore re-decodes `left_context_frames` old frames and a global sample cursor says where the
-    new audio starts; the tail missing from one window comes with the next. Window sizes ramp up from
-    `first_chunk_frames` (doubling the audio emitted so far) to `chunk_frames`, so a 1-frame first chunk does not
-    leave the listener waiting on a full chunk right after it.
+    Each window therefore re-decodes old frames and a global sample cursor says where the new audio starts; the tail
+    missing from one window comes with the next. The transformer re-reads `left_context_frames` old frames (by
+    default its whole receptive field, so the stream equals a whole decode) and the convolutions only the few they
+    reach (`code2wav_receptive_field`). Window sizes ramp up from `first_chunk_frames` (doubling the audio emitted
+    so far) to `chunk_frames`, so a 1-frame first chunk does not leave the listener waiting on a full chunk right
+    after it.
 
     The stream hands out code windows (`add`, `rest`) and takes their decoded waveforms back (`audio`), so the
     engine can decode the windows of all sessions in one batched code2wav call.
     """
 
     def __init__(
-        self, code2wav: torch.nn.Module, *, chunk_frames: int, first_chunk_frames: int, left_context_frames: int
+        self,
+        code2wav: torch.nn.Module,
+        *,
+        chunk_frames: int,
+        first_chunk_frames: int,
+        left_context_frames: int | None = None,
     ):
         check_windows(chunk_frames, first_chunk_frames, left_context_frames)
-        self._code2wav = code2wav
+        transformer_reach, convolution_reach = code2wav_receptive_field(code2wav.config)
         self._chunk_frames = chunk_frames
         self._first_chunk_frames = first_chunk_frames
-        self._left_context_frames = left_context_frames
+        self._left_context_frames = (
+            transformer_reach + convolution_reach if left_context_frames is None else left_context_frames
+        )
+        self._convolved_context = min(convolution_reach, self._left_context_frames)
         self._samples_per_frame = int(code2wav.total_upsample)
         self._frames: list[torch.Tensor] = []
         self._decoded_frames = 0
@@ -262,15 +322,14 @@ class CausalCode2WavStream:
     def _window_frames(self) -> int:
         return min(self._chunk_frames, max(self._first_chunk_frames, self._decoded_frames))
 
-    def add(self, frame: torch.Tensor) -> torch.Tensor | None:
-        """Add one frame of `num_quantizers` codes; returns the code window `[1, quantizers, frames]` to decode
-        when one is due."""
+    def add(self, frame: torch.Tensor) -> Code2WavWindow | None:
+        """Add one frame of `num_quantizers` codes; returns the window to decode when one is due."""
         self._frames.append(frame)
         if len(self._frames) - self._decoded_frames >= self._window_frames():
             return self._window()
         return None
 
-    def rest(self) -> torch.Tensor | None:
+    def rest(self) -> Code2WavWindow | None:
         """The window of whatever frames are still pending (end of speech)."""
         return self._window() if len(self._frames) > self._decoded_frames else None
 
@@ -281,25 +340,27 @@ class CausalCode2WavStream:
         self.samples_emitted = self._window_start_sample + wav.shape[0]
         return new.float().cpu().numpy()
 
-    def _window(self) -> torch.Tensor:
+    def _window(self) -> Code2WavWindow:
         start = max(0, self._decoded_frames - self._left_context_frames)
-        self._window_start_sample = start * self._samples_per_frame
+        convolved_start = max(0, self._decoded_frames - self._convolved_context)
+        self._window_start_sample = convolved_start * self._samples_per_frame
         self._decoded_frames = len(self._frames)
-        return torch.stack(self._frames[start:], dim=-1).unsqueeze(0)
+        codes = torch.stack(self._frames[start:], dim=-1).unsqueeze(0)
+        return Code2WavWindow(codes, self._decoded_frames - convolved_start)
 
 
-def prewarm_code2wav(code2wav: torch.nn.Module, longest_window: int, largest_batch: int) -> None:
-    """Run code2wav once at every window length the stream can use, for every batch of sessions it can decode.
+def prewarm_code2wav(code2wav: torch.nn.Module, longest_convolved: int, largest_batch: int) -> None:
+    """Run code2wav's convolutions once at every length the stream can give them, for every batch of sessions.
 
     On CUDA the first call at a new input shape picks convolution plans (100-130 ms at full size, measured), which
-    would otherwise land on a listener's first chunks.
+    would otherwise land on a listener's first chunks. (The transformer has no such cost, whatever its length.)
     """
     quantizers = code2wav.config.num_quantizers
     device = next(code2wav.parameters()).device
     with torch.inference_mode():
-        for frames in range(1, longest_window + 1):
+        for frames in range(1, longest_convolved + 1):
             for batch in range(1, largest_batch + 1):
-                code2wav(torch.zeros(batch, quantizers, frames, dtype=torch.long, device=device))
+                decode_window(code2wav, torch.zeros(batch, quantizers, frames, dtype=torch.long, device=device), frames)
 
 
 # ---------------------------------------------------------------------------------------------- decode steps
@@ -310,18 +371,19 @@ frame may complete a code2wav window."""
 
 class Code2WavBatcher:
     """Answers "code2wav" calls: the due code windows of all sessions decoded together, one batched call per
-    window length (steady windows all have `chunk_frames + left_context_frames` frames)."""
+    window shape (steady windows all have the same)."""
 
     def __init__(self, code2wav: torch.nn.Module) -> None:
         self._code2wav = code2wav
 
     def run(self, part: str, calls: list[Any]) -> list[Any]:
         answers: list[Any] = [None] * len(calls)
-        by_length: dict[int, list[int]] = {}
+        by_shape: dict[tuple[int, int], list[int]] = {}
         for index, window in enumerate(calls):
-            by_length.setdefault(window.shape[-1], []).append(index)
-        for indices in by_length.values():
-            wavs = self._code2wav(torch.cat([calls[index] for index in indices]))
+            by_shape.setdefault((window.codes.shape[-1], window.convolved), []).append(index)
+        for (_, convolved), indices in by_shape.items():
+            codes = torch.cat([calls[index].codes for index in indices])
+            wavs = decode_window(self._code2wav, codes, convolved)
             for row, index in enumerate(indices):
                 answers[index] = wavs[row]
         return answers
@@ -520,7 +582,7 @@ class Qwen3Generation:
             yield from self._decode(window, deltas)
         self._finish_if_done(deltas)
 
-    def _decode(self, window: torch.Tensor, deltas: list[Delta]) -> Generator[Call, Any, None]:
+    def _decode(self, window: Code2WavWindow, deltas: list[Delta]) -> Generator[Call, Any, None]:
         assert self._vocoder is not None
         pcm = self._vocoder.audio((yield Call(self._engine.code2wav, "code2wav", window)))
         if pcm.size:
@@ -547,7 +609,11 @@ class Qwen3Generation:
         self.decoding = "static" if isinstance(self._decoder, SlotSeats) else "eager"
         self._decoder.begin_thinker(out.past_key_values, encoded.rope_delta)
         self._accept_text(self._text_sampler(out.logits[:, -1], self._history_tensor()), deltas)
-        if talker_states is None:
+        if talker_states is None or self._thinker_done:
+            # A first token that already ends the answer (end of text, max_tokens 1, a stop string) leaves nothing
+            # to say: the final token is never spoken (its slot would carry tts_eos, which this talker, having no
+            # slot before its prefill, would never read). generate() fails on such an answer.
+            self._talker_done = True
             self._finish_if_done(deltas)
             return None
         hidden = self._talker_prefill(inputs, talker_states)
@@ -999,7 +1065,9 @@ class Qwen3OmniEngine(QwenOmniEngine):
                 self._code_predictor = CodePredictor(model.talker, self.options.talker_sampling)
             self._code2wav = Code2WavBatcher(model.code2wav)
             if self.options.prewarm and self.runtime.device.type == "cuda":
-                longest = self.options.chunk_frames + self.options.left_context_frames
+                reach = code2wav_receptive_field(model.code2wav.config)[1]
+                context = reach if self.options.left_context_frames is None else self.options.left_context_frames
+                longest = self.options.chunk_frames + min(reach, context)
                 prewarm_code2wav(model.code2wav, longest, self.max_active if self.options.batch_sessions else 1)
             if self.options.static_cache:
                 self.slots = Qwen3SlotPool(

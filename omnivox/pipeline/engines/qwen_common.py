@@ -305,6 +305,13 @@ class PromptFormat:
     audio_end: str
     audio_tokens: Callable[[int], int]
     """Number of audio placeholder tokens for an input of n feature frames (10 ms each)."""
+    audio_zero_padded: bool = True
+    """How the family's processor extracts a clip's log-mel features. True (Qwen2.5): as the start of a 30 s window
+    of silence, ceil(N/160) frames. False (Qwen3, whose processor pads only to the longest clip): as the clip alone,
+    floor(N/160) frames, the STFT reflecting at its end."""
+    max_audio_seconds: float | None = None
+    """The longest clip the processor keeps (Qwen2.5's truncates at 30 s); a longer audio part becomes consecutive
+    clips of at most this length, each an audio segment of its own, so nothing the caller said is dropped."""
     image: ImageFormat | None = None
     """How images are cut into vision patches; None leaves image parts out (with a warning)."""
 
@@ -420,37 +427,78 @@ def feature_padding(extractor: WhisperFeatureExtractor, samples: int) -> int:
     return -(-(samples + extractor.n_fft) // hop) * hop
 
 
+INSTRUCTIONS_TURNS = ("append", "system", "user")
+"""Where `PromptBuilder` puts a request's instructions when the model has a system prompt of its own."""
+
+
 class PromptBuilder:
     """Turns a `ResponseRequest` into thinker inputs: one ChatML prompt plus one Whisper feature row per audio part.
 
-    Audio parts go through `WhisperFeatureExtractor(feature_size=128)` as the official processor does, but padded
-    only one FFT window past the longest part instead of to 30 s: the valid frames are the same numbers (a frame sees
-    half a window either side, the log-mel floor follows the loudest frame, which padding never is), and extracting
-    a 4 s turn takes about 2 ms instead of 14 (`benchmarks/audio_features.py`), which every turn waited for.
+    Audio parts go through `WhisperFeatureExtractor(feature_size=128)` as the family's processor does
+    (`PromptFormat.audio_zero_padded`). Where the processor pads every clip to 30 s (Qwen2.5), the clips are padded
+    only one FFT window past the longest instead: the valid frames are the same numbers (a frame sees half a window
+    either side, the log-mel floor follows the loudest frame, which padding never is), and extracting a 4 s turn
+    takes about 2 ms instead of 14 (`benchmarks/audio_features.py`), which every turn waited for. Where it pads to the
+    longest clip of the request (Qwen3), each clip is extracted alone, as the processor extracts a single clip: a
+    clip then keeps the same features and token count in every later turn of the conversation (in one processor
+    call the shorter clips of a batch get one frame more, which is not reproduced). Parts longer than the processor
+    keeps are cut into clips of that length (`PromptFormat.max_audio_seconds`).
 
     Image parts are decoded with PyAV and cut into vision patches by `ImageFormat` (the transformers image
     processors need PIL or torchvision, which the server does not install); a format without one leaves images out
     with a warning.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_format: PromptFormat, *, system_prompt: str) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_format: PromptFormat,
+        *,
+        system_prompt: str,
+        instructions_turn: str = "append",
+    ) -> None:
+        if instructions_turn not in INSTRUCTIONS_TURNS:
+            raise EngineError(f"instructions_turn must be one of {INSTRUCTIONS_TURNS}, got {instructions_turn!r}")
         self.tokenizer = tokenizer
         self.format = prompt_format
         self.system_prompt = system_prompt
+        self.instructions_turn = instructions_turn
         self.features = WhisperFeatureExtractor(feature_size=128, sampling_rate=INPUT_RATE)
 
-    def system_text(self, instructions: str) -> str:
-        """The model's own system prompt, with the caller's instructions appended (never substituted)."""
+    def opening_turns(self, instructions: str) -> list[tuple[str, str]]:
+        """The turns before the conversation: the model's own system prompt and the caller's instructions.
+
+        With no system prompt the instructions are the system turn. Otherwise `instructions_turn` says where they go:
+        appended to the system prompt ("append"), or in a system turn of their own after it ("system"), which keeps
+        the first turn byte for byte the model's prompt. "user" puts them at the head of the first user turn instead
+        (`_with_instructions`), so no turn is added here.
+        """
         instructions = instructions.strip()
         if not self.system_prompt:
-            return instructions
-        return f"{self.system_prompt}\n\n{instructions}" if instructions else self.system_prompt
+            return [("system", instructions)] if instructions else []
+        if not instructions or self.instructions_turn == "user":
+            return [("system", self.system_prompt)]
+        if self.instructions_turn == "system":
+            return [("system", self.system_prompt), ("system", instructions)]
+        return [("system", f"{self.system_prompt}\n\n{instructions}")]
+
+    def _with_instructions(self, turns: list[tuple[str, str]], instructions: str) -> list[tuple[str, str]]:
+        """The conversation with the instructions at the head of its first user turn (a user turn of their own when
+        there is none yet), for `instructions_turn: user`."""
+        instructions = instructions.strip()
+        if self.instructions_turn != "user" or not self.system_prompt or not instructions:
+            return turns
+        first_user = next((index for index, (role, _) in enumerate(turns) if role == "user"), None)
+        if first_user is None:
+            return [*turns, ("user", instructions)]
+        role, text = turns[first_user]
+        return [*turns[:first_user], (role, f"{instructions}\n\n{text}"), *turns[first_user + 1 :]]
 
     def build(self, request: ResponseRequest) -> ModelInputs:
         audio: list[np.ndarray] = []
         images: list[tuple[torch.Tensor, torch.Tensor]] = []
-        turns = [("system", self.system_text(request.instructions))] if self.system_text(request.instructions) else []
-        turns += [(message.role, self._message_text(message, audio, images)) for message in request.messages]
+        conversation = [(message.role, self._message_text(message, audio, images)) for message in request.messages]
+        turns = self.opening_turns(request.instructions) + self._with_instructions(conversation, request.instructions)
         prompt = "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns) + "<|im_start|>assistant\n"
         features = mask = None
         if audio:
@@ -483,10 +531,9 @@ class PromptBuilder:
             elif isinstance(part, AudioPart):
                 if message.role != "user":
                     continue  # assistant audio is represented by its transcript
-                if part.pcm.size == 0:
-                    continue
-                audio.append(np.asarray(part.pcm, dtype=np.float32).reshape(-1))
-                texts.append(f"{self.format.audio_start}{_AUDIO_SLOT}{self.format.audio_end}")
+                for clip in self._clips(np.asarray(part.pcm, dtype=np.float32).reshape(-1)):
+                    audio.append(clip)
+                    texts.append(f"{self.format.audio_start}{_AUDIO_SLOT}{self.format.audio_end}")
             elif isinstance(part, ImagePart):
                 image_format = self.format.image
                 if image_format is None:
@@ -496,8 +543,18 @@ class PromptBuilder:
                 texts.append(f"{image_format.start}{_IMAGE_SLOT}{image_format.end}")
         return "".join(texts)
 
+    def _clips(self, pcm: np.ndarray) -> list[np.ndarray]:
+        """An audio part as the clips the processor takes (none when it is empty)."""
+        seconds = self.format.max_audio_seconds
+        longest = pcm.size if seconds is None else int(seconds * INPUT_RATE)
+        return [pcm[start : start + longest] for start in range(0, pcm.size, longest)]
+
     def _audio_features(self, audio: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.format.audio_zero_padded:
+            return self._features_clip_by_clip(audio)
         padded_samples = feature_padding(self.features, max(len(clip) for clip in audio))
+        if self.format.max_audio_seconds is not None:  # a clip of the full length is, as there, not padded at all
+            padded_samples = min(padded_samples, int(self.format.max_audio_seconds * INPUT_RATE))
         extracted = self.features(
             audio,
             sampling_rate=INPUT_RATE,
@@ -508,6 +565,27 @@ class PromptBuilder:
             return_tensors="pt",
         )
         return extracted["input_features"], extracted["attention_mask"]
+
+    def _features_clip_by_clip(self, audio: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each clip's features as the extractor makes them for that clip alone, stacked with zero padding. A clip
+        shorter than one FFT window (25 ms) is first padded to one with silence (the STFT needs that much)."""
+        rows = [
+            self.features(
+                np.pad(clip, (0, max(0, self.features.n_fft - clip.size))),
+                sampling_rate=INPUT_RATE,
+                padding="longest",
+                truncation=False,
+                return_tensors="pt",
+            )["input_features"][0]
+            for clip in audio
+        ]
+        frames = max(row.shape[-1] for row in rows)
+        features = torch.zeros(len(rows), rows[0].shape[0], frames)
+        mask = torch.zeros(len(rows), frames, dtype=torch.int32)
+        for index, row in enumerate(rows):
+            features[index, :, : row.shape[-1]] = row
+            mask[index, : row.shape[-1]] = 1
+        return features, mask
 
 
 _AUDIO_SLOT = "\x00audio\x00"

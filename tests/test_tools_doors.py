@@ -26,7 +26,7 @@ WEATHER_TOOL = {
 CHAT_WEATHER_TOOL = {"type": "function", "function": {k: v for k, v in WEATHER_TOOL.items() if k != "type"}}
 TOOL_RULES = [
     {
-        "when": ["weather"],
+        "when": ["weather", "whether"],  # pocketsphinx hears espeak-ng's "weather" either way
         "call": "get_weather",
         "arguments": {"city": "Paris"},
         "answer": "It is {output[temperature]} degrees in {arguments[city]}.",

@@ -19,6 +19,8 @@ HIDDEN = 32
 """Width of every tiny sub-model."""
 ROLE_TOKENS = ("system", "user", "assistant")
 """Single tokens: Qwen3-Omni's `generate()` reads the role id right after `<|im_start|>`."""
+TOOL_TOKENS = ("<tool_call>", "</tool_call>")
+"""Single, non-special tokens, as in the Qwen tokenizers: the engines see a function call begin at one token."""
 
 
 def byte_level_tokenizer(special_tokens: tuple[str, ...], **options: Any) -> PreTrainedTokenizerBase:
@@ -27,11 +29,11 @@ def byte_level_tokenizer(special_tokens: tuple[str, ...], **options: Any) -> Pre
     `options` go to `Qwen2Tokenizer` (Qwen3-Omni names its multimodal tokens with `extra_special_tokens`).
     """
     vocab = {char: index for index, char in enumerate(sorted(ByteLevel.alphabet()))}
-    for token in special_tokens + ROLE_TOKENS:
+    for token in special_tokens + ROLE_TOKENS + TOOL_TOKENS:
         vocab[token] = len(vocab)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], eos_token="<|im_end|>", pad_token="<|endoftext|>", **options)
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens], special_tokens=True)
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in ROLE_TOKENS])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in ROLE_TOKENS + TOOL_TOKENS])
     return tokenizer
 
 

@@ -412,3 +412,25 @@ def test_truncation_disabled_and_auto_without_a_known_context_keep_everything() 
             driver.advance(0.5)
         assert len(driver.started[-1].request.messages) == 9
         assert driver.started[-1].request.messages[0].parts == (TextPart("y" * 4000),)
+
+
+def test_fields_of_2026_are_accepted() -> None:
+    """Accepted, echoed in the session, and (except truncation) without effect: see the README's table."""
+    driver = CoreDriver.create(turn_detection=None)
+    fields = {
+        "reasoning": {"effort": "low"},
+        "prompt": {"id": "pmpt_123", "version": "2", "variables": {"city": "Paris"}},
+        "include": ["item.input_audio_transcription.logprobs"],
+        "tracing": "auto",
+        "truncation": {"type": "retention_ratio", "retention_ratio": 0.8},
+    }
+    driver.send("session.update", session={"type": "realtime", **fields})
+    session = driver.events[-1].payload["session"]
+    assert {key: session[key] for key in fields} == fields
+    image = {"type": "input_image", "image_url": "data:image/png;base64," + base64.b64encode(b"\x89PNG").decode()}
+    driver.send("conversation.item.create", item={"type": "message", "role": "user", "content": [image]})
+    driver.send("response.create", response={"reasoning": {"effort": "high"}, "prompt": {"id": "pmpt_1"}})
+    assert "error" not in driver.types()
+    assert driver.started[-1].request.messages[0].parts[0].data == b"\x89PNG"
+    driver.send("session.update", session={"type": "realtime", "reasoning": "deep"})
+    assert driver.events[-1].payload["error"]["param"] == "session.reasoning"

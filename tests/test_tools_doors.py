@@ -237,3 +237,18 @@ def test_audio_modalities_door_passes_tools_through(server: RunningServer) -> No
     ]
     assert transcripts == [ANSWER]
     assert payloads[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_tool_calls_are_counted_by_outcome(client: openai.OpenAI, server: RunningServer) -> None:
+    def counted(outcome: str) -> float:
+        text = httpx.get(f"{server.http_url}/metrics").text
+        line = f'omnivox_tool_calls_total{{door="http_chat",outcome="{outcome}"}} '
+        return next((float(row[len(line) :]) for row in text.splitlines() if row.startswith(line)), 0.0)
+
+    before = counted("completed"), counted("invalid")
+    ask = [{"role": "user", "content": "What is the weather like today?"}]
+    client.chat.completions.create(model="x", messages=ask, tools=[CHAT_WEATHER_TOOL])
+    with pytest.raises(openai.InternalServerError):
+        broken = [{"role": "user", "content": "Is the parser broken?"}]
+        client.chat.completions.create(model="x", messages=broken, tools=[CHAT_WEATHER_TOOL])
+    assert (counted("completed"), counted("invalid")) == (before[0] + 1, before[1] + 1)

@@ -71,7 +71,7 @@ async def audio_chat_completions(request: Request) -> Response:
         parallel_tool_calls=parallel,
     )
     deltas = await open_engine_stream(state, engine_request)
-    calls = ChatToolCalls(tools, parallel)
+    calls = ChatToolCalls(tools, parallel, state.metrics, AUDIO_CHAT_DOOR)
     return EventStream(audio_chat_events(state, audio_cache(request), engine_request.request_id, deltas, calls))
 
 

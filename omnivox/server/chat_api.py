@@ -115,7 +115,7 @@ async def chat_completions(request: Request) -> Response:
         model=body.model,
         max_tokens=engine_request.sampling.max_tokens,
         audio_id=f"audio_{uuid.uuid4().hex}" if wants_audio else None,
-        calls=ChatToolCalls(tools, parallel),
+        calls=ChatToolCalls(tools, parallel, state.metrics, CHAT_DOOR),
     )
     deltas = await open_engine_stream(state, engine_request)
     if body.stream:

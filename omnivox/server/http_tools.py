@@ -22,6 +22,7 @@ from omnivox.pipeline.tools import (
 )
 from omnivox.server.http_bodies import ToolFields
 from omnivox.server.http_common import ApiError
+from omnivox.server.metrics import Metrics
 
 
 def request_tools(body: ToolFields) -> tuple[tuple[FunctionTool, ...], ToolChoice, bool]:
@@ -37,9 +38,13 @@ def request_tools(body: ToolFields) -> tuple[tuple[FunctionTool, ...], ToolChoic
 class ChatToolCalls:
     """The function calls of one completion, as the engine's `ToolCallDelta` pieces arrive."""
 
-    def __init__(self, tools: tuple[FunctionTool, ...], parallel: bool) -> None:
+    def __init__(
+        self, tools: tuple[FunctionTool, ...], parallel: bool, metrics: Metrics | None = None, door: str = ""
+    ) -> None:
         self._tools = tools
         self._parallel = parallel
+        self._metrics = metrics
+        self._door = door
         self._assembler = CallAssembler()
         self._positions: dict[int, int] = {}
         """engine index -> the call's `index` in `delta.tool_calls` (0, 1, ... in order of appearance)."""
@@ -69,6 +74,10 @@ class ChatToolCalls:
         """The complete calls, and the last pieces to stream (`{}` for a call that streamed no arguments); a call
         that cannot be run fails the completion."""
         calls = self._assembler.finish(self._tools, self._parallel)
+        invalid = any(call.error for call in calls)
+        if self._metrics is not None:
+            for _ in calls:
+                self._metrics.tool_calls.labels(self._door, "invalid" if invalid else "completed").inc()
         for call in calls:
             if call.error:
                 raise ApiError(

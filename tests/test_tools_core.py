@@ -434,3 +434,20 @@ def test_fields_of_2026_are_accepted() -> None:
     assert driver.started[-1].request.messages[0].parts[0].data == b"\x89PNG"
     driver.send("session.update", session={"type": "realtime", "reasoning": "deep"})
     assert driver.events[-1].payload["error"]["param"] == "session.reasoning"
+
+
+def test_hostile_tool_declarations_are_refused_not_crashed_on() -> None:
+    driver = CoreDriver.create(turn_detection=None)
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(600):  # what JSON can carry (its parser stops near 1000 levels), past what deepcopy can
+        node["x"] = {}
+        node = node["x"]
+    huge = {"type": "function", "name": "big", "description": "x" * 70_000}
+    for tools, param in (
+        ([{"type": "function", "name": "deep", "parameters": deep}], "session.tools"),
+        ([huge], "session.tools[0]"),
+        ([{"type": "function", "name": f"t{i}"} for i in range(129)], "session.tools"),
+    ):
+        driver.send("session.update", session={"type": "realtime", "tools": tools})
+        assert driver.events[-1].payload["error"]["param"] == param

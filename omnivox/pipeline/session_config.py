@@ -60,7 +60,10 @@ def merge_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]
         if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in _SENT_WHOLE:
             merged[key] = merge_update(merged[key], value)
         else:
-            merged[key] = copy.deepcopy(value)
+            try:
+                merged[key] = copy.deepcopy(value)
+            except RecursionError:
+                raise ProtocolError(f"{key} is nested too deeply", param=f"session.{key}") from None
     return merged
 
 

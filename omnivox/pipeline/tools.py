@@ -73,7 +73,11 @@ def _parse_tool(entry: Any, param: str) -> FunctionTool:
         parameters = {}
     if not isinstance(parameters, dict):
         raise ToolSpecError(f"{param}.parameters must be a JSON schema object", f"{param}.parameters")
-    if len(description) + len(json.dumps(parameters)) > MAX_TOOL_SPEC_CHARS:
+    try:
+        size = len(description) + len(json.dumps(parameters))
+    except (ValueError, TypeError, RecursionError):
+        raise ToolSpecError(f"{param}.parameters is not a JSON schema", f"{param}.parameters") from None
+    if size > MAX_TOOL_SPEC_CHARS:
         raise ToolSpecError(f"{param} is over {MAX_TOOL_SPEC_CHARS} characters", param)
     return FunctionTool(name, description, parameters)
 

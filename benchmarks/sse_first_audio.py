@@ -39,14 +39,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def scripted_server() -> Iterator[str]:
-    """An `omnivox serve --engine scripted` subprocess, healthy, for the duration of the block."""
+def scripted_server(*options: str) -> Iterator[str]:
+    """An `omnivox serve --engine scripted [options]` subprocess, healthy, for the duration of the block."""
     port = free_port()
     command = shutil.which("omnivox")
     argv = [command] if command else [sys.executable, "-m", "omnivox.server.cli"]
     env = {**os.environ, "OMNIVOX_SERVER__LOG_LEVEL": "warning"}
     server = subprocess.Popen(
-        [*argv, "serve", "--engine", "scripted", "--host", "127.0.0.1", "--port", str(port)], env=env
+        [*argv, "serve", "--engine", "scripted", *options, "--host", "127.0.0.1", "--port", str(port)], env=env
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -23,6 +23,7 @@ from omnivox.pipeline.audio import encode_audio_file, resample, synthesize_speec
 from omnivox.pipeline.engines.base import Delta, ImagePart, ResponseRequest
 from omnivox.pipeline.engines.scripted import ScriptedEngine
 from omnivox.pipeline.media import ImageLimits, MediaError, check_image, decode_image
+from tests.image_fixtures import png_image
 from tests.server_helpers import RunningServer, running_server, scripted_config
 
 SECRET = "the vault code is banana"
@@ -120,7 +121,7 @@ def test_a_script_naming_a_local_file_is_refused_on_every_audio_door(
 
 def test_the_image_decoder_never_opens_a_nested_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The engines decode images themselves: only with the sniffed format's decoder, never a probed demuxer."""
-    (tmp_path / "secret.png").write_bytes(png(8, 8))
+    (tmp_path / "secret.png").write_bytes(png_image(8, 8))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(MediaError):
         decode_image(b"ffconcat version 1.0\nfile secret.png\n")
@@ -247,21 +248,13 @@ def test_media_parts_per_request_are_bounded(server: RunningServer) -> None:
 # ---------------------------------------------------------------------------------------------- images
 
 
-def png(height: int, width: int) -> bytes:
-    pixels = np.zeros((height, width, 3), np.uint8)
-    context = av.CodecContext.create("png", "w")
-    context.width, context.height, context.pix_fmt = width, height, "rgb24"
-    packets = [*context.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")), *context.encode(None)]
-    return b"".join(bytes(packet) for packet in packets)
-
-
 def with_png_size(data: bytes, width: int, height: int) -> bytes:
     """The same PNG with its header claiming other dimensions (the header's CRC is not what a decoder trusts)."""
     return data[:16] + struct.pack(">II", width, height) + data[24:]
 
 
 def test_images_are_checked_on_their_header(server: RunningServer, engine: RecordingEngine) -> None:
-    small = png(16, 24)
+    small = png_image(16, 24)
     assert chat(server, image_url(small)).status_code == 200
     part = engine.requests[-1].messages[0].parts[0]
     assert isinstance(part, ImagePart) and (part.data, part.mime_type) == (small, "image/png")
@@ -273,7 +266,7 @@ def test_images_are_checked_on_their_header(server: RunningServer, engine: Recor
 
 def test_an_image_over_the_byte_limit_is_refused() -> None:
     with running_server(scripted_config(media={"max_image_bytes": 4096})) as small:
-        response = chat(small, image_url(png(16, 24) + bytes(8192)))
+        response = chat(small, image_url(png_image(16, 24) + bytes(8192)))
     assert_refused(response, "image_too_large")
 
 
@@ -288,7 +281,7 @@ def webp(height: int, width: int) -> bytes:
 
 def test_the_decoder_never_outgrows_the_header_the_door_checked() -> None:
     """A WebP whose canvas header says 24x16 around a 400x400 frame: FFmpeg would decode the frame at full size."""
-    assert decode_image(png(16, 24)).shape == (16, 24, 3)
+    assert decode_image(png_image(16, 24)).shape == (16, 24, 3)
     frame = webp(400, 400)[12:]
     canvas = b"VP8X" + struct.pack("<I", 10) + bytes(4) + (23).to_bytes(3, "little") + (15).to_bytes(3, "little")
     body = b"WEBP" + canvas + frame
@@ -309,7 +302,7 @@ async def test_a_realtime_image_item_is_checked_and_the_socket_stays_open(server
             async with asyncio.timeout(10):
                 return json.loads(await ws.recv())
 
-        huge = await create(with_png_size(png(16, 24), 100_000, 100_000))
-        fine = await create(png(16, 24))
+        huge = await create(with_png_size(png_image(16, 24), 100_000, 100_000))
+        fine = await create(png_image(16, 24))
     assert huge["type"] == "error" and huge["error"]["code"] == "image_too_large"
     assert fine["type"] == "conversation.item.added"

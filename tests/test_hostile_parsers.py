@@ -64,8 +64,8 @@ async def test_realtime_websocket_refuses_hostile_json_and_stays_open(server: Ru
 
 ODD_TYPES = {
     "modalities holding a list": {"type": "session.update", "session": {"output_modalities": [["audio"]]}},
-    "audio null": {"type": "session.update", "session": {"audio": None}},
-    "audio input null": {"type": "session.update", "session": {"audio": {"input": None}}},
+    "audio a string": {"type": "session.update", "session": {"audio": "loud"}},  # (null would mean "not set")
+    "audio input a number": {"type": "session.update", "session": {"audio": {"input": 7}}},
     "format type a list": {"type": "session.update", "session": {"audio": {"input": {"format": {"type": []}}}}},
     "eagerness a list": {
         "type": "session.update",

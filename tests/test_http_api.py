@@ -135,8 +135,10 @@ def post_sse(server: RunningServer, path: str, body: dict[str, Any], **headers: 
 # ---------------------------------------------------------------------------------------------- chat completions
 
 
-def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
-    assert [model.id for model in client.models.list()] == ["omni-test"]
+def test_models_lists_the_served_model_and_the_aliases(client: openai.OpenAI) -> None:
+    names = [model.id for model in client.models.list()]
+    assert names[:2] == ["omni-test", "scripted"]
+    assert {"gpt-realtime", "gpt-4o-audio-preview", "whisper-1", "gpt-4o-transcribe"} <= set(names[2:])
 
 
 def test_text_only_chat_non_streaming(client: openai.OpenAI) -> None:
@@ -307,19 +309,32 @@ def test_transcription_refuses_undecodable_audio(client: openai.OpenAI) -> None:
 
 
 def test_audio_modalities_stream_chunk_by_chunk(server: RunningServer, reply_duration_s: float) -> None:
-    status, payloads = post_sse(server, "/audio/chat/completions", {**audio_request(), "stream": True})
+    """Agora's direct audio output: data chunks as made, word subtitles as words complete, the whole transcript
+    once after the audio (what the platform keeps as context), a finish chunk, [DONE]."""
+    body = {**audio_request(), "model": "your-model-name", "stream": True}  # the name of Agora's own example
+    status, payloads = post_sse(server, "/audio/chat/completions", body)
     assert status == 200
     assert payloads[-1] == "[DONE]"
-    events = [payload["choices"][0]["delta"]["audio"] for payload in payloads[:-1]]
-    ids = {payload["id"] for payload in payloads[:-1]}
-    assert len(ids) == 1
-    assert set(events[0]) == {"id", "transcript"} and REPLY.startswith(events[0]["transcript"])
-    assert events[0]["transcript"]
-    data_events = events[1:]
-    assert all(set(event) == {"id", "data"} and event["id"] == events[0]["id"] for event in data_events)
-    sizes = [len(base64.b64decode(event["data"], validate=True)) for event in data_events]
+    assert len({payload["id"] for payload in payloads[:-1]}) == 1
+    deltas = [payload["choices"][0]["delta"] for payload in payloads[:-1]]
+    assert deltas[0]["role"] == "assistant" and deltas[0]["audio"]["data"] == ""
+    assert (deltas[-1], payloads[-2]["choices"][0]["finish_reason"]) == ({}, "stop")
+    events = [delta["audio"] for delta in deltas[1:-1]]
+    assert len({event["id"] for event in events}) == 1
+    kinds = [next(key for key in event if key != "id") for event in events]
+    assert kinds[-1] == "transcript" and kinds.count("transcript") == 1
+    assert events[-1]["transcript"] == REPLY
+    sizes = [len(base64.b64decode(event["data"], validate=True)) for event in events if "data" in event]
     assert all(size == 1280 for size in sizes[:-1]) and 0 < sizes[-1] <= 1280
     assert sum(sizes) / 2 / 16_000 == pytest.approx(reply_duration_s, abs=0.05)
+    words = [word for event in events for word in event.get("words", [])]
+    assert " ".join(word["text"] for word in words) == REPLY
+    data_before_words = kinds[: kinds.index("words")].count("data")
+    assert data_before_words < len(sizes) / 4  # subtitles stream with the audio, not after it
+    ends = [0] + [word["end_ts"] for word in words]
+    for word, previous_end in zip(words, ends, strict=False):
+        assert word["start_ts"] >= previous_end and word["end_ts"] - word["start_ts"] == word["duration"] > 0
+    assert words[-1]["end_ts"] == pytest.approx(reply_duration_s * 1000, rel=0.35)
 
 
 def test_audio_modalities_requires_stream(server: RunningServer) -> None:
@@ -354,14 +369,31 @@ def test_oversized_body_is_413(server: RunningServer) -> None:
     assert response.json()["error"]["code"] == "request_too_large"
 
 
-def test_unknown_model_is_a_clear_404(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.NotFoundError, match="'gpt-4o' does not exist; this server serves 'omni-test'"):
-        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+def test_any_model_name_is_accepted_by_default(client: openai.OpenAI) -> None:
+    for model in ("scripted", "gpt-4o-audio-preview", "my-favourite-model"):
+        completion = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+        assert completion.choices[0].message.content == REPLY
 
 
-def test_engine_model_id_is_accepted_too(client: openai.OpenAI) -> None:
-    completion = client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}])
-    assert completion.choices[0].message.content == REPLY
+def test_strict_model_names_accept_the_aliases_only_on_every_door() -> None:
+    """With `models.strict` the served name and the aliases pass on every door, other names are a clear 404, and
+    the audio-modalities door still takes any name (its format says the name only identifies)."""
+    config = scripted_config(engine={"served_model_name": "omni-test"}, models={"strict": True})
+    with running_server(config) as strict:
+        client = openai.OpenAI(base_url=f"{strict.http_url}/v1", api_key="unused", max_retries=0)
+        message = [{"role": "user", "content": "hi"}]
+        with pytest.raises(openai.NotFoundError, match="'gpt-4o' does not exist; this server serves 'omni-test'"):
+            client.chat.completions.create(model="gpt-4o", messages=message)
+        assert client.chat.completions.create(model="gpt-audio", messages=message).choices[0].message.content
+        wav = encode_audio_file(synthesize_speech("what is the weather", 16_000), 16_000, "wav")
+        for model in ("whisper-1", "gpt-4o-transcribe"):
+            assert client.audio.transcriptions.create(model=model, file=("q.wav", wav)).text is not None
+        with pytest.raises(openai.NotFoundError):
+            client.audio.transcriptions.create(model="whisper-2", file=("q.wav", wav))
+        status, payloads = post_sse(
+            strict, "/audio/chat/completions", {**audio_request(), "model": "x", "stream": True}
+        )
+        assert (status, payloads[-1]) == (200, "[DONE]")
 
 
 @pytest.mark.parametrize(
@@ -484,17 +516,26 @@ def test_audio_cache_forgets_the_oldest_and_the_expired() -> None:
     assert cache.get("b") is None and cache.get("c").transcript == "third"
 
 
-@pytest.mark.parametrize(("wait_ms", "has_words"), [(0, False), (60_000, True)])
-async def test_first_audio_waits_for_the_first_words_at_most_transcript_wait_ms(wait_ms: int, has_words: bool) -> None:
-    """The scripted engine releases its first word one step after its first audio."""
-    config = scripted_config(http={"transcript_wait_ms": wait_ms})
-    engine = ScriptedEngine(reply=REPLY, speed=50.0, first_audio_ms=0)
-    state = ServerState(config=config, engine=engine)
-    request = ResponseRequest(messages=(), output_audio=True)
-    events = [event async for event in audio_chat_events(state, AudioCache(4, 60), "msg", engine.respond(request))]
-    first = sse_payloads(events[0].splitlines())[0]["choices"][0]["delta"]["audio"]
-    assert bool(first["transcript"]) is has_words
-    assert REPLY.startswith(first["transcript"]) and first["transcript"] != REPLY
+async def test_words_are_timed_where_their_text_arrives_in_the_audio() -> None:
+    """A word starts when its text arrived in the audio (or when the previous word ended), lasts by its letters."""
+
+    async def speech() -> AsyncIterator[Delta]:
+        yield TextDelta("Hi there")
+        yield AudioDelta(np.zeros(24_000, np.float32))  # 1 s
+        yield TextDelta(" friend,")
+        yield AudioDelta(np.zeros(12_000, np.float32))
+        yield TextDelta(" bye")
+
+    state = ServerState(config=scripted_config(), engine=ScriptedEngine())
+    events = [event async for event in audio_chat_events(state, AudioCache(4, 60), "msg", speech())]
+    deltas = [sse_payloads(event.splitlines())[0] for event in events[:-1]]
+    audio = [payload["choices"][0]["delta"].get("audio", {}) for payload in deltas]
+    words = [word for event in audio for word in event.get("words", [])]
+    assert [w["text"] for w in words] == ["Hi", "there", "friend,", "bye"]
+    # audio made so far counts what left the resampler: it holds back a few ms of filter delay
+    assert [w["start_ts"] for w in words] == pytest.approx([0, 133, 1000, 1500], abs=25)
+    assert words[1]["duration"] == 333 and words[-1]["duration"] == 200  # 15 letters a second
+    assert [event["transcript"] for event in audio if "transcript" in event] == ["Hi there friend, bye"]
     assert events[-1] == "data: [DONE]\n\n"
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.server_helpers import running_server, scripted_config
+from tests.test_tools_doors import TOOL_RULES
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "examples" / "node"
 NODE_TESTS = sorted(NODE_DIR.glob("test/*.test.mjs"))
@@ -43,7 +44,7 @@ def declared_tests() -> int:
 @pytest.mark.node
 @pytest.mark.skipif(node_skip_reason() is not None, reason=node_skip_reason() or "")
 def test_node_clients_pass_their_suite_against_a_live_server() -> None:
-    config = scripted_config(engine={"options": {"scripted": {"reply": SHORT_REPLY}}})
+    config = scripted_config(engine={"options": {"scripted": {"reply": SHORT_REPLY, "tools": TOOL_RULES}}})
     with running_server(config) as server:
         result = subprocess.run(
             ["node", "--test", "--test-reporter=tap", *(str(path) for path in NODE_TESTS)],

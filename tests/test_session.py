@@ -240,7 +240,10 @@ def test_client_truncate_rules() -> None:
     user_id = driver.session.conversation.items[0].id
     item_id = driver.session.conversation.items[1].id
     driver.send("conversation.item.truncate", item_id=item_id, content_index=0, audio_end_ms=5000)
-    assert driver.events[-1].payload["error"]["code"] == "invalid_audio_end_ms"
+    sent_ms = int(driver.session.conversation.items[1].audio_sent_ms)
+    assert sent_ms == 1000
+    assert driver.events[-1].payload == {"item_id": item_id, "content_index": 0, "audio_end_ms": sent_ms}
+    assert driver.session.conversation.items[1].heard_text() == "Hello there general"
     driver.send("conversation.item.truncate", item_id=user_id, content_index=0, audio_end_ms=10)
     assert driver.events[-1].type == "error"
     driver.send("conversation.item.truncate", item_id=item_id, content_index=0, audio_end_ms=400)

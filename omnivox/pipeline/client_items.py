@@ -11,17 +11,18 @@ from typing import Any
 
 import numpy as np
 
-from omnivox.pipeline.audio import audio_format, resample
+from omnivox.pipeline.audio import AudioFormat, resample
 from omnivox.pipeline.conversation import Item
 from omnivox.pipeline.engines.base import INPUT_RATE
 from omnivox.pipeline.events import ProtocolError
 from omnivox.pipeline.media import ImageLimits, MediaError, check_image
+from omnivox.pipeline.tools import MAX_ARGUMENTS_CHARS, MAX_OUTPUT_CHARS
 
 MAX_APPEND_BYTES = 15 * 1024 * 1024
 """OpenAI's limit for one audio chunk (decoded bytes)."""
 
 
-def decode_client_audio(data: Any, input_format: str, param: str) -> np.ndarray:
+def decode_client_audio(data: Any, input_format: AudioFormat, param: str) -> np.ndarray:
     """Base64 audio in the session's input format -> float32 at the format's rate."""
     if not isinstance(data, str):
         raise ProtocolError("audio must be a base64 string", code="invalid_audio", param=param)
@@ -32,18 +33,25 @@ def decode_client_audio(data: Any, input_format: str, param: str) -> np.ndarray:
     except (binascii.Error, ValueError):
         raise ProtocolError("audio is not valid base64", code="invalid_audio", param=param) from None
     try:
-        return audio_format(input_format).decode(raw)
+        return input_format.decode(raw)
     except ValueError as exc:
-        raise ProtocolError(f"audio does not match {input_format}: {exc}", code="invalid_audio", param=param) from None
+        raise ProtocolError(
+            f"audio does not match {input_format.name}: {exc}", code="invalid_audio", param=param
+        ) from None
 
 
-def parse_item(data: Any, input_format: str, new_id: Callable[[str], str], images: ImageLimits) -> Item:
+def parse_item(data: Any, input_format: AudioFormat, new_id: Callable[[str], str], images: ImageLimits) -> Item:
     """A `conversation.item.create` item (or a `response.create` input item) -> an `Item`; user audio is decoded
     from the session's input format to 16 kHz, images are checked against `images` (undecoded)."""
     if not isinstance(data, dict):
         raise ProtocolError("conversation.item.create needs an 'item' object", param="item")
-    if data.get("type", "message") != "message":
-        raise ProtocolError(f"item type '{data.get('type')}' is not supported (no tools)", param="item.type")
+    kind = data.get("type", "message")
+    if kind in ("function_call", "function_call_output"):
+        return _parse_function_item(data, kind, new_id)
+    if kind != "message":
+        raise ProtocolError(
+            f"item type '{kind}' is not supported (message, function_call or function_call_output)", param="item.type"
+        )
     role = data.get("role")
     if role not in ("user", "assistant", "system"):
         raise ProtocolError("item.role must be user, assistant or system", param="item.role")
@@ -63,7 +71,7 @@ def parse_item(data: Any, input_format: str, new_id: Callable[[str], str], image
             texts.append(part["text"])
         elif kind == "input_audio" and role == "user":
             samples = decode_client_audio(part.get("audio"), input_format, f"{param}.audio")
-            audio.append(resample(samples, audio_format(input_format).rate, INPUT_RATE))
+            audio.append(resample(samples, input_format.rate, INPUT_RATE))
             if isinstance(part.get("transcript"), str):
                 item.transcript = part["transcript"]
         elif kind in ("output_audio", "audio") and role == "assistant":
@@ -79,6 +87,30 @@ def parse_item(data: Any, input_format: str, new_id: Callable[[str], str], image
     if audio:
         item.audio = np.concatenate(audio)
     return item
+
+
+def _parse_function_item(data: dict[str, Any], kind: str, new_id: Callable[[str], str]) -> Item:
+    """A function call (a client replaying history) or the output the client returns for a call."""
+    call_id = data.get("call_id")
+    if not isinstance(call_id, str) or not 0 < len(call_id) <= 256:
+        raise ProtocolError("item.call_id must be a non-empty string", param="item.call_id")
+    item_id = data.get("id") if isinstance(data.get("id"), str) else new_id("item")
+    if kind == "function_call_output":
+        output = data.get("output")
+        if not isinstance(output, str) or len(output) > MAX_OUTPUT_CHARS:
+            raise ProtocolError(
+                f"item.output must be a string of at most {MAX_OUTPUT_CHARS} characters", param="item.output"
+            )
+        return Item(item_id, "tool", type="function_call_output", call_id=call_id, output=output)
+    name = data.get("name")
+    arguments = data.get("arguments", "")
+    if not isinstance(name, str) or not name:
+        raise ProtocolError("item.name must be the called function's name", param="item.name")
+    if not isinstance(arguments, str) or len(arguments) > MAX_ARGUMENTS_CHARS:
+        raise ProtocolError(
+            f"item.arguments must be a JSON string of at most {MAX_ARGUMENTS_CHARS} characters", param="item.arguments"
+        )
+    return Item(item_id, "assistant", type="function_call", call_id=call_id, name=name, arguments=arguments)
 
 
 def parse_image(url: Any, param: str, limits: ImageLimits) -> tuple[bytes, str]:

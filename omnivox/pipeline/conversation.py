@@ -2,7 +2,8 @@
 
 Assistant items remember the text and how much audio was generated, sent and heard. After a
 truncation (barge-in or `conversation.item.truncate`) the model sees only the heard part next turn:
-the audio up to `audio_end_ms` and the matching prefix of the transcript.
+the audio up to `audio_end_ms` and the matching prefix of the transcript. Function calls the model made and the
+outputs the client returned for them are items too, and the model sees them on later turns.
 """
 
 from __future__ import annotations
@@ -12,17 +13,39 @@ from typing import Any, Literal
 
 import numpy as np
 
-from omnivox.pipeline.engines.base import INPUT_RATE, AudioPart, ImagePart, Message, Part, TextPart
+from omnivox.pipeline.engines.base import (
+    INPUT_RATE,
+    AudioPart,
+    ImagePart,
+    Message,
+    Part,
+    TextPart,
+    ToolCallPart,
+    ToolResultPart,
+)
 
 MAX_SPOKEN_CHARS_PER_SECOND = 20.0
 """Upper bound of speaking rate used to cap the heard transcript when text runs ahead of audio."""
 
 
+ItemType = Literal["message", "function_call", "function_call_output"]
+
+
 @dataclass
 class Item:
     id: str
-    role: Literal["user", "assistant", "system"]
+    role: Literal["user", "assistant", "system", "tool"]
+    """Function calls are the assistant's, their outputs the tool's (neither carries a role on the wire)."""
     status: str = "completed"
+    type: ItemType = "message"
+    call_id: str = ""
+    """Function calls and outputs: which call."""
+    name: str = ""
+    """Function calls: the function."""
+    arguments: str = ""
+    """Function calls: the JSON arguments."""
+    output: str = ""
+    """Function call outputs: what the function returned."""
     text: str = ""
     audio: np.ndarray | None = None
     """User audio at 16 kHz (what the engine hears)."""
@@ -54,6 +77,11 @@ class Item:
 
     def to_json(self) -> dict[str, Any]:
         """The `realtime.item` object (GA content types; the door renders beta)."""
+        head = {"id": self.id, "object": "realtime.item", "type": self.type, "status": self.status}
+        if self.type == "function_call":
+            return {**head, "call_id": self.call_id, "name": self.name, "arguments": self.arguments}
+        if self.type == "function_call_output":
+            return {**head, "call_id": self.call_id, "output": self.output}
         content: list[dict[str, Any]]
         if self.role == "assistant":
             if self.has_audio:
@@ -73,16 +101,13 @@ class Item:
             if self.text:
                 content.append({"type": "input_text", "text": self.text})
             content.extend({"type": "input_image"} for _ in self.images)
-        return {
-            "id": self.id,
-            "object": "realtime.item",
-            "type": "message",
-            "role": self.role,
-            "status": self.status,
-            "content": content,
-        }
+        return {**head, "role": self.role, "content": content}
 
     def to_message(self) -> Message | None:
+        if self.type == "function_call":
+            return Message("assistant", (ToolCallPart(self.call_id, self.name, self.arguments),))
+        if self.type == "function_call_output":
+            return Message("tool", (ToolResultPart(self.call_id, self.output),))
         parts: list[Part] = []
         if self.role == "assistant":
             text = self.heard_text()
@@ -129,9 +154,25 @@ class Conversation:
         self.items.remove(item)
         return True
 
-    def messages(self) -> tuple[Message, ...]:
-        """The conversation as the model should see it: user turns, and assistant turns as heard."""
-        return tuple(m for m in (item.to_message() for item in self.items) if m is not None)
+    def messages(self, start: int = 0) -> tuple[Message, ...]:
+        """The conversation from item `start` on, as the model should see it: user turns, assistant turns as heard,
+        the function calls of an assistant turn in that turn's message, and the outputs of calls it holds (an output
+        whose call was deleted is left out, so the model never sees a result of a call it did not make)."""
+        items = self.items[start:]
+        calls = {item.call_id: item.name for item in items if item.type == "function_call"}
+        messages: list[Message] = []
+        for item in items:
+            if item.type == "function_call_output":
+                if item.call_id in calls:
+                    messages.append(Message("tool", (ToolResultPart(item.call_id, item.output, calls[item.call_id]),)))
+                continue
+            message = item.to_message()
+            if message is None:
+                continue
+            if item.type == "function_call" and messages and messages[-1].role == "assistant":
+                message = Message("assistant", messages.pop().parts + message.parts)
+            messages.append(message)
+        return tuple(messages)
 
     def audio_seconds(self) -> float:
         return sum(item.audio.size / INPUT_RATE for item in self.items if item.audio is not None)

@@ -218,9 +218,14 @@ _CONTENT_GA_TO_BETA = {"output_audio": "audio", "output_text": "text"}
 _CONTENT_BETA_TO_GA = {"audio": "output_audio", "text": "output_text"}
 
 
-def parse_client_event(raw: str | bytes, dialect: Dialect, *, max_depth: int) -> ClientEvent:
+def parse_client_event(
+    raw: str | bytes, dialect: Dialect, *, max_depth: int, beta_pcm16_rate: int = 24000
+) -> ClientEvent:
     """JSON text -> `ClientEvent` in the neutral dialect; raises `ProtocolError` for anything malformed (including
-    non-finite numbers, integers beyond 64 bits and nesting deeper than `max_depth`)."""
+    non-finite numbers, integers beyond 64 bits and nesting deeper than `max_depth`).
+
+    `beta_pcm16_rate` is the input rate a beta client means by `pcm16` (OpenAI's is 24000; Qwen's own realtime
+    service uses the name for 16 kHz)."""
     try:
         data = load_client_json(raw, max_depth)
     except JsonRefused as exc:
@@ -236,19 +241,21 @@ def parse_client_event(raw: str | bytes, dialect: Dialect, *, max_depth: int) ->
         raise ProtocolError(f"unknown event type '{event_type}'", code="unknown_event", param="type", event_id=event_id)
     payload = {k: v for k, v in data.items() if k not in ("type", "event_id")}
     if dialect is Dialect.BETA:
-        payload = _payload_from_beta(event_type, payload)
+        payload = _payload_from_beta(event_type, payload, beta_pcm16_rate)
     return ClientEvent(event_type, payload, event_id)
 
 
-def _payload_from_beta(event_type: str, payload: dict[str, Any]) -> dict[str, Any]:
+def _payload_from_beta(event_type: str, payload: dict[str, Any], pcm16_rate: int) -> dict[str, Any]:
     if event_type == "session.update" and isinstance(payload.get("session"), dict):
-        return {**payload, "session": session_from_beta(payload["session"])}
+        return {**payload, "session": session_from_beta(payload["session"], pcm16_rate)}
     if event_type == "response.create" and isinstance(payload.get("response"), dict):
         response = dict(payload["response"])
         if "modalities" in response:
             response["output_modalities"] = _modalities_from_beta(response.pop("modalities"))
         if "max_response_output_tokens" in response:
             response["max_output_tokens"] = response.pop("max_response_output_tokens")
+        if "voice" in response:
+            response["audio"] = {"output": {"voice": response.pop("voice")}}
         return {**payload, "response": response}
     if event_type == "conversation.item.create" and isinstance(payload.get("item"), dict):
         return {**payload, "item": _item_content_types(payload["item"], _CONTENT_BETA_TO_GA)}
@@ -261,8 +268,9 @@ def _modalities_from_beta(modalities: Any) -> Any:
     return modalities
 
 
-def session_from_beta(session: dict[str, Any]) -> dict[str, Any]:
-    """Beta session fields -> the GA session shape (a partial update stays partial)."""
+def session_from_beta(session: dict[str, Any], pcm16_rate: int = 24000) -> dict[str, Any]:
+    """Beta session fields -> the GA session shape (a partial update stays partial); input `pcm16` is at
+    `pcm16_rate`."""
     out: dict[str, Any] = {}
     audio_in: dict[str, Any] = {}
     audio_out: dict[str, Any] = {}
@@ -270,9 +278,9 @@ def session_from_beta(session: dict[str, Any]) -> dict[str, Any]:
         if key == "modalities":
             out["output_modalities"] = _modalities_from_beta(value)
         elif key == "input_audio_format":
-            audio_in["format"] = _format_to_ga(value)
+            audio_in["format"] = _format_to_ga(value, pcm16_rate)
         elif key == "output_audio_format":
-            audio_out["format"] = _format_to_ga(value)
+            audio_out["format"] = _format_to_ga(value, 24000)
         elif key == "turn_detection":
             audio_in["turn_detection"] = value
         elif key == "input_audio_transcription":
@@ -315,11 +323,11 @@ def session_to_beta(session: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _format_to_ga(value: Any) -> Any:
+def _format_to_ga(value: Any, pcm16_rate: int) -> Any:
     if isinstance(value, str) and value in _BETA_FORMATS:
         ga = {"type": _BETA_FORMATS[value]}
         if value == "pcm16":
-            ga["rate"] = 24000
+            ga["rate"] = pcm16_rate
         return ga
     return value
 

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from omnivox.pipeline.audio import Framer, StreamResampler, audio_format
+from omnivox.pipeline.audio import AudioFormat, Framer, StreamResampler, audio_format
 from omnivox.pipeline.client_items import decode_client_audio, parse_item
+from omnivox.pipeline.context_window import TruncationPolicy, window_start
 from omnivox.pipeline.conversation import Conversation, Item
 from omnivox.pipeline.engines.base import (
     INPUT_RATE,
@@ -27,6 +28,7 @@ from omnivox.pipeline.engines.base import (
     Message,
     ResponseRequest,
     TextDelta,
+    ToolCallDelta,
     Usage,
 )
 from omnivox.pipeline.events import (
@@ -52,16 +54,18 @@ from omnivox.pipeline.events import (
 from omnivox.pipeline.input_buffer import InputBuffer
 from omnivox.pipeline.media import ImageLimits
 from omnivox.pipeline.pacer import FramePacer
-from omnivox.pipeline.responses import ActiveResponse
+from omnivox.pipeline.responses import ActiveResponse, call_item, opening_json
 from omnivox.pipeline.session_config import (
     FORMAT_TYPES,
     default_session,
+    input_audio_format,
     merge_update,
     parse_turn_detection,
     response_sampling,
     valid_modalities,
     validate_session,
 )
+from omnivox.pipeline.tools import AssembledCall, ToolSpecError, parse_tool_choice, parse_tools
 from omnivox.pipeline.turns import SpeechStarted, SpeechStopped, TurnDetector
 
 if TYPE_CHECKING:
@@ -70,6 +74,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_COMMIT_MS = 100
+DEFAULT_ANSWER_TOKENS = 1024
+"""Tokens kept free for the answer when the conversation is cut to fit the engine's context and the response
+sets no `max_output_tokens`."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,10 @@ class SessionOptions:
     min_speech_ms: int = 64
     defaults: dict[str, Any] = field(default_factory=dict)
     """Initial GA session fields (voice, instructions, turn_detection, formats) merged over the built-in ones."""
+    context_tokens: int | None = None
+    """The engine's context in tokens (None: unknown); the session's `truncation` keeps the conversation within."""
+    audio_tokens_per_second: float = 25.0
+    """What a second of caller audio costs the engine in tokens (Qwen2.5-Omni 25, Qwen3-Omni 12.5)."""
 
 
 class Session:
@@ -117,6 +128,8 @@ class Session:
         self._turn_start = 0
         self._idle_since: int | None = None
         self._active: ActiveResponse | None = None
+        self._window_item_id: str | None = None
+        """The oldest item the model still sees once `truncation` has cut the conversation (None: all of it)."""
         self._produced_audio = False
         self._now = 0.0
         self._started = False
@@ -138,8 +151,9 @@ class Session:
     # ------------------------------------------------------------ public API
 
     @property
-    def input_format(self) -> str:
-        return FORMAT_TYPES[self.config["audio"]["input"]["format"]["type"]]
+    def input_format(self) -> AudioFormat:
+        """The caller's wire audio format, at the session's input rate."""
+        return input_audio_format(self.config)
 
     @property
     def output_format(self) -> str:
@@ -251,10 +265,11 @@ class Session:
         out.append(ServerEvent("session.updated", {"session": copy.deepcopy(self.config)}))
 
     def _on_append(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
-        samples = decode_client_audio(payload.get("audio"), self.input_format, "audio")
-        fmt = audio_format(self.input_format)
-        if self._append_resampler is None or self._append_format != fmt.name:
-            self._append_resampler, self._append_format = StreamResampler(fmt.rate, INPUT_RATE), fmt.name
+        fmt = self.input_format
+        samples = decode_client_audio(payload.get("audio"), fmt, "audio")
+        key = f"{fmt.name}@{fmt.rate}"
+        if self._append_resampler is None or self._append_format != key:
+            self._append_resampler, self._append_format = StreamResampler(fmt.rate, INPUT_RATE), key
         self._on_audio(self._append_resampler.process(samples), out)
 
     def _on_commit(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
@@ -264,7 +279,8 @@ class Session:
         audio = self._input.take_all()
         if audio.size * 1000 < MIN_COMMIT_MS * INPUT_RATE:
             raise ProtocolError(
-                f"buffer too small: {audio.size * 1000 // INPUT_RATE} ms of audio, at least {MIN_COMMIT_MS} ms needed",
+                f"Error committing input audio buffer: buffer too small. Expected at least {MIN_COMMIT_MS}ms of "
+                f"audio, but buffer only has {audio.size * 1000 / INPUT_RATE:.2f}ms of audio.",
                 code="input_audio_buffer_commit_empty",
             )
         item_id = self._turn_item_id or self._new_id("item")
@@ -282,7 +298,9 @@ class Session:
         item = parse_item(payload.get("item"), self.input_format, self._new_id, self.options.images)
         previous = payload.get("previous_item_id")
         if self.conversation.get(item.id) is not None:
-            raise ProtocolError(f"an item with id '{item.id}' already exists", param="item.id")
+            raise ProtocolError(
+                f"an item with id '{item.id}' already exists", code="item_create_duplicate_item_id", param="item.id"
+            )
         try:
             before = self.conversation.insert(item, previous)
         except KeyError:
@@ -294,18 +312,19 @@ class Session:
             out.append(ServerEvent(kind, {"previous_item_id": before, "item": item.to_json()}))
 
     def _on_item_retrieve(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
-        item = self._existing_item(payload.get("item_id"))
+        item = self._existing_item(payload.get("item_id"), "item_retrieve_invalid_item_id")
         out.append(ServerEvent("conversation.item.retrieved", {"item": item.to_json()}))
 
-    def _existing_item(self, item_id: Any) -> Item:
+    def _existing_item(self, item_id: Any, code: str) -> Item:
+        """The item `item_id`, or the error OpenAI gives for that event (`code`: pipecat matches on it)."""
         item = self.conversation.get(item_id) if isinstance(item_id, str) else None
         if item is None:
-            raise ProtocolError(f"item '{item_id}' does not exist", code="item_not_found", param="item_id")
+            raise ProtocolError(f"item '{item_id}' does not exist", code=code, param="item_id")
         return item
 
     def _on_item_truncate(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
-        item = self._existing_item(payload.get("item_id"))
-        if item.role != "assistant" or not item.has_audio:
+        item = self._existing_item(payload.get("item_id"), "item_truncate_invalid_item_id")
+        if item.type != "message" or item.role != "assistant" or not item.has_audio:
             raise ProtocolError(
                 "only assistant audio items can be truncated", code="invalid_item_type", param="item_id"
             )
@@ -314,13 +333,8 @@ class Session:
         end_ms = payload.get("audio_end_ms")
         if isinstance(end_ms, bool) or not isinstance(end_ms, int) or end_ms < 0:
             raise ProtocolError("audio_end_ms must be a non-negative integer", param="audio_end_ms")
-        if end_ms > item.audio_sent_ms + 1:
-            raise ProtocolError(
-                f"audio_end_ms {end_ms} is past the item's audio ({int(item.audio_sent_ms)} ms)",
-                code="invalid_audio_end_ms",
-                param="audio_end_ms",
-            )
-        self._truncate(item, float(end_ms), out)
+        # Frameworks compute audio_end_ms from their own playback clock: past what was sent is what was sent.
+        self._truncate(item, min(float(end_ms), item.audio_sent_ms), out)
 
     def _truncate(self, item: Item, end_ms: float, out: list[SessionOutput]) -> None:
         item.heard_ms = end_ms if item.heard_ms is None else min(item.heard_ms, end_ms)
@@ -331,7 +345,7 @@ class Session:
         )
 
     def _on_item_delete(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
-        item = self._existing_item(payload.get("item_id"))
+        item = self._existing_item(payload.get("item_id"), "item_delete_invalid_item_id")
         if self._active is not None and self._active.item is item:
             raise ProtocolError("cannot delete the item of the active response", param="item_id")
         self.conversation.delete(item.id)
@@ -346,7 +360,8 @@ class Session:
     def _on_response_cancel(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
         wanted = payload.get("response_id")
         if self._active is None or (wanted is not None and wanted != self._active.id):
-            raise ProtocolError("there is no active response to cancel", code="response_cancel_not_active")
+            # OpenAI's exact text: LiveKit recognises the benign cancel after a server-side cancel by it.
+            raise ProtocolError("Cancellation failed: no active response found", code="response_cancel_not_active")
         self._cancel("client_cancelled", out)
 
     def _on_output_clear(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
@@ -488,48 +503,101 @@ class Session:
     def _start_response(self, params: dict[str, Any], out: list[SessionOutput]) -> None:
         if self._active is not None:
             raise ProtocolError(
-                f"conversation already has an active response ({self._active.id})",
+                f"Conversation already has an active response in progress: {self._active.id}. "
+                "Wait until the response is finished before creating a new one.",
                 code="conversation_already_has_active_response",
             )
-        sampling = response_sampling({**self.config, **params}, "response")
-        modalities = params.get("output_modalities", self.config["output_modalities"])
+        params = {key: value for key, value in params.items() if value is not None}  # null: not set
+        config = self.config
+        sampling = response_sampling({**config, **params}, "response")
+        modalities = params.get("output_modalities", config["output_modalities"])
         if not valid_modalities(modalities):
             raise ProtocolError("output_modalities must be ['audio'] or ['text']", param="response.output_modalities")
-        instructions = params.get("instructions", self.config["instructions"])
+        instructions = params.get("instructions", config["instructions"])
         if not isinstance(instructions, str):
             raise ProtocolError("instructions must be a string", param="response.instructions")
+        try:
+            tools = parse_tools(params.get("tools", config["tools"]), "response.tools")
+            tool_choice = parse_tool_choice(
+                params.get("tool_choice", config["tool_choice"]), tools, "response.tool_choice"
+            )
+        except ToolSpecError as exc:
+            raise ProtocolError(exc.message, param=exc.param) from None
+        parallel_tool_calls = params.get("parallel_tool_calls", config.get("parallel_tool_calls", True))
+        if not isinstance(parallel_tool_calls, bool):
+            raise ProtocolError("parallel_tool_calls must be a boolean", param="response.parallel_tool_calls")
+        max_tokens = params.get("max_output_tokens", config["max_output_tokens"])
+        max_tokens = None if max_tokens == "inf" else max_tokens
         in_conversation = params.get("conversation", "auto") != "none"
-        messages = self.conversation.messages() if in_conversation else ()
+        messages = self._context_messages(max_tokens or DEFAULT_ANSWER_TOKENS) if in_conversation else ()
         if "input" in params:
             messages = self._input_messages(params["input"])
-        response_id = self._new_id("resp")
-        item = Item(self._new_id("item"), "assistant", status="in_progress", has_audio="audio" in modalities)
+        voice = ((params.get("audio") or {}).get("output") or {}).get("voice") or config["audio"]["output"]["voice"]
+        if not isinstance(voice, str):
+            raise ProtocolError("voice must be a string", param="response.audio.output.voice")
         output_audio = "audio" in modalities
         pacer = resampler = None
         if output_audio:
             pacer = FramePacer(self.output_rate, self.options.frame_ms, self.options.lead_ms)
             resampler = StreamResampler(self.options.engine_rate, self.output_rate)
-        conversation_id = "conv_" + self.id.removeprefix("sess_") if in_conversation else None
-        response = ActiveResponse(
-            response_id, item, conversation_id, output_audio, params.get("metadata"), pacer, resampler
-        )
-        self._active = response
-        self._idle_since = None
-        out.extend(response.opening_events())
-        if in_conversation:
-            before = self.conversation.insert(item)
-            out.append(ServerEvent("conversation.item.added", {"previous_item_id": before, "item": item.to_json()}))
-        out.append(response.content_part_added())
+        response_id = self._new_id("resp")
         request = ResponseRequest(
             messages=messages,
             instructions=instructions,
-            voice=self.config["audio"]["output"]["voice"],
+            voice=voice,
             output_audio=output_audio,
             sampling=sampling,
             request_id=response_id,
             conversation_id=self.id,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
         )
+        response = ActiveResponse(
+            response_id,
+            "conv_" + self.id.removeprefix("sess_") if in_conversation else None,
+            output_audio,
+            params.get("metadata"),
+            pacer,
+            resampler,
+            tools=tools,
+            parallel_tool_calls=request.parallel_tool_calls,
+        )
+        self._active = response
+        self._idle_since = None
+        out.append(response.created_event())
+        if not request.tools_enabled:
+            self._open_message(response, out)
         out.append(StartResponse(response_id, request))
+
+    def _open_message(self, response: ActiveResponse, out: list[SessionOutput]) -> Item:
+        """The response's message item: announced, entered in the conversation, its content part opened."""
+        item = Item(self._new_id("item"), "assistant", status="in_progress", has_audio=response.output_audio)
+        response.item = item
+        out.append(response.item_added(item))
+        if response.in_conversation:
+            before = self.conversation.insert(item)
+            out.append(ServerEvent("conversation.item.added", {"previous_item_id": before, "item": item.to_json()}))
+        out.append(response.content_part_added())
+        return item
+
+    def _context_messages(self, answer_tokens: int) -> tuple[Message, ...]:
+        """The conversation the model sees, cut to the session's `truncation` when it outgrows the context."""
+        items = self.conversation.items
+        window = self.conversation.get(self._window_item_id) if self._window_item_id else None
+        start = items.index(window) if window is not None else 0
+        new_start = window_start(
+            items,
+            start,
+            TruncationPolicy.parse(self.config.get("truncation")),
+            context_tokens=self.options.context_tokens,
+            answer_tokens=answer_tokens,
+            audio_tokens_per_second=self.options.audio_tokens_per_second,
+        )
+        if new_start != start:
+            log.info("%s: truncation: the model no longer sees the %d oldest items", self.id, new_start)
+        self._window_item_id = items[new_start].id if new_start < len(items) else None
+        return self.conversation.messages(new_start)
 
     def _input_messages(self, items: Any) -> tuple[Message, ...]:
         if not isinstance(items, list):
@@ -537,7 +605,7 @@ class Session:
         messages: list[Message] = []
         for entry in items:
             if isinstance(entry, dict) and entry.get("type") == "item_reference":
-                item = self._existing_item(entry.get("id"))
+                item = self._existing_item(entry.get("id"), "item_retrieve_invalid_item_id")
             else:
                 item = parse_item(entry, self.input_format, self._new_id, self.options.images)
             message = item.to_message()
@@ -551,17 +619,25 @@ class Session:
             return  # a late delta of a cancelled or finished response: dropped
         delta = event.delta
         if isinstance(delta, TextDelta):
-            if not delta.text:
-                return
-            response.item.text += delta.text
+            if not delta.text or response.calls.started:
+                return  # text after a call began is the call's, never speech
+            item = response.item or self._open_message(response, out)
+            item.text += delta.text
             out.append(response.text_delta(delta.text))
         elif isinstance(delta, AudioDelta):
             if response.pacer is None or response.resampler is None:
                 return
+            if response.item is None:
+                if response.calls.started:
+                    return  # no text was spoken before the call: nothing of it may be heard
+                self._open_message(response, out)
+            assert response.item is not None
             samples = response.resampler.process(delta.pcm)
             response.item.audio_generated_ms += samples.size * 1000 / response.pacer.rate
             response.pacer.push(samples)
             self._produced_audio = True
+        elif isinstance(delta, ToolCallDelta):
+            response.calls.add(delta)
         elif isinstance(delta, Usage):
             response.usage = delta
 
@@ -570,10 +646,11 @@ class Session:
         if response is None or response.id != response_id:
             return
         response.engine_done = True
-        if response.pacer is not None and response.resampler is not None:
+        if response.pacer is not None and response.resampler is not None and response.item is not None:
             tail = response.resampler.flush()
             response.item.audio_generated_ms += tail.size * 1000 / response.pacer.rate
             response.pacer.push(tail)
+        if response.pacer is not None:
             response.pacer.finish()
 
     def _on_engine_failed(self, event: EngineFailed, out: list[SessionOutput]) -> None:
@@ -584,11 +661,12 @@ class Session:
         out.append(error_event(ProtocolError(event.message, code=event.code, error_type="server_error")))
         if response.pacer is not None:
             response.pacer.clear()
-        self._finish(response, "failed", {"type": "failed", "error": {"type": "server_error", "code": event.code}}, out)
+        error = {"type": "server_error", "code": event.code, "message": event.message}
+        self._finish(response, "failed", {"type": "failed", "error": error}, out)
 
     def _on_playout(self, event: PlayoutProgress) -> None:
         item = self.conversation.get(event.item_id)
-        if item is None and self._active is not None and self._active.item.id == event.item_id:
+        if item is None and self._active is not None and self._active.item and self._active.item.id == event.item_id:
             item = self._active.item
         if item is not None:
             item.played_ms = max(item.played_ms or 0.0, event.played_ms)
@@ -598,12 +676,12 @@ class Session:
         response = self._active
         if response is None:
             return
-        if response.pacer is not None:
+        if response.pacer is not None and response.item is not None:
             for frame in response.pacer.pop_due(self._now):
                 if not response.playout_started and self.options.server_playout:
                     out.append(ServerEvent("output_audio_buffer.started", {"response_id": response.id}))
                 response.playout_started = True
-                out.append(AudioOut(response.id, response.item.id, 0, 0, frame))
+                out.append(AudioOut(response.id, response.item.id, response.message_index, 0, frame))
             response.item.audio_sent_ms = response.pacer.sent_ms
             if not response.pacer.drained:
                 return
@@ -620,6 +698,7 @@ class Session:
             response.engine_done = True
         if response.pacer is not None:
             response.pacer.clear()
+        if response.pacer is not None and response.item is not None:
             response.item.audio_sent_ms = response.pacer.sent_ms
             if self.options.server_playout:
                 out.append(ClearPlayout(response.id))
@@ -633,13 +712,41 @@ class Session:
     def _finish(
         self, response: ActiveResponse, status: str, details: dict[str, Any] | None, out: list[SessionOutput]
     ) -> None:
+        """Close the message, announce the function calls of a completed response (never those of one cancelled
+        before its end: a call the caller interrupted is not run), then `response.done`."""
         item = response.item
-        out.extend(response.closing_events(status))
-        item_json = item.to_json()
-        if response.in_conversation and self.conversation.get(item.id) is not None:
-            index = self.conversation.items.index(item)
-            before = self.conversation.items[index - 1].id if index > 0 else None
-            out.append(ServerEvent("conversation.item.done", {"previous_item_id": before, "item": item_json}))
-        out.append(ServerEvent("response.done", {"response": response.to_json(status, details, [item_json])}))
+        if item is not None:
+            out.extend(response.closing_events(status))
+            if response.in_conversation and self.conversation.get(item.id) is not None:
+                index = self.conversation.items.index(item)
+                before = self.conversation.items[index - 1].id if index > 0 else None
+                out.append(ServerEvent("conversation.item.done", {"previous_item_id": before, "item": item.to_json()}))
+        failed: list[dict[str, Any]] = []
+        if status == "completed" and response.calls.started:
+            calls = response.calls.finish(response.tools, response.parallel_tool_calls)
+            errors = [call for call in calls if call.error]
+            if errors:
+                log.warning("%s: response %s made an invalid function call: %s", self.id, response.id, errors[0].error)
+                failed = [call_item(call, self._new_id("item")).to_json() for call in calls]
+                error = {"type": "server_error", "code": "invalid_tool_call", "message": errors[0].error}
+                status, details = "failed", {"type": "failed", "error": error}
+            else:
+                for call in calls:
+                    self._announce_call(response, call, out)
+        output = [entry.to_json() for entry in response.output] + failed
+        out.append(ServerEvent("response.done", {"response": response.to_json(status, details, output)}))
         self._active = None
         self._idle_since = self._input.total
+
+    def _announce_call(self, response: ActiveResponse, call: AssembledCall, out: list[SessionOutput]) -> None:
+        """A function call the model made, as OpenAI announces one: added (in progress), its arguments, done."""
+        item = call_item(call, self._new_id("item"))
+        out.append(response.item_added(item))
+        before = None
+        if response.in_conversation:
+            before = self.conversation.insert(item)
+            out.append(ServerEvent("conversation.item.added", {"previous_item_id": before, "item": opening_json(item)}))
+        out.extend(response.call_arguments_events(item))
+        out.append(response.item_done(item))
+        if response.in_conversation:
+            out.append(ServerEvent("conversation.item.done", {"previous_item_id": before, "item": item.to_json()}))

@@ -8,15 +8,24 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from omnivox.pipeline.audio import AudioFormat, audio_format
+from omnivox.pipeline.context_window import TruncationError, TruncationPolicy
 from omnivox.pipeline.engines.base import InvalidSampling, SamplingParams, checked_sampling
 from omnivox.pipeline.events import ProtocolError
+from omnivox.pipeline.tools import ToolSpecError, parse_tool_choice, parse_tools
 from omnivox.pipeline.turns import TurnDetectionConfig
 
 FORMAT_TYPES = {"audio/pcm": "pcm16", "audio/pcmu": "g711_ulaw", "audio/pcma": "g711_alaw"}
 """GA audio format type -> the internal format name of `pipeline.audio`."""
-_SENT_WHOLE = ("turn_detection", "format", "transcription", "noise_reduction")
+INPUT_PCM_RATES = (8000, 16000, 24000, 48000)
+"""Rates accepted for `audio/pcm` input (OpenAI's is 24000; 16000 is what the engines hear, so it is never
+resampled). Output `audio/pcm` is 24000 Hz, as OpenAI clients expect."""
+_SENT_WHOLE = ("turn_detection", "format", "transcription", "noise_reduction", "truncation", "prompt", "reasoning")
 """Nested objects a client always sends whole: an update replaces them instead of merging into them."""
 MAX_OUTPUT_TOKENS = 4096
+_NULL_IS_A_VALUE = frozenset({"turn_detection", "transcription", "noise_reduction", "prompt", "tracing"})
+"""Fields where `null` means "off"; for every other optional field `null` means "not set" (LiveKit sends
+`"instructions": null`), so an update leaves it as it was."""
 
 
 def default_session(model: str) -> dict[str, Any]:
@@ -30,6 +39,7 @@ def default_session(model: str) -> dict[str, Any]:
         "tool_choice": "auto",
         "temperature": 0.8,
         "max_output_tokens": "inf",
+        "truncation": "auto",
         "audio": {
             "input": {
                 "format": {"type": "audio/pcm", "rate": 24000},
@@ -43,13 +53,19 @@ def default_session(model: str) -> dict[str, Any]:
 
 
 def merge_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Partial update: nested objects merge, except those a client always sends whole."""
+    """Partial update: nested objects merge, except those a client always sends whole; `null` leaves a field as
+    it was, except where it means "off" (`_NULL_IS_A_VALUE`)."""
     merged = dict(base)
     for key, value in update.items():
+        if value is None and key not in _NULL_IS_A_VALUE:
+            continue
         if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in _SENT_WHOLE:
             merged[key] = merge_update(merged[key], value)
         else:
-            merged[key] = copy.deepcopy(value)
+            try:
+                merged[key] = copy.deepcopy(value)
+            except RecursionError:
+                raise ProtocolError(f"{key} is nested too deeply", param=f"session.{key}") from None
     return merged
 
 
@@ -84,14 +100,46 @@ def validate_session(session: dict[str, Any]) -> None:
         param = f"session.audio.{direction}.format"
         if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str) or fmt["type"] not in FORMAT_TYPES:
             raise ProtocolError(f"{param} must be audio/pcm, audio/pcmu or audio/pcma", param=param)
-        if fmt["type"] == "audio/pcm" and fmt.setdefault("rate", 24000) != 24000:
-            raise ProtocolError("audio/pcm is 24000 Hz only", param=f"{param}.rate")
+        if fmt["type"] != "audio/pcm":
+            continue
+        rates = INPUT_PCM_RATES if direction == "input" else (24000,)
+        if fmt.get("rate") is None:
+            fmt["rate"] = 24000
+        if fmt["rate"] not in rates:
+            allowed = ", ".join(str(rate) for rate in rates)
+            raise ProtocolError(f"{direction} audio/pcm rate must be one of {allowed} Hz", param=f"{param}.rate")
     voice = session["audio"]["output"].get("voice")
     if not isinstance(voice, str) or not voice:
         raise ProtocolError("voice must be a non-empty string", param="session.audio.output.voice")
     if session.get("temperature") is None:
         raise ProtocolError("temperature must be a number in [0, 2]", param="session.temperature")
     response_sampling(session, "session")
+    validate_tools(session, "session")
+    try:
+        TruncationPolicy.parse(session.get("truncation"), "session.truncation")
+    except TruncationError as exc:
+        raise ProtocolError(str(exc), param=exc.param) from None
+    for key, kind in (("reasoning", dict), ("prompt", dict), ("include", list)):
+        if session.get(key) is not None and not isinstance(session[key], kind):
+            raise ProtocolError(f"{key} must be {'an object' if kind is dict else 'a list'}", param=f"session.{key}")
+
+
+def validate_tools(fields: dict[str, Any], prefix: str) -> None:
+    """`tools`, `tool_choice` and `parallel_tool_calls` of a session or a response, checked where present."""
+    try:
+        tools = parse_tools(fields.get("tools"), f"{prefix}.tools")
+        parse_tool_choice(fields.get("tool_choice"), tools, f"{prefix}.tool_choice")
+    except ToolSpecError as exc:
+        raise ProtocolError(exc.message, param=exc.param) from None
+    if not isinstance(fields.get("parallel_tool_calls", True), bool):
+        raise ProtocolError("parallel_tool_calls must be a boolean", param=f"{prefix}.parallel_tool_calls")
+
+
+def input_audio_format(session: dict[str, Any]) -> AudioFormat:
+    """The wire format of the caller's audio, at the session's input rate."""
+    fmt = session["audio"]["input"]["format"]
+    wire = audio_format(FORMAT_TYPES[fmt["type"]])
+    return AudioFormat(wire.name, fmt["rate"], wire.bytes_per_sample) if fmt["type"] == "audio/pcm" else wire
 
 
 def response_sampling(settings: dict[str, Any], where: str) -> SamplingParams:

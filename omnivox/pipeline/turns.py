@@ -32,7 +32,7 @@ class TurnDetectionConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], min_speech_ms: int = 64) -> TurnDetectionConfig:
         """Validate a client's object; missing keys take OpenAI's defaults. Raises ValueError naming the field."""
-        kind = data.get("type", "server_vad")
+        kind = data.get("type") or "server_vad"
         if kind not in ("server_vad", "semantic_vad"):
             raise ValueError(f"turn_detection.type must be 'server_vad' or 'semantic_vad', got {kind!r}")
         config = cls(type=kind, min_speech_ms=min_speech_ms)

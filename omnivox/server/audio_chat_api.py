@@ -1,34 +1,34 @@
-"""`POST /audio/chat/completions`: the audio-modalities format of the voice-agent platforms (Agora's custom LLM).
+"""`POST /audio/chat/completions`: the audio-modalities format of the voice-agent platforms (Agora's custom LLM with
+direct audio output).
 
-Always streamed: one `delta.audio {id, transcript}` chunk, then `delta.audio {id, data}` chunks of exactly 1280 bytes
-(40 ms of PCM16 16 kHz mono; only the last may be shorter), then `data: [DONE]`.
+Always streamed. Following Agora's description of direct LLM audio output, each chunk carries one kind of content
+under `delta.audio` (all with the answer's `id`):
 
-Transcript first, audio as soon as it is ready: the format allows one transcript, before any audio, while the
-Qwen-Omni thinker runs only one token ahead of the talker, so the complete text exists only when the audio is complete
-too; waiting for it would delay the first audio by the whole reply. The door therefore sends the transcript known
-when the first audio is ready, holding that audio only until the engine has produced its first words, and at most
-`http.transcript_wait_ms` (default 1000). With the Qwen engines the text leads the audio, so nothing is held and the
-transcript holds the first words; the scripted engine releases each word as the audio that speaks it is made, so its
-first audio waits for its first word (about 130 ms at 4x real time; set the wait to 0 for first audio at once with an
-empty transcript). An engine that finishes within the wait (or whose text is complete before its audio starts) gives
-the complete transcript. The complete transcript is always recorded under the audio id: a later request whose
-assistant history entry carries `audio: {id}` puts the whole text into the conversation, so platforms should refer to
-earlier turns by id rather than by the transcript they were sent.
+* `data`: 1280-byte pieces of PCM16 16 kHz mono (40 ms; only the last may be shorter), sent as the engine makes them;
+* `words`: word-level subtitles `{text, start_ts, end_ts, duration}` in milliseconds from the start of the audio, sent
+  as the words are known (timed by `word_timing`), so the platform's live subtitles follow the whole answer;
+* `transcript`: the complete text of the answer, sent once after the audio, which the platform keeps as the turn's
+  context (it stores only what `transcript` holds, so a transcript sent before the text is complete would lose the
+  rest of the answer).
+
+Function calls go out in the OpenAI chat shape (`delta.tool_calls`, `finish_reason: "tool_calls"`); the stream ends
+with a `finish_reason` chunk and `data: [DONE]`. The transcript is also kept under the audio id, so a later request
+may refer to the turn by `audio: {id}`. Any model name is accepted: the format says it is for identification only.
 """
 
 from __future__ import annotations
 
 import base64
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from omnivox.pipeline.audio import StreamResampler, float_to_pcm16
-from omnivox.pipeline.engines.base import AudioDelta, Delta, ResponseRequest, TextDelta
+from omnivox.pipeline.engines.base import AudioDelta, Delta, ResponseRequest, TextDelta, ToolCallDelta
 from omnivox.server.http_bodies import AudioChatRequest
 from omnivox.server.http_common import (
     SSE_DONE,
@@ -36,14 +36,15 @@ from omnivox.server.http_common import (
     EventStream,
     ResponseTracker,
     check_auth,
-    check_model,
     open_engine_stream,
     read_json_body,
     sse,
     stream_error,
 )
 from omnivox.server.http_media import AudioCache, audio_cache, build_messages, sampling_params
+from omnivox.server.http_tools import ChatToolCalls, request_tools
 from omnivox.server.state import ServerState
+from omnivox.server.word_timing import TimedWord, WordTimeline
 
 AUDIO_CHAT_DOOR = "http_audio_chat"
 AUDIO_CHAT_RATE = 16_000
@@ -55,73 +56,97 @@ async def audio_chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.omnivox
     check_auth(request, state)
     body = await read_json_body(request, state, AudioChatRequest)
-    check_model(state, body.model)
     if not body.stream:
         raise ApiError(400, "this endpoint only streams: set stream to true", param="stream")
+    tools, tool_choice, parallel = request_tools(body)
     engine_request = ResponseRequest(
         messages=await build_messages(request, body.messages),
         voice=body.audio.voice if body.audio else state.config.session.voice,
         output_audio=True,
         sampling=sampling_params(body),
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel,
     )
     deltas = await open_engine_stream(state, engine_request, request, AUDIO_CHAT_DOOR)
-    return EventStream(audio_chat_events(state, audio_cache(request), engine_request.request_id, deltas))
+    calls = ChatToolCalls(tools, parallel, state.metrics, AUDIO_CHAT_DOOR)
+    return EventStream(audio_chat_events(state, audio_cache(request), engine_request.request_id, deltas, calls))
 
 
 async def audio_chat_events(
-    state: ServerState, cache: AudioCache, message_id: str, deltas: AsyncIterator[Delta]
+    state: ServerState,
+    cache: AudioCache,
+    message_id: str,
+    deltas: AsyncIterator[Delta],
+    calls: ChatToolCalls | None = None,
 ) -> AsyncIterator[str]:
-    """The transcript known once the first audio and words exist (see the module docstring), then 1280-byte
-    16 kHz PCM16 chunks, then [DONE]."""
+    """Audio data as it is made, word subtitles as words complete, the whole transcript after the audio, the
+    function calls, the finish reason, then [DONE] (see the module docstring)."""
+    calls = calls or ChatToolCalls((), True)
     tracker = ResponseTracker(state, AUDIO_CHAT_DOOR)
     audio_id = f"audio_{uuid.uuid4().hex}"
     resampler = StreamResampler(state.engine.native_rate, AUDIO_CHAT_RATE)
-    wait_s = state.config.http.transcript_wait_ms / 1000
+    timeline = WordTimeline()
     transcript: list[str] = []
     pending = bytearray()
-    first_audio_at: float | None = None
-    transcript_sent = False
+    sent_bytes = 0
 
-    def event(audio: dict[str, str]) -> str:
-        return sse({"id": message_id, "choices": [{"index": 0, "delta": {"audio": audio}, "finish_reason": None}]})
+    def event(delta: dict[str, Any], finish_reason: str | None = None) -> str:
+        return sse({"id": message_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
+
+    def words_event(words: list[TimedWord]) -> list[str]:
+        return [event({"audio": {"id": audio_id, "words": [word.to_json() for word in words]}})] if words else []
 
     def audio_events(final: bool) -> list[str]:
+        nonlocal sent_bytes
         events = []
         while len(pending) >= AUDIO_CHAT_CHUNK_BYTES or (final and pending):
             piece = bytes(pending[:AUDIO_CHAT_CHUNK_BYTES])
             del pending[:AUDIO_CHAT_CHUNK_BYTES]
-            events.append(event({"id": audio_id, "data": base64.b64encode(piece).decode()}))
+            sent_bytes += len(piece)
+            events.append(event({"audio": {"id": audio_id, "data": base64.b64encode(piece).decode()}}))
         return events
 
+    def audio_ms() -> float:
+        return (sent_bytes + len(pending)) / 2 / AUDIO_CHAT_RATE * 1000
+
     try:
+        yield event({"role": "assistant", "audio": {"id": audio_id, "data": ""}})
         async with aclosing(deltas):
             async for delta in deltas:
                 if isinstance(delta, TextDelta):
+                    if calls.started:
+                        continue  # the call's text, never the answer
                     transcript.append(delta.text)
-                elif isinstance(delta, AudioDelta):
-                    pending.extend(float_to_pcm16(resampler.process(delta.pcm)))
-                    if first_audio_at is None and pending:
-                        first_audio_at = time.monotonic()
-                if (
-                    not transcript_sent
-                    and first_audio_at is not None
-                    and (transcript or time.monotonic() - first_audio_at >= wait_s)
-                ):
-                    transcript_sent = True
-                    yield event({"id": audio_id, "transcript": "".join(transcript)})
-                if transcript_sent and len(pending) >= AUDIO_CHAT_CHUNK_BYTES:
-                    tracker.audio()
-                    for chunk in audio_events(final=False):
+                    for chunk in words_event(timeline.push(delta.text, audio_ms())):
                         yield chunk
-        pending.extend(float_to_pcm16(resampler.flush()))
-        if not transcript_sent:
-            yield event({"id": audio_id, "transcript": "".join(transcript)})
+                elif isinstance(delta, AudioDelta):
+                    if calls.started and not transcript:
+                        continue  # nothing was said before the call: nothing may be heard
+                    pending.extend(float_to_pcm16(resampler.process(delta.pcm)))
+                    if len(pending) >= AUDIO_CHAT_CHUNK_BYTES:
+                        tracker.audio()
+                        for chunk in audio_events(final=False):
+                            yield chunk
+                elif isinstance(delta, ToolCallDelta):
+                    call_piece = calls.piece(delta)
+                    if call_piece is not None:
+                        yield event({"tool_calls": [call_piece]})
+        if transcript or not calls.started:
+            pending.extend(float_to_pcm16(resampler.flush()))
         if pending:
             tracker.audio()
-        for chunk in audio_events(final=True):
+        for chunk in [*audio_events(final=True), *words_event(timeline.finish())]:
             yield chunk
-        cache.put(audio_id, "".join(transcript))
+        text = "".join(transcript)
+        if text:
+            yield event({"audio": {"id": audio_id, "transcript": text}})
+        cache.put(audio_id, text)
+        made, last_pieces = calls.finish()
+        for call_piece in last_pieces:
+            yield event({"tool_calls": [call_piece]})
+        yield event({}, "tool_calls" if made else "stop")
         tracker.status = "completed"
         yield SSE_DONE
     except Exception as exc:

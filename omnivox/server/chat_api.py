@@ -1,9 +1,11 @@
-"""`POST /v1/chat/completions`: OpenAI's shape, with audio.
+"""`POST /v1/chat/completions`: OpenAI's shape, with audio and function calling.
 
 `modalities` `["text"]` (default) or `["text", "audio"]` with `audio: {voice, format}`; `format` is pcm16 | wav | mp3 |
 flac | opus, and streaming requires pcm16 (24 kHz mono). Streamed audio arrives as `delta.audio.transcript` pieces
-and `delta.audio.data` chunks as the engine makes them. A client that disconnects mid-stream cancels the engine work
-at once.
+and `delta.audio.data` chunks as the engine makes them. `tools`/`tool_choice` reach the engine; its calls come back
+as `delta.tool_calls` pieces (or `message.tool_calls`) with `finish_reason: "tool_calls"`, and `role: "tool"`
+messages carry the results on the next request (`http_tools`). A client that disconnects mid-stream cancels the
+engine work at once.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from omnivox.pipeline.audio import StreamResampler, encode_audio_file, float_to_pcm16, resample
-from omnivox.pipeline.engines.base import AudioDelta, Delta, ResponseRequest, TextDelta, Usage
+from omnivox.pipeline.engines.base import AudioDelta, Delta, ResponseRequest, TextDelta, ToolCallDelta, Usage
 from omnivox.server.http_bodies import ChatCompletionRequest
 from omnivox.server.http_common import (
     SSE_DONE,
@@ -37,6 +39,7 @@ from omnivox.server.http_common import (
     stream_error,
 )
 from omnivox.server.http_media import CHAT_AUDIO_RATE, AudioCache, audio_cache, build_messages, sampling_params
+from omnivox.server.http_tools import ChatToolCalls, message_tool_calls, request_tools
 from omnivox.server.state import ServerState
 
 CHAT_DOOR = "http_chat"
@@ -53,6 +56,7 @@ class ChatContext:
     model: str
     max_tokens: int | None
     audio_id: str | None
+    calls: ChatToolCalls
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         return {
@@ -91,6 +95,7 @@ async def chat_completions(request: Request) -> Response:
         raise ApiError(400, message, param="audio")
     if wants_audio and body.stream and body.audio.format != "pcm16":
         raise ApiError(400, "streamed audio must use format pcm16", param="audio.format")
+    tools, tool_choice, parallel = request_tools(body)
     engine_request = ResponseRequest(
         messages=await build_messages(request, body.messages),
         voice=body.audio.voice if body.audio else state.config.session.voice,
@@ -99,6 +104,9 @@ async def chat_completions(request: Request) -> Response:
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         conversation_id=body.prompt_cache_key or "",
         instructions=body.instructions or "",
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel,
     )
     context = ChatContext(
         state=state,
@@ -108,6 +116,7 @@ async def chat_completions(request: Request) -> Response:
         model=body.model,
         max_tokens=engine_request.sampling.max_tokens,
         audio_id=f"audio_{uuid.uuid4().hex}" if wants_audio else None,
+        calls=ChatToolCalls(tools, parallel, state.metrics, CHAT_DOOR),
     )
     deltas = await open_engine_stream(state, engine_request, request, CHAT_DOOR)
     if body.stream:
@@ -117,8 +126,9 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def chat_events(context: ChatContext, deltas: AsyncIterator[Delta], include_usage: bool) -> AsyncIterator[str]:
-    """`delta.content` pieces, or `delta.audio` transcript pieces and 24 kHz PCM16 data; finish; usage; [DONE]."""
-    state = context.state
+    """`delta.content` pieces, or `delta.audio` transcript pieces and 24 kHz PCM16 data; `delta.tool_calls` pieces;
+    finish; usage; [DONE]."""
+    state, calls = context.state, context.calls
     tracker = ResponseTracker(state, CHAT_DOOR)
     resampler = StreamResampler(state.engine.native_rate, CHAT_AUDIO_RATE)
     audio_id = context.audio_id
@@ -130,14 +140,22 @@ async def chat_events(context: ChatContext, deltas: AsyncIterator[Delta], includ
         async with aclosing(deltas):
             async for delta in deltas:
                 if isinstance(delta, TextDelta):
+                    if calls.started:
+                        continue  # the call's text, never the answer
                     transcript.append(delta.text)
                     piece = {"id": audio_id, "transcript": delta.text}
                     yield sse(context.chunk({"audio": piece} if audio_id else {"content": delta.text}))
                 elif isinstance(delta, AudioDelta) and audio_id:
+                    if calls.started and not transcript:
+                        continue  # nothing was said before the call: nothing may be heard
                     pcm = float_to_pcm16(resampler.process(delta.pcm))
                     if pcm:
                         tracker.audio()
                         yield sse(context.chunk({"audio": {"id": audio_id, "data": base64.b64encode(pcm).decode()}}))
+                elif isinstance(delta, ToolCallDelta):
+                    call_piece = calls.piece(delta)
+                    if call_piece is not None:
+                        yield sse(context.chunk({"tool_calls": [call_piece]}))
                 elif isinstance(delta, Usage):
                     usage = delta
         if audio_id:
@@ -146,7 +164,10 @@ async def chat_events(context: ChatContext, deltas: AsyncIterator[Delta], includ
                 yield sse(context.chunk({"audio": {"id": audio_id, "data": base64.b64encode(tail).decode()}}))
             entry = context.cache.put(audio_id, "".join(transcript))
             yield sse(context.chunk({"audio": {"id": audio_id, "expires_at": entry.expires_at}}))
-        yield sse(context.chunk({}, context.finish_reason(usage)))
+        made, last_pieces = calls.finish()
+        for call_piece in last_pieces:
+            yield sse(context.chunk({"tool_calls": [call_piece]}))
+        yield sse(context.chunk({}, "tool_calls" if made else context.finish_reason(usage)))
         if include_usage:
             yield sse({**context.chunk({}), "choices": [], "usage": usage_body(usage)})
         tracker.status = "completed"
@@ -159,8 +180,9 @@ async def chat_events(context: ChatContext, deltas: AsyncIterator[Delta], includ
 
 
 async def chat_body(context: ChatContext, deltas: AsyncIterator[Delta], audio_format: str | None) -> dict[str, Any]:
-    """The whole completion: `message.content`, or `message.audio {id, data, expires_at, transcript}`."""
-    state = context.state
+    """The whole completion: `message.content`, or `message.audio {id, data, expires_at, transcript}`, and
+    `message.tool_calls`."""
+    state, calls = context.state, context.calls
     tracker = ResponseTracker(state, CHAT_DOOR)
     text: list[str] = []
     audio: list[np.ndarray] = []
@@ -168,13 +190,16 @@ async def chat_body(context: ChatContext, deltas: AsyncIterator[Delta], audio_fo
     try:
         async with aclosing(deltas):
             async for delta in deltas:
-                if isinstance(delta, TextDelta):
+                if isinstance(delta, TextDelta) and not calls.started:
                     text.append(delta.text)
-                elif isinstance(delta, AudioDelta):
+                elif isinstance(delta, AudioDelta) and (text or not calls.started):
                     tracker.audio()
                     audio.append(delta.pcm)
+                elif isinstance(delta, ToolCallDelta):
+                    calls.piece(delta)
                 elif isinstance(delta, Usage):
                     usage = delta
+        made, _ = calls.finish()
         tracker.status = "completed"
     except Exception:
         tracker.status = "failed"
@@ -182,7 +207,10 @@ async def chat_body(context: ChatContext, deltas: AsyncIterator[Delta], audio_fo
     finally:
         tracker.finish()
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text), "refusal": None}
-    if context.audio_id and audio_format:
+    if made:
+        message["tool_calls"] = message_tool_calls(made)
+        message["content"] = message["content"] or None
+    if context.audio_id and audio_format and (audio or not made):
         samples = resample(
             np.concatenate(audio) if audio else np.zeros(0, np.float32), state.engine.native_rate, CHAT_AUDIO_RATE
         )
@@ -200,6 +228,8 @@ async def chat_body(context: ChatContext, deltas: AsyncIterator[Delta], audio_fo
         "object": "chat.completion",
         "created": context.created,
         "model": context.model,
-        "choices": [{"index": 0, "message": message, "finish_reason": context.finish_reason(usage)}],
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": "tool_calls" if made else context.finish_reason(usage)}
+        ],
         "usage": usage_body(usage),
     }

@@ -90,6 +90,28 @@ def _http_url(url: str) -> str:
     return url
 
 
+OPENAI_MODEL_NAMES = [
+    "gpt-realtime",
+    "gpt-realtime-mini",
+    "gpt-realtime-2",
+    "gpt-4o-realtime-preview",
+    "gpt-4o-mini-realtime-preview",
+    "gpt-audio",
+    "gpt-audio-mini",
+    "gpt-4o-audio-preview",
+    "gpt-4o-mini-audio-preview",
+    "whisper-1",
+    "gpt-4o-transcribe",
+    "gpt-4o-mini-transcribe",
+]
+"""The names OpenAI clients send to the realtime, chat-audio and transcription endpoints."""
+
+
+class ModelsConfig(_Section):
+    aliases: list[str] = OPENAI_MODEL_NAMES
+    strict: bool = False
+
+
 class VadConfig(_Section):
     kind: Literal["silero", "webrtc"] = "silero"
     min_speech_ms: int = Field(64, ge=0, le=2000)
@@ -116,6 +138,7 @@ class SessionDefaults(_Section):
 class AudioConfig(_Section):
     frame_ms: Literal[20, 40] = 40
     lead_ms: int = Field(200, ge=0, le=5000)
+    beta_pcm16_input_rate: Literal[8000, 16000, 24000, 48000] = 24000
 
 
 class LimitsConfig(_Section):
@@ -167,12 +190,12 @@ class TelephonyConfig(_Section):
 class HttpConfig(_Section):
     audio_cache_ttl_s: float = Field(3600, gt=0)
     audio_cache_max_items: int = Field(4096, ge=1)
-    transcript_wait_ms: int = Field(1000, ge=0, le=60_000)
 
 
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     engine: EngineConfig = EngineConfig()
+    models: ModelsConfig = ModelsConfig()
     vad: VadConfig = VadConfig()
     session: SessionDefaults = SessionDefaults()
     audio: AudioConfig = AudioConfig()

@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Route
 from omnivox.server.audio_chat_api import audio_chat_completions
 from omnivox.server.chat_api import chat_completions
 from omnivox.server.http_bodies import INPUT_AUDIO_FORMATS, VOICES, AudioChatRequest, ChatCompletionRequest
-from omnivox.server.http_common import check_auth, openai_errors, served_model_names
+from omnivox.server.http_common import check_auth, openai_errors
 from omnivox.server.state import ServerState
 from omnivox.server.transcription_api import TRANSCRIPTION_FORMATS, transcriptions
 
@@ -30,7 +30,9 @@ async def list_models(request: Request) -> Response:
     return JSONResponse(
         {
             "object": "list",
-            "data": [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "omnivox"}],
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "omnivox"} for name in state.model_names
+            ],
         }
     )
 
@@ -40,15 +42,17 @@ def _error_responses(*statuses: int) -> dict[str, Any]:
     return {str(status): {"description": "an OpenAI error object", "content": error} for status in statuses}
 
 
-def openapi_schema(model_names: list[str]) -> dict[str, Any]:
-    """OpenAPI 3.1 for the HTTP doors, request bodies generated from the pydantic models above."""
+def openapi_schema(model_names: list[str] | None) -> dict[str, Any]:
+    """OpenAPI 3.1 for the HTTP doors, request bodies generated from the pydantic models above; `model_names` are
+    the only names accepted (None: any name)."""
     schemas: dict[str, Any] = {}
     for model in (ChatCompletionRequest, AudioChatRequest):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
-    schemas["ChatCompletionRequest"]["properties"]["model"] = {"type": "string", "enum": model_names}
-    schemas["AudioChatRequest"]["properties"]["model"] = {"type": "string", "enum": model_names}
+    model = {"type": "string", "enum": model_names} if model_names else {"type": "string"}
+    schemas["ChatCompletionRequest"]["properties"]["model"] = model
+    schemas["AudioChatRequest"]["properties"]["model"] = {"type": "string", "description": "any name"}
     schemas["AudioChatRequest"]["properties"]["stream"] = {"const": True, "description": "this endpoint only streams"}
     schemas["AudioChatRequest"]["required"].append("stream")
     schemas["AudioOutput"]["properties"]["voice"] = {"type": "string", "enum": list(VOICES), "default": "alloy"}
@@ -105,7 +109,7 @@ def openapi_schema(model_names: list[str]) -> dict[str, Any]:
                                     "required": ["file", "model"],
                                     "properties": {
                                         "file": {"type": "string", "format": "binary"},
-                                        "model": {"type": "string", "enum": model_names},
+                                        "model": model,
                                         "language": {"type": "string"},
                                         "prompt": {"type": "string"},
                                         "response_format": {"type": "string", "enum": list(TRANSCRIPTION_FORMATS)},
@@ -139,7 +143,7 @@ def openapi_schema(model_names: list[str]) -> dict[str, Any]:
 
 async def openapi(request: Request) -> Response:
     state: ServerState = request.app.state.omnivox
-    return JSONResponse(openapi_schema(served_model_names(state)))
+    return JSONResponse(openapi_schema(state.model_names if state.config.models.strict else None))
 
 
 def http_api_routes() -> list[BaseRoute]:

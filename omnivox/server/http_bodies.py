@@ -3,7 +3,7 @@ OpenAPI schema."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -57,10 +57,31 @@ class AudioReference(_Body):
     id: str
 
 
+class FunctionCallBody(_Body):
+    name: str = Field(max_length=64)
+    arguments: str = Field("", description="JSON text")
+
+
+class ToolCallBody(_Body):
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCallBody
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     audio: AudioReference | None = Field(None, description="assistant turns: an earlier response's audio")
+    tool_calls: list[ToolCallBody] | None = Field(None, description="assistant turns: the functions it called")
+    tool_call_id: str | None = Field(None, description="tool turns: the call this is the result of")
+
+
+class ToolFields(_Body):
+    """OpenAI's function calling; `tools` are checked by `omnivox.pipeline.tools`."""
+
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class AudioOutput(_Body):
@@ -72,7 +93,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Body):
+class ChatCompletionRequest(ToolFields):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     modalities: list[Literal["text", "audio"]] | None = None
@@ -97,7 +118,7 @@ class ChatCompletionRequest(_Body):
     )
 
 
-class AudioChatRequest(_Body):
+class AudioChatRequest(ToolFields):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False

@@ -146,18 +146,14 @@ def check_auth(request: Request, state: ServerState) -> None:
 
 
 def check_model(state: ServerState, model: str | None) -> None:
-    served = served_model_names(state)
-    if model is not None and model not in served:
+    """404 for a name the server does not accept (only with `models.strict`)."""
+    if not state.accepts_model(model):
         raise ApiError(
             404,
-            f"the model {model!r} does not exist; this server serves {served[0]!r}",
+            f"the model {model!r} does not exist; this server serves {state.model_name!r} (and its aliases)",
             param="model",
             code="model_not_found",
         )
-
-
-def served_model_names(state: ServerState) -> list[str]:
-    return list(dict.fromkeys([state.model_name, state.engine.model_id]))
 
 
 def check_ready(state: ServerState) -> None:
@@ -269,6 +265,9 @@ def stream_error(exc: BaseException, door: str, state: ServerState) -> str:
     if isinstance(exc, EngineError):
         log.warning("%s: engine error mid-stream %s: %s", door, exc.code, exc)
         error = engine_api_error(exc)
+    elif isinstance(exc, ApiError):
+        log.warning("%s: stream ended by %s: %s", door, exc.code, exc.message)
+        error = exc
     else:
         error = internal_api_error(f"{door}: stream failed", exc)
     state.metrics.protocol_errors.labels(door, str(error.code)).inc()

@@ -26,6 +26,8 @@ from omnivox.pipeline.engines.base import (
     Part,
     SamplingParams,
     TextPart,
+    ToolCallPart,
+    ToolResultPart,
     checked_sampling,
 )
 from omnivox.pipeline.media import (
@@ -35,6 +37,7 @@ from omnivox.pipeline.media import (
     container_of_type,
     decode_audio,
 )
+from omnivox.pipeline.tools import MAX_ARGUMENTS_CHARS, MAX_OUTPUT_CHARS
 from omnivox.server.config import MediaConfig
 from omnivox.server.http_bodies import (
     INPUT_AUDIO_FORMATS,
@@ -169,14 +172,48 @@ class MessageBuilder:
 
     def build(self, messages: list[ChatMessage]) -> tuple[Message, ...]:
         built = []
+        called: dict[str, str] = {}
+        """call id -> function name, from the assistant turns so far (a tool result names its function)."""
         for index, message in enumerate(messages):
+            if message.role == "tool":
+                built.append(self.tool_result(message, called, f"messages.{index}"))
+                continue
             parts: list[Part] = []
             if message.audio is not None:
                 parts.append(self.earlier_audio(message.role, message.audio, f"messages.{index}.audio.id"))
             parts.extend(self.content(message.content, f"messages.{index}.content"))
+            for call in message.tool_calls or []:
+                if message.role != "assistant":
+                    raise ApiError(
+                        400,
+                        f"messages.{index}: only assistant messages make tool calls",
+                        param=f"messages.{index}.tool_calls",
+                    )
+                if len(call.function.arguments) > MAX_ARGUMENTS_CHARS:
+                    raise ApiError(
+                        400, f"messages.{index}: tool call arguments are too long", param=f"messages.{index}.tool_calls"
+                    )
+                called[call.id] = call.function.name
+                parts.append(ToolCallPart(call.id, call.function.name, call.function.arguments))
             role = "system" if message.role == "developer" else message.role
             built.append(Message(role, tuple(parts)))
         return tuple(built)
+
+    def tool_result(self, message: ChatMessage, called: dict[str, str], param: str) -> Message:
+        """A `tool` message: the text result of the call `tool_call_id`."""
+        if not message.tool_call_id:
+            raise ApiError(400, f"{param}.tool_call_id is required in tool messages", param=f"{param}.tool_call_id")
+        if isinstance(message.content, list):
+            texts = [part.text for part in message.content if isinstance(part, TextContent)]
+            if len(texts) != len(message.content):
+                raise ApiError(400, f"{param}.content: a tool result is text", param=f"{param}.content")
+            output = "".join(texts)
+        else:
+            output = message.content or ""
+        if len(output) > MAX_OUTPUT_CHARS:
+            raise ApiError(400, f"{param}.content: the tool result is too long", param=f"{param}.content")
+        name = called.get(message.tool_call_id, "")
+        return Message("tool", (ToolResultPart(message.tool_call_id, output, name),))
 
     def earlier_audio(self, role: str, reference: AudioReference, param: str) -> TextPart:
         if role != "assistant":

@@ -52,6 +52,12 @@ class Metrics:
         self.barge_ins = Counter(
             "omnivox_barge_ins_total", "Responses cancelled because the caller spoke", ["door"], registry=self.registry
         )
+        self.tool_calls = Counter(
+            "omnivox_tool_calls_total",
+            "Function calls the model made: completed (sent to the client) or invalid (the response failed)",
+            ["door", "outcome"],
+            registry=self.registry,
+        )
         self.protocol_errors = Counter(
             "omnivox_protocol_errors_total", "Error events sent to clients", ["door", "code"], registry=self.registry
         )

@@ -93,11 +93,11 @@ class EventWriter:
             )
 
 
-def _parse_with_limit(raw: str, dialect: Dialect, limits: LimitsConfig) -> Any:
+def _parse_with_limit(raw: str, dialect: Dialect, limits: LimitsConfig, beta_pcm16_rate: int) -> Any:
     limit = limits.max_message_bytes
     if len(raw) > limit:
         raise ProtocolError(f"message of {len(raw)} bytes is over the {limit}-byte limit", code="message_too_large")
-    return parse_client_event(raw, dialect, max_depth=limits.max_json_depth)
+    return parse_client_event(raw, dialect, max_depth=limits.max_json_depth, beta_pcm16_rate=beta_pcm16_rate)
 
 
 async def realtime_endpoint(websocket: WebSocket) -> None:
@@ -112,6 +112,12 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
     if not is_authorized(state.config.server.api_keys, headers, offered):
         state.metrics.sessions_rejected.labels(DOOR, "auth").inc()
         await _refuse(websocket, dialect, "invalid_api_key", "missing or invalid API key", POLICY_VIOLATION)
+        return
+    model = websocket.query_params.get("model")
+    if not state.accepts_model(model):
+        state.metrics.sessions_rejected.labels(DOOR, "model").inc()
+        message = f"the model {model!r} does not exist; this server serves {state.model_name!r} (and its aliases)"
+        await _refuse(websocket, dialect, "model_not_found", message, POLICY_VIOLATION)
         return
     try:
         with state.session_slot(DOOR):
@@ -132,10 +138,13 @@ async def _serve(websocket: WebSocket, state: ServerState, dialect: Dialect) -> 
     model = websocket.query_params.get("model")
     if model:
         session.config["model"] = model
+    if dialect is Dialect.BETA:  # what a beta client means by "pcm16", from its first append on
+        session.config["audio"]["input"]["format"]["rate"] = state.config.audio.beta_pcm16_input_rate
     writer = EventWriter(session, dialect, websocket.send_text)
     runner = SessionRunner(session, state.engine, writer.output, door=DOOR, metrics=state.metrics)
     pump = asyncio.create_task(runner.run(), name=f"pump-{session.id}")
     limits = state.config.limits
+    pcm16_rate = state.config.audio.beta_pcm16_input_rate
     try:
         while not pump.done():
             message = await websocket.receive()
@@ -148,7 +157,7 @@ async def _serve(websocket: WebSocket, state: ServerState, dialect: Dialect) -> 
                 )
                 continue
             try:
-                runner.feed(_parse_with_limit(raw, dialect, limits))
+                runner.feed(_parse_with_limit(raw, dialect, limits, pcm16_rate))
             except ProtocolError as exc:
                 await writer.error(exc, exc.event_id)
     except WebSocketDisconnect:

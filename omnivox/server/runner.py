@@ -145,6 +145,10 @@ class SessionRunner:
                 self.metrics.responses.labels(self.door, response["status"]).inc()
                 if (response.get("status_details") or {}).get("reason") == "turn_detected":
                     self.metrics.barge_ins.labels(self.door).inc()
+                for item in response["output"]:
+                    if item.get("type") == "function_call":
+                        outcome = "completed" if item.get("status") == "completed" else "invalid"
+                        self.metrics.tool_calls.labels(self.door, outcome).inc()
             elif output.type == "error":
                 self.metrics.protocol_errors.labels(self.door, str(output.payload["error"].get("code"))).inc()
 

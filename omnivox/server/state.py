@@ -42,6 +42,15 @@ class ServerState:
         self.metrics.sessions_rejected.labels(door, "origin").inc()
         return False
 
+    @property
+    def model_names(self) -> list[str]:
+        """The served name, the engine's model id and the configured aliases (what `/v1/models` lists)."""
+        return list(dict.fromkeys([self.model_name, self.engine.model_id, *self.config.models.aliases]))
+
+    def accepts_model(self, name: str | None) -> bool:
+        """Every door decides the same way: any name unless `models.strict`, then only `model_names`."""
+        return name is None or not self.config.models.strict or name in self.model_names
+
     @contextmanager
     def session_slot(self, door: str) -> Iterator[None]:
         """Hold one of the `max_sessions` slots for the life of a connection."""
@@ -82,6 +91,8 @@ class ServerState:
             images=config.media.image_limits(),
             min_speech_ms=config.vad.min_speech_ms,
             defaults=session_defaults,
+            context_tokens=getattr(self.engine, "context_tokens", None),
+            audio_tokens_per_second=getattr(self.engine, "audio_tokens_per_second", 25.0),
         )
         kind = config.vad.kind
         return Session(options, vad_factory=lambda: create_vad(kind))

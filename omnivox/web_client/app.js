@@ -1,5 +1,6 @@
 // The omnivox voice chat page: one call at a time over WebRTC (the server owns playout) or the Realtime
-// WebSocket (this page captures PCM16 24 kHz and plays the agent's audio itself, gaplessly).
+// WebSocket (this page captures PCM16 at 16 kHz, what the engines hear, and plays the agent's 24 kHz audio itself,
+// gaplessly).
 //
 // What the page measures (also exposed on `window.omnivox.stats` for the browser tests):
 // - sound activity: every 20 ms block of the microphone and of the agent audio being played is metered on the
@@ -15,6 +16,7 @@
 //   sound segments on the remote track (the server owns that queue).
 
 const RATE = 24000;
+const CAPTURE_RATE = 16000; // WebSocket mode sends the microphone at the engines' rate: a third less upstream
 const SOUND_LEVEL = 0.015;
 const HANGOVER_MS = 250;
 const INTERRUPTED_HOLD_MS = 3000;
@@ -199,7 +201,7 @@ class Call {
     this.silentSink.gain.value = 0;
     this.silentSink.connect(this.context.destination);
     this.tap(this.context.createMediaStreamSource(this.micStream), this.silentSink, {
-      sendPcm: this.capturesPcm,
+      sendRate: this.capturesPcm ? CAPTURE_RATE : null,
       onBlock: (message, endMs) => {
         this.mic.feed(message.level, endMs, message.seconds);
         const decibels = 20 * Math.log10(Math.max(message.level, 1e-6));
@@ -210,8 +212,8 @@ class Call {
   }
 
   // Meters `source` on the audio thread and passes it on to `destination`.
-  tap(source, destination, { sendPcm = false, onBlock }) {
-    const node = new AudioWorkletNode(this.context, "omnivox-tap", { processorOptions: { sendPcm } });
+  tap(source, destination, { sendRate = null, onBlock }) {
+    const node = new AudioWorkletNode(this.context, "omnivox-tap", { processorOptions: { sendRate } });
     node.port.onmessage = (event) => onBlock(event.data, this.contextToPageTime(event.data.endTime));
     source.connect(node);
     node.connect(destination);
@@ -235,7 +237,7 @@ class Call {
       },
     };
     if (this.capturesPcm) {
-      session.audio.input.format = { type: "audio/pcm", rate: RATE };
+      session.audio.input.format = { type: "audio/pcm", rate: CAPTURE_RATE };
       session.audio.output.format = { type: "audio/pcm", rate: RATE };
     }
     return { type: "session.update", session };
@@ -426,7 +428,7 @@ class WebSocketCall extends Call {
   sendPcm(buffer, endTime) {
     if (!this.socket || this.socket.readyState !== WebSocket.OPEN) return;
     const samples = buffer.byteLength / 2;
-    if (this.captureOrigin === null) this.captureOrigin = endTime - samples / RATE;
+    if (this.captureOrigin === null) this.captureOrigin = endTime - samples / CAPTURE_RATE;
     this.send({ type: "input_audio_buffer.append", audio: bytesToBase64(new Uint8Array(buffer)) });
   }
 

@@ -9,12 +9,59 @@ function rootMeanSquare(samples, length) {
   return length ? Math.sqrt(sum / length) : 0;
 }
 
-// Passes its input through and reports the level of every 20 ms block; with `sendPcm` it also posts each
-// block as PCM16 (the WebSocket mode's microphone capture at the context rate, 24 kHz).
+// Lowers the rate of a stream of blocks (24 kHz -> 16 kHz for the WebSocket mode's microphone): a short
+// windowed-sinc low-pass below the new Nyquist rate, then linear interpolation at the new sample times, with the
+// filter's history and the fractional read position carried from block to block.
+class Downsampler {
+  constructor(fromRate, toRate, taps = 31) {
+    this.step = fromRate / toRate;
+    const cutoff = (0.45 * toRate) / fromRate;
+    const middle = (taps - 1) / 2;
+    this.taps = Float32Array.from({ length: taps }, (_, n) => {
+      const x = n - middle;
+      const sinc = x === 0 ? 2 * cutoff : Math.sin(2 * Math.PI * cutoff * x) / (Math.PI * x);
+      return sinc * (0.54 - 0.46 * Math.cos((2 * Math.PI * n) / (taps - 1)));
+    });
+    const gain = this.taps.reduce((sum, tap) => sum + tap, 0);
+    this.taps = this.taps.map((tap) => tap / gain);
+    this.history = new Float32Array(taps - 1);
+    this.previous = 0; // the last filtered sample of the previous block, for interpolation across blocks
+    this.position = 0; // read position in the current block's filtered samples (may be -1 < position < 0)
+  }
+
+  process(block) {
+    const input = new Float32Array(this.history.length + block.length);
+    input.set(this.history);
+    input.set(block, this.history.length);
+    const filtered = new Float32Array(block.length);
+    for (let i = 0; i < block.length; i++) {
+      let sum = 0;
+      for (let k = 0; k < this.taps.length; k++) sum += this.taps[k] * input[i + k];
+      filtered[i] = sum;
+    }
+    this.history = input.slice(block.length);
+    const out = [];
+    for (; this.position <= block.length - 1; this.position += this.step) {
+      const left = Math.floor(this.position);
+      const fraction = this.position - left;
+      const a = left < 0 ? this.previous : filtered[left];
+      const b = filtered[left + 1 < block.length ? left + 1 : left];
+      out.push(a + (b - a) * fraction);
+    }
+    this.position -= block.length;
+    this.previous = filtered[block.length - 1];
+    return Float32Array.from(out);
+  }
+}
+
+// Passes its input through and reports the level of every 20 ms block; with `sendRate` it also posts each
+// block as PCM16 at that rate (the WebSocket mode's microphone capture).
 class TapProcessor extends AudioWorkletProcessor {
   constructor(options) {
     super();
-    this.sendPcm = Boolean(options.processorOptions && options.processorOptions.sendPcm);
+    const sendRate = options.processorOptions && options.processorOptions.sendRate;
+    this.sendPcm = Boolean(sendRate);
+    this.downsampler = sendRate && sendRate !== sampleRate ? new Downsampler(sampleRate, sendRate) : null;
     this.block = new Float32Array(Math.round(sampleRate * BLOCK_SECONDS));
     this.filled = 0;
   }
@@ -34,9 +81,10 @@ class TapProcessor extends AudioWorkletProcessor {
   flush(endTime) {
     const message = { level: rootMeanSquare(this.block, this.block.length), endTime, seconds: BLOCK_SECONDS };
     if (this.sendPcm) {
-      const pcm = new Int16Array(this.block.length);
+      const samples = this.downsampler ? this.downsampler.process(this.block) : this.block;
+      const pcm = new Int16Array(samples.length);
       for (let i = 0; i < pcm.length; i++) {
-        const s = Math.max(-1, Math.min(1, this.block[i]));
+        const s = Math.max(-1, Math.min(1, samples[i]));
         pcm[i] = s < 0 ? s * 0x8000 : s * 0x7fff;
       }
       message.pcm = pcm.buffer;

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tiny_common import png_image, processor_audio
+from tiny_common import processor_audio
 from tiny_models import OnlyCodes
 from transformers import LogitsProcessorList, WhisperFeatureExtractor
 from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import Qwen2_5OmniProcessor
@@ -51,6 +51,7 @@ from omnivox.pipeline.engines.qwen_common import (
     resolve_speaker,
     transcription_request,
 )
+from tests.image_fixtures import png_image
 
 SAMPLES_PER_CODE = 480
 GREEDY = {"talker_temperature": 0.0, "talker_repetition_penalty": 1.0}

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tiny_common import png_image, processor_audio
+from tiny_common import processor_audio
 from tiny_qwen3 import build_tiny_qwen3
 from transformers import PreTrainedTokenizerBase, Qwen3OmniMoeForConditionalGeneration
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeCode2Wav
@@ -42,6 +42,7 @@ from omnivox.pipeline.engines.qwen3_omni import (
     pick_tokens,
     step_generations,
 )
+from tests.image_fixtures import png_image
 
 MAX_TEXT_TOKENS = 20
 MAX_FRAMES = 30

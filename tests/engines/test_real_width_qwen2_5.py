@@ -22,13 +22,13 @@ from test_qwen2_5_omni import (
     talker_reference_with_mask,
     tone,
 )
-from tiny_common import png_image
 from tiny_models import OnlyCodes, build_tokenizer, full_size_config, random_qwen2_5
 from transformers import LogitsProcessorList, PreTrainedTokenizerBase, Qwen2_5OmniForConditionalGeneration
 
 from omnivox.pipeline.engines.base import AudioPart, ImagePart, Message, ResponseRequest, SamplingParams
 from omnivox.pipeline.engines.qwen2_5_omni import Qwen25OmniEngine
 from omnivox.pipeline.engines.qwen2_5_token2wav import DitSolver, Token2WavStream
+from tests.image_fixtures import png_image
 
 pytestmark = pytest.mark.slow
 

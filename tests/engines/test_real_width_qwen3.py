@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 from test_qwen3_omni import Tiny, _audio, _codes, _generate, _generation, _request, _run, _tone
-from tiny_common import png_image
 from tiny_qwen3 import build_tokenizer, full_size_config, random_qwen3
 
 from omnivox.pipeline.engines.base import AudioPart, ImagePart, Message
 from omnivox.pipeline.engines.qwen3_omni import step_generations
+from tests.image_fixtures import png_image
 
 pytestmark = pytest.mark.slow
 

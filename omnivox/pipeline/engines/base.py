@@ -39,13 +39,50 @@ class ImagePart:
     mime_type: str = "image/png"
 
 
-Part = TextPart | AudioPart | ImagePart
+@dataclass(frozen=True)
+class ToolCallPart:
+    """A function call the assistant made (in an assistant message); `arguments` is JSON text."""
+
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolResultPart:
+    """What a function call returned (the one part of a `tool` message), as the client sent it."""
+
+    call_id: str
+    output: str
+    name: str = ""
+    """The called function, where known (some chat templates name it in the result)."""
+
+
+Part = TextPart | AudioPart | ImagePart | ToolCallPart | ToolResultPart
 
 
 @dataclass(frozen=True)
 class Message:
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     parts: tuple[Part, ...]
+
+
+@dataclass(frozen=True)
+class FunctionTool:
+    """A function the model may call: its name, what it is for, and its JSON-schema parameters."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """Whether the model may (`auto`), must not (`none`) or must (`required`) call a tool; `function` names the one
+    it must call."""
+
+    mode: Literal["auto", "none", "required"] = "auto"
+    function: str | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +182,15 @@ class ResponseRequest:
     conversation_id: str = ""
     """The same for every turn of one conversation (the session id); an engine may keep per-conversation state
     under it until `forget_conversation`. Empty for one-off requests."""
+    tools: tuple[FunctionTool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    parallel_tool_calls: bool = True
+    """False: at most one call per response (the engine ignores further calls)."""
+
+    @property
+    def tools_enabled(self) -> bool:
+        """The model may call a tool in this response."""
+        return bool(self.tools) and self.tool_choice.mode != "none"
 
 
 @dataclass(frozen=True)
@@ -169,7 +215,24 @@ class Usage:
     """Input tokens whose encoding was reused from an earlier turn (OpenAI's `cached_tokens`)."""
 
 
-Delta = TextDelta | AudioDelta | Usage
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a function call the model makes. Pieces with the same `index` belong to one call: the first names
+    it (`name`, and `call_id` where the engine has one, else the core assigns one), `arguments` pieces concatenate to
+    the call's JSON arguments. `error` says the model's call could not be parsed: the call fails, and its text is
+    neither spoken nor shown as the answer.
+
+    From the first piece of a call on, an engine sends no more text for the response (the spoken part, if any, came
+    before it); audio of that earlier text may still follow."""
+
+    index: int
+    name: str = ""
+    arguments: str = ""
+    call_id: str = ""
+    error: str | None = None
+
+
+Delta = TextDelta | AudioDelta | ToolCallDelta | Usage
 
 
 class EngineError(Exception):

@@ -45,7 +45,6 @@ from omnivox.pipeline.engines.base import (
     Message,
     ResponseRequest,
     SamplingParams,
-    TextDelta,
     Usage,
 )
 from omnivox.pipeline.engines.prefix_cache import Prefix, keep_prompt
@@ -53,9 +52,9 @@ from omnivox.pipeline.engines.qwen2_5_token2wav import DitSolver, Token2WavStrea
 from omnivox.pipeline.engines.qwen_common import (
     DTYPES,
     INSTRUCTIONS_TURNS,
+    AnswerText,
     EngineOptions,
     ImageFormat,
-    IncrementalText,
     ModelInputs,
     PromptBuilder,
     PromptFormat,
@@ -268,6 +267,12 @@ class TurnPlan:
     request_id: str = ""
     conversation_id: str = ""
     stop: tuple[str, ...] = ()
+    tools: bool = False
+    """The request offers tools: the answer's text is split into speech and function calls."""
+    forced_ids: tuple[int, ...] = ()
+    """Tokens the answer begins with (a `required` or named tool choice)."""
+    suppressed_ids: tuple[int, ...] = ()
+    """Tokens the answer never holds (the call token under tool choice `none`)."""
 
 
 class Qwen25Generation:
@@ -288,7 +293,7 @@ class Qwen25Generation:
         self._plan = plan
         self._options = engine.options
         self._device = engine.runtime.device
-        self._text = IncrementalText(engine.tokenizer, plan.stop)
+        self._text = AnswerText(engine.tokenizer, plan.stop, tools=plan.tools)
         self._eos_ids = engine.text_eos_ids
         generator, seed = make_generator(plan.seed, self._device)
         log.debug(
@@ -296,7 +301,9 @@ class Qwen25Generation:
         )
         self._generator = generator
         self._audio = plan.output_audio and engine.audio_enabled
-        self._text_sampler = TokenSampler(plan.text_sampling, generator)
+        self._text_sampler = TokenSampler(
+            plan.text_sampling, generator, suppress_ids=plan.suppressed_ids, forced=plan.forced_ids
+        )
         self.text_ids: list[int] = []
         self.codes: list[int] = []
         self._text_history: list[int] = plan.inputs.input_ids[0].tolist()
@@ -313,6 +320,8 @@ class Qwen25Generation:
         self._talker_logits: torch.Tensor | None = None
         self._talker_history: list[int] = []
         self._talker_done = not self._audio
+        self._speech_closed = False
+        """A function call began: the talker gets no more text (it still speaks what it was given)."""
         self._talker_sampler: TokenSampler | None = None
         self._vocoder: Token2WavStream | None = None
         self._tts_eos: torch.Tensor | None = None
@@ -350,9 +359,7 @@ class Qwen25Generation:
         else:
             yield from self._advance_thinker(deltas)
         if self._thinker_done and self._talker_done:
-            tail = self._text.flush()
-            if tail:
-                deltas.append(TextDelta(tail))
+            deltas.extend(self._text.flush())
             deltas.append(
                 Usage(
                     input_tokens=self._plan.inputs.prompt_tokens,
@@ -375,6 +382,9 @@ class Qwen25Generation:
         self._decoder.begin_thinker(cache, rope_delta)
         self._accept_text(self._text_sampler(logits, self._history_tensor()), deltas)
         if talker_states is None:
+            return deltas
+        if self._text.in_call:  # the answer begins with a function call: there is nothing to speak
+            self._talker_done = True
             return deltas
         yield from self._advance_thinker(deltas)
         self._talker_prefill(
@@ -406,12 +416,15 @@ class Qwen25Generation:
         if self._thinker_done:
             return deltas
         newest = self.text_ids[-1]
-        talker_listens = self._audio and not self._talker_done
+        talker_listens = self._audio and not self._talker_done and not self._speech_closed
         if newest in self._eos_ids or len(self.text_ids) >= self._plan.max_text_tokens or self._text.stopped:
             self._thinker_done = True  # the last token is never fed: its talker slot carries tts_eos instead
             if talker_listens:
                 self._replies.append(self._tts_embedding("eos"))
             return deltas
+        if talker_listens and self._text.in_call:  # `newest` began a function call: its slot ends the speech
+            self._speech_closed, talker_listens = True, False
+            self._replies.append(self._tts_embedding("eos"))
         assert self._decoder is not None
         reply, logits = yield self._decoder.call("thinker", newest, talker_listens)
         if reply is not None:
@@ -424,9 +437,7 @@ class Qwen25Generation:
         self._text_history.append(token_id)
         if token_id in self._eos_ids:
             return
-        text = self._text.push(token_id)
-        if text:
-            deltas.append(TextDelta(text))
+        deltas.extend(self._text.push(token_id))
 
     def _history_tensor(self) -> torch.Tensor:
         """The ids `generate()` would hold (prompt and answer so far); only a repetition penalty reads them."""
@@ -635,6 +646,7 @@ class Qwen25OmniEngine(QwenOmniEngine):
             instructions_turn=self.options.instructions_turn,
         )
         self._tokenizer, self._model = tokenizer, model
+        self.context_tokens = model.config.thinker_config.text_config.max_position_embeddings
         if self.options.dit_cuda_graph:
             self._prewarm_dit()
         if self.options.static_cache:
@@ -703,6 +715,7 @@ class Qwen25OmniEngine(QwenOmniEngine):
         if self._prompts is None:
             raise EngineError(f"{ENGINE_NAME}: the model is not loaded")
         sampling = request.sampling
+        forced, suppressed = self._prompts.tool_choice_tokens(request)
         return TurnPlan(
             inputs=self._prompts.build(request),
             speaker=resolve_speaker(request.voice, self.speakers, self.options.voice) if self.audio_enabled else "",
@@ -716,6 +729,9 @@ class Qwen25OmniEngine(QwenOmniEngine):
             request_id=request.request_id,
             conversation_id=request.conversation_id,
             stop=sampling.stop,
+            tools=request.tools_enabled,
+            forced_ids=forced,
+            suppressed_ids=suppressed,
         )
 
     def make_generation(self, prepared: TurnPlan) -> Qwen25Generation:

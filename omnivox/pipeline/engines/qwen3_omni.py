@@ -34,12 +34,12 @@ import torch
 from transformers import Cache, PreTrainedTokenizerBase, Qwen3OmniMoeForConditionalGeneration
 from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import _get_feat_extract_output_lengths
 
-from omnivox.pipeline.engines.base import AudioDelta, Delta, EngineError, ResponseRequest, TextDelta, Usage
+from omnivox.pipeline.engines.base import AudioDelta, Delta, EngineError, ResponseRequest, Usage
 from omnivox.pipeline.engines.prefix_cache import Prefix, keep_prompt
 from omnivox.pipeline.engines.qwen_common import (
+    AnswerText,
     EngineOptions,
     ImageFormat,
-    IncrementalText,
     ModelInputs,
     PromptBuilder,
     PromptFormat,
@@ -449,6 +449,12 @@ class TurnPlan:
     request_id: str = ""
     conversation_id: str = ""
     stop: tuple[str, ...] = ()
+    tools: bool = False
+    """The request offers tools: the answer's text is split into speech and function calls."""
+    forced_ids: tuple[int, ...] = ()
+    """Tokens the answer begins with (a `required` or named tool choice)."""
+    suppressed_ids: tuple[int, ...] = ()
+    """Tokens the answer never holds (the call token under tool choice `none`)."""
 
 
 @dataclass(frozen=True)
@@ -483,8 +489,10 @@ class Qwen3Generation:
         self._eos_ids = frozenset() if engine.options.ignore_eos else engine.text_eos_ids
         self.generator, seed = make_generator(plan.seed, self._device)
         log.debug("%s: request %s seed %d", ENGINE_NAME, plan.request_id, seed)
-        self._text = IncrementalText(engine.tokenizer, plan.stop)
-        self._text_sampler = TokenSampler(plan.text_sampling, self.generator)
+        self._text = AnswerText(engine.tokenizer, plan.stop, tools=plan.tools)
+        self._text_sampler = TokenSampler(
+            plan.text_sampling, self.generator, suppress_ids=plan.suppressed_ids, forced=plan.forced_ids
+        )
         self._text_history: list[int] = plan.inputs.input_ids[0].tolist()
         self._audio = plan.output_audio and engine.audio_enabled
         self.talker_sampling = engine.options.talker_sampling
@@ -507,6 +515,8 @@ class Qwen3Generation:
         self._tts_eos: torch.Tensor | None = None
         self._tts_pad: torch.Tensor | None = None
         self._talker_done = not self._audio
+        self._speech_closed = False
+        """The talker's text has ended (the answer's end, or the start of a function call)."""
         self._vocoder: CausalCode2WavStream | None = None
 
     @property
@@ -609,10 +619,11 @@ class Qwen3Generation:
         self.decoding = "static" if isinstance(self._decoder, SlotSeats) else "eager"
         self._decoder.begin_thinker(out.past_key_values, encoded.rope_delta)
         self._accept_text(self._text_sampler(out.logits[:, -1], self._history_tensor()), deltas)
-        if talker_states is None or self._thinker_done:
-            # A first token that already ends the answer (end of text, max_tokens 1, a stop string) leaves nothing
-            # to say: the final token is never spoken (its slot would carry tts_eos, which this talker, having no
-            # slot before its prefill, would never read). generate() fails on such an answer.
+        if talker_states is None or self._thinker_done or self._text.in_call:
+            # Nothing to say: text output only; an answer that begins with a function call; or a first token that
+            # already ends the answer (end of text, max_tokens 1, a stop string): the final token is never spoken (its
+            # slot would carry tts_eos, which this talker, having no slot before its prefill, would never read).
+            # generate() fails on such an answer.
             self._talker_done = True
             self._finish_if_done(deltas)
             return None
@@ -624,13 +635,13 @@ class Qwen3Generation:
         self.text_ids.append(token)
         self._text_history.append(token)
         if token not in self._eos_ids:
-            text = self._text.push(token)
-            if text:
-                deltas.append(TextDelta(text))
+            deltas.extend(self._text.push(token))
         final = token in self._eos_ids or len(self.text_ids) >= self._plan.max_text_tokens or self._text.stopped
         self._thinker_done = final
-        if self._audio and len(self.text_ids) >= 2:  # the first token sits in the talker prefill
-            self._trailing_text.append(self._tts_eos if final else self._project_text(token))
+        if self._audio and len(self.text_ids) >= 2 and not self._speech_closed:  # token 0 is in the talker prefill
+            # the answer's end, or the token that begins a function call, ends the talker's text: tts_eos in its slot
+            self._speech_closed = final or self._text.in_call
+            self._trailing_text.append(self._tts_eos if self._speech_closed else self._project_text(token))
 
     def _history_tensor(self) -> torch.Tensor:
         return torch.tensor([self._text_history], device=self._device)
@@ -718,9 +729,7 @@ class Qwen3Generation:
 
     def _finish_if_done(self, deltas: list[Delta]) -> None:
         if self._thinker_done and self._talker_done and not self._finished:
-            tail = self._text.flush()
-            if tail:
-                deltas.append(TextDelta(tail))
+            deltas.extend(self._text.flush())
             output_tokens = sum(1 for token in self.text_ids if token not in self._eos_ids)
             deltas.append(
                 Usage(
@@ -1006,6 +1015,7 @@ class Qwen3OmniEngine(QwenOmniEngine):
     """Qwen3-Omni-30B-A3B (or any local checkpoint of that architecture) streamed through one GPU worker."""
 
     name = ENGINE_NAME
+    audio_tokens_per_second = 12.5
     _model: Qwen3OmniMoeForConditionalGeneration | None
 
     def __init__(self, model: str = DEFAULT_MODEL, **options: Any) -> None:
@@ -1090,6 +1100,7 @@ class Qwen3OmniEngine(QwenOmniEngine):
             system_prompt=self.options.system_prompt,
         )
         self._tokenizer, self._model = tokenizer, model
+        self.context_tokens = model.config.thinker_config.text_config.max_position_embeddings
         log.info(
             "%s: loaded %s (%.2f B parameters, audio %s, experts %s)",
             ENGINE_NAME,
@@ -1117,6 +1128,7 @@ class Qwen3OmniEngine(QwenOmniEngine):
             raise EngineError(f"{ENGINE_NAME}: the model is not loaded")
         sampling = request.sampling
         speaker = resolve_speaker(request.voice, VOICES, self.options.voice)
+        forced, suppressed = self._prompts.tool_choice_tokens(request)
         return TurnPlan(
             inputs=self._prompts.build(request),
             speaker_id=self.model.config.talker_config.speaker_id[speaker.lower()] if self.audio_enabled else -1,
@@ -1129,6 +1141,9 @@ class Qwen3OmniEngine(QwenOmniEngine):
             request_id=request.request_id,
             conversation_id=request.conversation_id,
             stop=sampling.stop,
+            tools=request.tools_enabled,
+            forced_ids=forced,
+            suppressed_ids=suppressed,
         )
 
     def make_generation(self, prepared: TurnPlan) -> Qwen3Generation:

@@ -56,12 +56,24 @@ from omnivox.pipeline.engines.base import (
     SamplingParams,
     TextDelta,
     TextPart,
+    ToolCallPart,
+    ToolResultPart,
     checked_sampling,
     cut_at_stop,
 )
 from omnivox.pipeline.engines.prefix_cache import EncodedPrompt, PrefixStore, encode_prompt
 from omnivox.pipeline.engines.scheduler import Generation, GpuWorker, StepBatch
 from omnivox.pipeline.engines.slots import Decoder, GrowingCaches, SlotPool, SlotSeats
+from omnivox.pipeline.engines.tool_calls import (
+    CALL_START,
+    RESULT_END,
+    ToolCallParser,
+    call_text,
+    forced_call_prefix,
+    result_text,
+    tool_specs,
+    tools_system_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -494,12 +506,16 @@ class PromptBuilder:
         role, text = turns[first_user]
         return [*turns[:first_user], (role, f"{instructions}\n\n{text}"), *turns[first_user + 1 :]]
 
+    @property
+    def template_has_tools(self) -> bool:
+        """The tokenizer's chat template renders tools itself (Qwen3-Omni's does; Qwen2.5-Omni's does not)."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        return isinstance(template, str) and "tools" in template
+
     def build(self, request: ResponseRequest) -> ModelInputs:
         audio: list[np.ndarray] = []
         images: list[tuple[torch.Tensor, torch.Tensor]] = []
-        conversation = [(message.role, self._message_text(message, audio, images)) for message in request.messages]
-        turns = self.opening_turns(request.instructions) + self._with_instructions(conversation, request.instructions)
-        prompt = "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns) + "<|im_start|>assistant\n"
+        prompt = self._prompt_text(request, audio, images)
         features = mask = None
         if audio:
             features, mask = self._audio_features(audio)
@@ -521,12 +537,92 @@ class PromptBuilder:
             audio_keys=tuple(hashlib.blake2b(clip.tobytes(), digest_size=16).hexdigest() for clip in audio),
         )
 
+    def _prompt_text(
+        self, request: ResponseRequest, audio: list[np.ndarray], images: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> str:
+        """The ChatML prompt. Function calls and results in the conversation, and the tools on offer, go through the
+        model's chat template where it renders tools, else in the Hermes format (`tool_calls`)."""
+        opening = self.opening_turns(request.instructions)
+        with_tools = request.tools_enabled or any(
+            isinstance(part, ToolCallPart | ToolResultPart) for message in request.messages for part in message.parts
+        )
+        if with_tools and self.template_has_tools:
+            return self._templated_prompt(request, opening, audio, images)
+        if request.tools_enabled:
+            opening = self._with_tool_offer(opening, tools_system_text(request.tools, request.tool_choice))
+        conversation: list[tuple[str, str]] = []
+        for message in request.messages:
+            text = self._message_text(message, audio, images)
+            if message.role != "tool":
+                conversation.append((message.role, text))
+            elif conversation and conversation[-1][0] == "user" and conversation[-1][1].endswith(RESULT_END):
+                conversation[-1] = ("user", f"{conversation[-1][1]}\n{text}")  # one turn's call results, together
+            else:
+                conversation.append(("user", text))
+        turns = opening + self._with_instructions(conversation, request.instructions)
+        return "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns) + "<|im_start|>assistant\n"
+
+    def _with_tool_offer(self, opening: list[tuple[str, str]], offer: str) -> list[tuple[str, str]]:
+        """The tools on offer in the last system turn before the conversation, except the model's own prompt, which
+        stays the first turn byte for byte (speech needs it): then they get a system turn of their own."""
+        if not opening or opening[-1][1] == self.system_prompt:
+            return [*opening, ("system", offer)]
+        role, text = opening[-1]
+        return [*opening[:-1], (role, f"{text}\n\n{offer}")]
+
+    def _templated_prompt(
+        self,
+        request: ResponseRequest,
+        opening: list[tuple[str, str]],
+        audio: list[np.ndarray],
+        images: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> str:
+        conversation: list[dict[str, Any]] = [{"role": role, "content": text} for role, text in opening]
+        for message in request.messages:
+            if message.role == "tool":
+                outputs = [part.output for part in message.parts if isinstance(part, ToolResultPart)]
+                conversation.append({"role": "tool", "content": "\n".join(outputs)})
+                continue
+            calls = [part for part in message.parts if isinstance(part, ToolCallPart)]
+            spoken = Message(message.role, tuple(part for part in message.parts if not isinstance(part, ToolCallPart)))
+            entry: dict[str, Any] = {"role": message.role, "content": self._message_text(spoken, audio, images)}
+            if calls:
+                entry["tool_calls"] = [
+                    {"type": "function", "function": {"name": call.name, "arguments": _json_or_text(call.arguments)}}
+                    for call in calls
+                ]
+            conversation.append(entry)
+        return self.tokenizer.apply_chat_template(
+            conversation,
+            tools=tool_specs(request.tools) if request.tools_enabled else None,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+
+    def tool_choice_tokens(self, request: ResponseRequest) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(tokens the answer must begin with, tokens it must never contain) for the request's tool choice:
+        `required` or a named function starts the answer with a call; `none` forbids the call token."""
+        if not request.tools:
+            return (), ()
+        if request.tool_choice.mode == "none":
+            token = self.tokenizer.convert_tokens_to_ids(CALL_START)
+            single = isinstance(token, int) and token != self.tokenizer.unk_token_id
+            return (), ((token,) if single else ())
+        prefix = forced_call_prefix(request.tool_choice)
+        ids = self.tokenizer(prefix, add_special_tokens=False).input_ids if prefix else []
+        return tuple(ids), ()
+
     def _message_text(
         self, message: Message, audio: list[np.ndarray], images: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> str:
         texts = []
+        calls = []
         for part in message.parts:
-            if isinstance(part, TextPart):
+            if isinstance(part, ToolCallPart):
+                calls.append(call_text(part))
+            elif isinstance(part, ToolResultPart):
+                texts.append(result_text(part))
+            elif isinstance(part, TextPart):
                 texts.append(part.text.replace("\x00", ""))  # NUL delimits the placeholder slots
             elif isinstance(part, AudioPart):
                 if message.role != "user":
@@ -541,7 +637,8 @@ class PromptBuilder:
                     continue
                 images.append(image_format.patches(decode_image(part)))
                 texts.append(f"{image_format.start}{_IMAGE_SLOT}{image_format.end}")
-        return "".join(texts)
+        text = "".join(texts)
+        return "\n".join([text, *calls] if text else calls) if calls else text
 
     def _clips(self, pcm: np.ndarray) -> list[np.ndarray]:
         """An audio part as the clips the processor takes (none when it is empty)."""
@@ -586,6 +683,14 @@ class PromptBuilder:
             features[index, :, : row.shape[-1]] = row
             mask[index, : row.shape[-1]] = 1
         return features, mask
+
+
+def _json_or_text(arguments: str) -> Any:
+    """Call arguments as chat templates take them: the JSON value, or the text when it is not JSON."""
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 _AUDIO_SLOT = "\x00audio\x00"
@@ -648,6 +753,37 @@ class IncrementalText:
         )
         self._held = text[len(text) - held :]
         return text[: len(text) - held]
+
+
+class AnswerText:
+    """The thinker's tokens as a response's deltas: decoded incrementally (stop strings honoured) and, when the
+    request offers tools, split into speech and function calls (`ToolCallParser`)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str] = (), *, tools: bool = False) -> None:
+        self._text = IncrementalText(tokenizer, stops)
+        self._calls = ToolCallParser() if tools else None
+
+    @property
+    def stopped(self) -> bool:
+        return self._text.stopped
+
+    @property
+    def in_call(self) -> bool:
+        """A function call has begun: no text from here on is speech, so the talker must hear no more."""
+        return self._calls is not None and self._calls.in_call
+
+    def push(self, token_id: int) -> list[Delta]:
+        return self._split(self._text.push(token_id))
+
+    def flush(self) -> list[Delta]:
+        """The end of the answer: held text, and a call left open."""
+        deltas = self._split(self._text.flush())
+        return deltas + self._calls.finish() if self._calls is not None else deltas
+
+    def _split(self, text: str) -> list[Delta]:
+        if self._calls is not None:
+            return self._calls.push(text)
+        return [TextDelta(text)] if text else []
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -737,9 +873,12 @@ class TokenSampler:
         *,
         suppress_ids: Sequence[int] = (),
         extra: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = (),
+        forced: Sequence[int] = (),
     ) -> None:
         self.sampling = sampling
         self.generator = generator
+        self._forced = list(forced)
+        """Tokens handed out before sampling starts (a `required` tool choice begins the answer with a call)."""
         processors: list[Any] = []
         if sampling.repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
@@ -762,6 +901,8 @@ class TokenSampler:
 
     def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> int:
         """`logits` `[1, vocab]`; `history` `[1, n]` ids so far (prompt included, as `generate()` sees them)."""
+        if self._forced:
+            return self._forced.pop(0)
         scores = self.processors(history.to(logits.device), logits.float())
         if self.sampling.greedy:
             return int(scores.argmax(-1))
@@ -899,6 +1040,8 @@ class QwenOmniEngine(ABC):
 
     name: ClassVar[str]
     native_rate: ClassVar[int] = OUTPUT_RATE
+    audio_tokens_per_second: ClassVar[float] = 25.0
+    """What a second of caller audio costs in the thinker's prompt (the session's `truncation` estimates with it)."""
 
     def __init__(self, model_id: str, options: EngineOptions) -> None:
         if options.max_active < 1 or options.max_queued < 0:
@@ -928,6 +1071,8 @@ class QwenOmniEngine(ABC):
         """Each conversation's last prompt, encoded."""
         self.static_cache_fallbacks: Counter[str] = Counter()
         """Why sequences decoded on growing caches instead of the shared slots, counted (for `/metrics`)."""
+        self.context_tokens: int | None = None
+        """The thinker's context (its `max_position_embeddings`), once loaded."""
 
     @abstractmethod
     def load(self) -> None:

@@ -2,7 +2,8 @@
 
 It is the test double of the real engines and a no-GPU demo: a real (robotic) voice, offline,
 streamed in small chunks at a configurable pace, with the text released word by word as the audio
-that speaks it is released, so truncation and barge-in behave as with a streaming model.
+that speaks it is released, so truncation and barge-in behave as with a streaming model. With tool rules
+(`scripted_tools`) it calls functions when the caller's words ask for them and speaks their results.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,13 +20,16 @@ from omnivox.pipeline.audio import float_to_pcm16, synthesize_speech
 from omnivox.pipeline.engines.base import (
     INPUT_RATE,
     AudioDelta,
+    AudioPart,
     Delta,
     ResponseRequest,
     TextDelta,
     TextPart,
+    ToolCallDelta,
     Usage,
     cut_at_stop,
 )
+from omnivox.pipeline.engines.scripted_tools import ToolRule, answer_to_output, choose_rule, last_user_words
 
 DEFAULT_REPLY = "Hello! This is omnivox, a self hosted voice agent. How can I help you today?"
 
@@ -61,9 +65,11 @@ class ScriptedEngine:
         first_audio_ms: int = 50,
         words_per_minute: int = 170,
         transcript: str = "",
+        tools: list[Mapping[str, Any]] | None = None,
     ) -> None:
         """`speed` is how much faster than real time audio is produced (4.0 = a 40 ms chunk every 10 ms);
-        `first_audio_ms` is the simulated time to the first chunk; `transcript` is what `transcribe` returns."""
+        `first_audio_ms` is the simulated time to the first chunk; `transcript` is what `transcribe` returns;
+        `tools` are the tool rules of `scripted_tools`."""
         if speed <= 0 or chunk_ms <= 0:
             raise ValueError("scripted engine: speed and chunk_ms must be positive")
         self.model_id = model
@@ -73,6 +79,7 @@ class ScriptedEngine:
         self.first_audio_ms = first_audio_ms
         self.words_per_minute = words_per_minute
         self.transcript = transcript
+        self.tool_rules = [ToolRule.from_config(rule) for rule in tools or ()]
         self._turns = 0
         self._ready = False
         self._recogniser: Any = None
@@ -99,15 +106,45 @@ class ScriptedEngine:
         return reply
 
     async def respond(self, request: ResponseRequest) -> AsyncIterator[Delta]:
-        reply = cut_at_stop(self.next_reply(), request.sampling.stop)[0].rstrip()
-        words = reply.split(" ")
+        text, rule = await self._plan(request)
+        reply = cut_at_stop(text, request.sampling.stop)[0].rstrip()
+        words = reply.split(" ") if reply else []
         prompt_chars = sum(len(p.text) for m in request.messages for p in m.parts if isinstance(p, TextPart))
         await asyncio.sleep(self.first_audio_ms / 1000)
+        async for delta in self._speak(reply, words, request):
+            yield delta
+        if rule is not None:  # the arguments in two pieces, as a streaming model sends them
+            half = len(rule.arguments) // 2
+            yield ToolCallDelta(0, name=rule.call, arguments=rule.arguments[:half])
+            yield ToolCallDelta(0, arguments=rule.arguments[half:])
+        yield Usage(input_tokens=prompt_chars // 4 + 1, output_tokens=len(words))
+
+    async def _plan(self, request: ResponseRequest) -> tuple[str, ToolRule | None]:
+        """What to say, and the rule whose function to call after it (tool mode), or the next scripted reply."""
+        if self.tool_rules:
+            answer = answer_to_output(self.tool_rules, request)
+            if answer is not None:
+                return answer, None
+            if request.tools_enabled:
+                rule = choose_rule(self.tool_rules, request, await self._callers_words(request))
+                if rule is not None:
+                    return rule.say, rule
+        return self.next_reply(), None
+
+    async def _callers_words(self, request: ResponseRequest) -> str:
+        """The last user turn: its typed text and its recognised speech."""
+        user = next((message for message in reversed(request.messages) if message.role == "user"), None)
+        audio = [part.pcm for part in user.parts if isinstance(part, AudioPart)] if user else []
+        heard = [await self.transcribe(np.concatenate(audio))] if audio else []
+        return " ".join([last_user_words(request), *heard])
+
+    async def _speak(self, reply: str, words: list[str], request: ResponseRequest) -> AsyncIterator[Delta]:
+        if not words:
+            return
         if not request.output_audio:
             for index, word in enumerate(words):
                 yield TextDelta(word if index == 0 else " " + word)
                 await asyncio.sleep(0)
-            yield Usage(input_tokens=prompt_chars // 4 + 1, output_tokens=len(words))
             return
         audio = await asyncio.to_thread(self._speech, reply, request.voice)
         chunk = self.native_rate * self.chunk_ms // 1000
@@ -120,7 +157,6 @@ class ScriptedEngine:
                 next_word += 1
             yield AudioDelta(audio[start:end])
             await asyncio.sleep(self.chunk_ms / 1000 / self.speed)
-        yield Usage(input_tokens=prompt_chars // 4 + 1, output_tokens=len(words))
 
     async def transcribe(self, audio: np.ndarray, language: str | None = None, prompt: str = "") -> str:
         """The configured `transcript` if set (tests), else offline English recognition with pocketsphinx."""

@@ -206,10 +206,13 @@ async def test_a_failure_mid_answer_ends_the_stream_with_its_kind() -> None:
     assert sum(isinstance(delta, AudioDelta) for delta in received) == 3
 
 
-async def test_a_wrong_model_name_is_a_clear_failure(host: RunningServer) -> None:
-    async with remote(host.http_url, model="no-such-model") as engine:
-        with pytest.raises(EngineError, match="404: the model 'no-such-model' does not exist"):
-            await answer(engine, turn())
+async def test_a_wrong_model_name_is_a_clear_failure() -> None:
+    """A host that accepts only its own model names (`models.strict`) refuses another with a 404, which the front
+    reports as such."""
+    with running_server(scripted_config(models={"strict": True})) as strict_host:
+        async with remote(strict_host.http_url, model="no-such-model") as engine:
+            with pytest.raises(EngineError, match="404: the model 'no-such-model' does not exist"):
+                await answer(engine, turn())
 
 
 async def test_a_down_host_shows_in_healthz_and_is_used_once_it_is_up() -> None:

@@ -229,7 +229,7 @@ def test_piper_audio_streamed_in_windows_equals_the_whole_decode(joe: PiperVoice
         "input_lengths": np.array([len(ids)], dtype=np.int64),
         "scales": np.array([0.667, 1.0, 0.8], dtype=np.float32),
     }
-    latent, durations = joe.graphs.front.run(None, inputs)
+    latent, _ = joe.graphs.front.run(None, inputs)
     whole = joe.graphs.decoder.run(None, {joe.graphs.latent_name: latent})[0].reshape(-1)
     frames = latent.shape[2]
     joe._decode(latent, 0, 1)  # learns the hop
@@ -263,7 +263,7 @@ def test_piper_speech_is_recognised(joe: PiperVoice) -> None:
 
 def test_a_missing_piper_voice_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "en_US-nobody-medium.onnx"
-    with pytest.raises(FileNotFoundError, match="en_US-nobody-medium.onnx"):
+    with pytest.raises(FileNotFoundError, match=r"en_US-nobody-medium\.onnx"):
         create_tts_stage(TtsSettings(piper_voices={"nobody": str(missing)}))
     with pytest.raises(ValueError, match="default Piper voice 'joe'"):
         PiperBackend({"other": BUNDLED}, "joe", ThreadPoolExecutor(1))

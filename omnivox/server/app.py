@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from omnivox import __version__
 from omnivox.pipeline.engines import create_engine
 from omnivox.pipeline.engines.base import Engine
+from omnivox.pipeline.tts import TtsSettings, TtsStage, create_tts_stage
 from omnivox.pipeline.vad import create_vad
 from omnivox.server.config import Config
 from omnivox.server.http_api import http_api_routes
@@ -59,10 +60,19 @@ def door_routes() -> list[BaseRoute]:
     ]
 
 
+def create_tts(config: Config) -> TtsStage:
+    """The TTS stage the configuration describes (nothing loads until it starts: an engine that speaks through it
+    starts it, else the speech door on its first request)."""
+    return create_tts_stage(TtsSettings.from_mapping(config.tts.model_dump(exclude={"max_input_chars"})))
+
+
 def create_app(config: Config, engine: Engine | None = None) -> Starlette:
     """Build the app; the engine loads during start-up (a failure stops the server with its message)."""
-    engine = engine or create_engine(config.engine.name, config.engine.model, config.engine.options)
-    state = ServerState(config=config, engine=engine)
+    tts = getattr(engine, "tts", None) or create_tts(config)
+    engine = engine or create_engine(
+        config.engine.name, config.engine.model, config.engine.options, fallback=config.engine.fallback, tts=tts
+    )
+    state = ServerState(config=config, engine=engine, tts=tts)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -78,6 +88,7 @@ def create_app(config: Config, engine: Engine | None = None) -> Starlette:
             await close_all_calls(app.state)
             state.metrics.engine_ready.set(0)
             await engine.close()
+            await tts.close()
 
     app = Starlette(routes=door_routes(), lifespan=lifespan)
     app.state.omnivox = state

@@ -25,12 +25,16 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def serve(config: Config) -> None:
+def serve(config: Config) -> int:
     import uvicorn
 
     from omnivox.server.app import create_app
 
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except (ValueError, OSError) as exc:  # an engine or voice the configuration names cannot be set up
+        print(f"omnivox: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run(
         app,
         host=config.server.host,
@@ -41,6 +45,7 @@ def serve(config: Config) -> None:
         ws_max_size=2 * config.limits.max_message_bytes + (1 << 20),
         ws_per_message_deflate=False,
     )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--config", help="YAML file merged over configs/default.yaml")
     serve_cmd.add_argument("--host", help="address to listen on (server.host)")
     serve_cmd.add_argument("--port", type=int, help="port to listen on (server.port)")
-    serve_cmd.add_argument("--engine", help="auto | qwen2.5-omni | qwen3-omni | scripted (engine.name)")
+    serve_cmd.add_argument("--engine", help="auto | qwen2.5-omni | qwen3-omni | cascade | scripted (engine.name)")
     serve_cmd.add_argument("--model", help="hub id or local path of the model (engine.model)")
     call_cmd = commands.add_parser("call", help="simulate a phone call into a Twilio Media Streams server")
     call_cmd.add_argument("--url", default="ws://127.0.0.1:8000/telephony/twilio", help="the Media Streams WebSocket")
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"omnivox: {exc}", file=sys.stderr)
             return 2
         logging.basicConfig(level=config.server.log_level.upper(), format=LOG_FORMAT)
-        serve(config)
+        return serve(config)
     elif args.command == "call":
         logging.basicConfig(level="WARNING", format=LOG_FORMAT)
         return call(args)

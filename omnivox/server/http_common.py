@@ -180,13 +180,13 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 class EventStream(StreamingResponse):
-    """An SSE response that stops its producer (and so the engine) the moment the client disconnects, whatever
-    ASGI spec version the server speaks (Starlette only listens for disconnects below 2.4)."""
+    """An SSE (or other streamed) response that stops its producer (and so the engine) the moment the client
+    disconnects, whatever ASGI spec version the server speaks (Starlette only listens for disconnects below 2.4)."""
 
-    def __init__(self, events: AsyncIterator[str]) -> None:
+    def __init__(self, events: AsyncIterator[Any], media_type: str = "text/event-stream") -> None:
         super().__init__(
             events,
-            media_type="text/event-stream",
+            media_type=media_type,
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 

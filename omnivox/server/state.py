@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from omnivox.pipeline.engines.base import Engine
 from omnivox.pipeline.session import Session, SessionOptions
+from omnivox.pipeline.tts import TtsStage
 from omnivox.pipeline.vad import create_vad
 from omnivox.server.config import Config
 from omnivox.server.metrics import Metrics
@@ -27,6 +28,8 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     sessions_open: int = 0
     engine_error: str | None = None
+    tts: TtsStage | None = None
+    """The TTS stage of `POST /v1/audio/speech` (the same one the engine speaks with, if it speaks through one)."""
 
     @property
     def model_name(self) -> str:

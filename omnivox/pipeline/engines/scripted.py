@@ -3,22 +3,23 @@
 It is the test double of the real engines and a no-GPU demo: a real (robotic) voice, offline,
 streamed in small chunks at a configurable pace, with the text released word by word as the audio
 that speaks it is released, so truncation and barge-in behave as with a streaming model.
+
+As the no-GPU demo (`auto` without a GPU) it speaks through the TTS stage (the bundled Piper voice) and, with
+`echo`, answers with what it recognised of the caller, so a first run is a real conversation loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import threading
 from collections.abc import AsyncIterator
-from typing import Any
 
 import numpy as np
 
-from omnivox.pipeline.audio import float_to_pcm16, synthesize_speech
+from omnivox.pipeline.audio import synthesize_speech
 from omnivox.pipeline.engines.base import (
-    INPUT_RATE,
     AudioDelta,
+    AudioPart,
     Delta,
     ResponseRequest,
     TextDelta,
@@ -26,29 +27,19 @@ from omnivox.pipeline.engines.base import (
     Usage,
     cut_at_stop,
 )
+from omnivox.pipeline.recognisers import PocketsphinxRecogniser
+from omnivox.pipeline.tts import TtsStage
+from omnivox.pipeline.tts.espeak import ESPEAK_RATE, ESPEAK_VOICES
 
 DEFAULT_REPLY = "Hello! This is omnivox, a self hosted voice agent. How can I help you today?"
-
-ESPEAK_VOICES = {
-    "alloy": "en-us",
-    "ash": "en-us+m3",
-    "ballad": "en-gb",
-    "coral": "en-us+f3",
-    "echo": "en-us+m1",
-    "sage": "en-us+f2",
-    "shimmer": "en-us+f4",
-    "verse": "en-gb+m3",
-    "marin": "en-us+f1",
-    "cedar": "en-us+m2",
-}
-"""OpenAI voice names -> espeak-ng voices; any other name speaks with the default `en-us`."""
+ECHO_REPLY = "You said: {heard}. This is omnivox without a GPU, so I can only repeat what I hear."
+ECHO_UNHEARD = "Sorry, I did not catch that. This is omnivox without a GPU, so I can only repeat what I hear."
 
 
 class ScriptedEngine:
     """Speaks `reply` (or `replies` in turn) for every request; no model, no GPU."""
 
     name = "scripted"
-    native_rate = 24_000
 
     def __init__(
         self,
@@ -61,9 +52,15 @@ class ScriptedEngine:
         first_audio_ms: int = 50,
         words_per_minute: int = 170,
         transcript: str = "",
+        echo: bool = False,
+        echo_reply: str = ECHO_REPLY,
+        echo_unheard: str = ECHO_UNHEARD,
+        tts: TtsStage | None = None,
     ) -> None:
         """`speed` is how much faster than real time audio is produced (4.0 = a 40 ms chunk every 10 ms);
-        `first_audio_ms` is the simulated time to the first chunk; `transcript` is what `transcribe` returns."""
+        `first_audio_ms` is the simulated time to the first chunk; `transcript` is what `transcribe` returns.
+        `echo` answers with `echo_reply` about what it recognised of the caller's last turn (`echo_unheard` when
+        nothing); `tts` speaks through that TTS stage (as it streams) instead of espeak-ng at the simulated pace."""
         if speed <= 0 or chunk_ms <= 0:
             raise ValueError("scripted engine: speed and chunk_ms must be positive")
         self.model_id = model
@@ -73,17 +70,27 @@ class ScriptedEngine:
         self.first_audio_ms = first_audio_ms
         self.words_per_minute = words_per_minute
         self.transcript = transcript
+        self.echo = echo
+        self.echo_reply = echo_reply
+        self.echo_unheard = echo_unheard
+        self.tts = tts
         self._turns = 0
         self._ready = False
-        self._recogniser: Any = None
-        self._recogniser_lock = threading.Lock()
+        self._recogniser = PocketsphinxRecogniser()
 
     @property
     def ready(self) -> bool:
         return self._ready
 
+    @property
+    def native_rate(self) -> int:  # type: ignore[override]
+        return self.tts.rate if self.tts is not None else ESPEAK_RATE
+
     async def start(self) -> None:
-        await asyncio.to_thread(self._speech, self.replies[0], "alloy")
+        if self.tts is not None:
+            await self.tts.start()
+        else:
+            await asyncio.to_thread(self._speech, self.replies[0], "alloy")
         self._ready = True
 
     async def close(self) -> None:
@@ -98,10 +105,30 @@ class ScriptedEngine:
         self._turns += 1
         return reply
 
+    async def heard(self, request: ResponseRequest) -> str:
+        """What the caller said last: the text of the last user message, or what its audio was recognised as."""
+        last = next((m for m in reversed(request.messages) if m.role == "user"), None)
+        if last is None:
+            return ""
+        text = " ".join(part.text.strip() for part in last.parts if isinstance(part, TextPart)).strip()
+        audio = [part.pcm for part in last.parts if isinstance(part, AudioPart)]
+        if audio and not text:
+            text = await self.transcribe(np.concatenate(audio))
+        return text
+
     async def respond(self, request: ResponseRequest) -> AsyncIterator[Delta]:
-        reply = cut_at_stop(self.next_reply(), request.sampling.stop)[0].rstrip()
+        reply = self.next_reply()
+        if self.echo:
+            heard = await self.heard(request)
+            reply = self.echo_reply.format(heard=heard.rstrip(".?! ")) if heard else self.echo_unheard
+        reply = cut_at_stop(reply, request.sampling.stop)[0].rstrip()
         words = reply.split(" ")
         prompt_chars = sum(len(p.text) for m in request.messages for p in m.parts if isinstance(p, TextPart))
+        if self.tts is not None and request.output_audio:
+            async for delta in self.tts.speak(_once(reply), request.voice):
+                yield delta
+            yield Usage(input_tokens=prompt_chars // 4 + 1, output_tokens=len(words))
+            return
         await asyncio.sleep(self.first_audio_ms / 1000)
         if not request.output_audio:
             for index, word in enumerate(words):
@@ -126,17 +153,8 @@ class ScriptedEngine:
         """The configured `transcript` if set (tests), else offline English recognition with pocketsphinx."""
         if self.transcript:
             return self.transcript
-        return await asyncio.to_thread(self._recognise, audio)
+        return await self._recogniser.transcribe(audio, language, prompt)
 
-    def _recognise(self, audio: np.ndarray) -> str:
-        with self._recogniser_lock:
-            if self._recogniser is None:
-                from pocketsphinx import Decoder  # ships its English model; loaded on first use only
 
-                self._recogniser = Decoder(samprate=INPUT_RATE, loglevel="FATAL")
-            decoder = self._recogniser
-            decoder.start_utt()
-            decoder.process_raw(float_to_pcm16(audio), full_utt=True)
-            decoder.end_utt()
-            hypothesis = decoder.hyp()
-        return hypothesis.hypstr if hypothesis is not None else ""
+async def _once(text: str) -> AsyncIterator[str]:
+    yield text

@@ -2,9 +2,10 @@
 
 A clause ends at the first sentence punctuation (`.`, `!`, `?`, `;`, `:`, a line break) followed by white space, or
 the first comma or dash once the clause is long enough to be worth speaking alone, or, with no punctuation in sight,
-at the last word boundary before `max_chars`; text cut into clauses as it streams gives the same clauses as whole. A word is never cut: a clause ends only where white space follows, so `3.5`, `e.g.` and
-a word still arriving stay whole. The clauses, joined, are exactly the text fed in (spaces included), so the words
-released with the audio add up to the model's text.
+at the last word boundary before `max_chars`; text cut as it streams gives the same clauses as the whole text. A word
+is never cut: a clause ends only where white space follows, so `3.5` and a word still arriving stay whole. The
+clauses, joined, are exactly the text fed in (spaces included), so the words released with the audio add up to the
+model's text.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import functools
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import Executor
 
@@ -27,6 +30,20 @@ ESPEAK_VOICES = {
 """OpenAI voice names -> espeak-ng voices; any other name speaks with the default `en-us`."""
 
 
+@functools.cache
+def installed_voices() -> tuple[frozenset[str], frozenset[str]]:
+    """The languages and variants the installed espeak-ng lists."""
+    binary = shutil.which("espeak-ng")
+    if binary is None:
+        return frozenset(), frozenset()
+
+    def column(option: str, index: int) -> frozenset[str]:
+        lines = subprocess.run([binary, option], capture_output=True, text=True, timeout=30).stdout.splitlines()[1:]
+        return frozenset(line.split()[index].rsplit("/", 1)[-1] for line in lines if len(line.split()) > index)
+
+    return column("--voices", 1), column("--voices=variant", 4)
+
+
 class EspeakBackend:
     name = "espeak"
     rate = ESPEAK_RATE
@@ -38,8 +55,10 @@ class EspeakBackend:
         self.words_per_minute = words_per_minute
 
     def has_voice(self, voice: str) -> bool:
-        """espeak-ng voice names (`en-us`, `en-gb+f3`, ...): letters, digits, `-` and `+` (never an option)."""
-        return bool(voice) and len(voice) <= 32 and voice[0].isalpha() and all(c.isalnum() or c in "-+_" for c in voice)
+        """An installed espeak-ng language, optionally with a `+variant` (`en-us`, `en-gb+f3`)."""
+        language, _, variant = voice.partition("+")
+        languages, variants = installed_voices()
+        return language in languages and (not variant or variant in variants)
 
     async def start(self) -> None:
         pass

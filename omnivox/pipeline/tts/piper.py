@@ -195,7 +195,7 @@ def _pieces(words: Sequence[str]) -> Iterator[tuple[int, int]]:
     """Word ranges that end at clause punctuation: phonemized one at a time so their punctuation is kept."""
     first = 0
     for index, word in enumerate(words):
-        if word.rstrip()[-1:] in _PUNCTUATION or index == len(words) - 1:
+        if (word and word[-1] in _PUNCTUATION) or index == len(words) - 1:
             if any(w.strip() for w in words[first : index + 1]):
                 yield first, index + 1
             first = index + 1

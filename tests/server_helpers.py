@@ -45,19 +45,28 @@ def scripted_config(**sections: dict[str, Any]) -> Config:
 
 
 @contextmanager
-def running_server(config: Config | None = None, engine: Engine | None = None) -> Iterator[RunningServer]:
+def running_server(
+    config: Config | None = None, engine: Engine | None = None, port: int = 0
+) -> Iterator[RunningServer]:
     config = config or scripted_config()
     app = create_app(config, engine)
+    with serving(app, port, ws_max_size=2 * config.limits.max_message_bytes + (1 << 20)) as bound:
+        yield RunningServer("127.0.0.1", bound, app, config)
+
+
+@contextmanager
+def serving(app: Any, port: int = 0, ws_max_size: int = 16 * 1024 * 1024) -> Iterator[int]:
+    """Any ASGI app on loopback (a free port unless `port` is given) until the block ends; yields the port."""
     server = uvicorn.Server(
         uvicorn.Config(
             app,
             host="127.0.0.1",
-            port=0,
+            port=port,
             loop="asyncio",
             ws="websockets",
             lifespan="on",
             log_level="warning",
-            ws_max_size=2 * config.limits.max_message_bytes + (1 << 20),
+            ws_max_size=ws_max_size,
             ws_per_message_deflate=False,
         )
     )
@@ -68,9 +77,8 @@ def running_server(config: Config | None = None, engine: Engine | None = None) -
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the test server did not start")
         time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield RunningServer("127.0.0.1", port, app, config)
+        yield server.servers[0].sockets[0].getsockname()[1]
     finally:
         server.should_exit = True
         thread.join(timeout=15)

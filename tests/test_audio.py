@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import warnings
+import wave
 
 import numpy as np
 import pytest
+import soundfile
 
 from omnivox.pipeline.audio import (
     G711_ALAW,
@@ -273,6 +276,27 @@ def test_encoded_files_decode_back_to_the_same_sound(fmt: str) -> None:
     assert np.argmax(spectrum) * rate / len(decoded) == pytest.approx(500.0, abs=5.0)
     if fmt in ("wav", "flac"):
         assert np.max(np.abs(decoded - signal)) < 1e-4
+
+
+def test_pcm16_wav_is_read_without_ffmpeg_and_other_wavs_still_decode() -> None:
+    signal = sine(16_000, 0.5)
+    pcm16 = encode_audio_file(signal, 16_000, "wav")
+    stereo = io.BytesIO()
+    with wave.open(stereo, "wb") as writer:
+        writer.setnchannels(2)
+        writer.setsampwidth(2)
+        writer.setframerate(16_000)
+        writer.writeframes(float_to_pcm16(np.stack([signal, signal], axis=1).reshape(-1)))
+    for data in (pcm16, stereo.getvalue()):
+        decoded, rate = decode_audio_file(data)
+        assert rate == 16_000 and decoded.size == signal.size
+        assert np.max(np.abs(decoded - signal)) < 1e-4
+    floats = io.BytesIO()
+    soundfile.write(floats, signal, 16_000, format="WAV", subtype="FLOAT")
+    decoded, rate = decode_audio_file(floats.getvalue())  # not PCM16: FFmpeg reads it
+    assert rate == 16_000 and np.max(np.abs(decoded - signal)) < 1e-6
+    with pytest.raises(ValueError):
+        decode_audio_file(pcm16[:44] + b"\x01")  # a header and half a sample
 
 
 def test_pcm16_output_is_raw_samples() -> None:

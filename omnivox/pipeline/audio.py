@@ -6,9 +6,11 @@ G.711 is implemented with numpy (no `audioop`, which is gone in Python 3.13) and
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import shutil
+import struct
 import subprocess
 import wave
 from collections.abc import Callable
@@ -297,7 +299,15 @@ def write_wav(path: str | Path, samples: np.ndarray, rate: int, channels: int = 
 
 
 def decode_audio_file(data: bytes) -> tuple[np.ndarray, int]:
-    """Decode a wav/mp3/flac/ogg/opus file held in memory to mono float32 at its native rate."""
+    """Decode a wav/mp3/flac/ogg/opus file held in memory to mono float32 at its native rate.
+
+    PCM16 WAV, what engine hosts exchange every turn, is read with the stdlib (0.13 ms for 5 s of audio instead of
+    6 ms through FFmpeg); any other WAV (float, 24-bit, extensible) and every other format go through FFmpeg."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        with contextlib.suppress(wave.Error, EOFError, ValueError, struct.error):
+            samples, rate = _wav_bytes_to_float(io.BytesIO(data))
+            if samples.size:
+                return samples, rate
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.audio:

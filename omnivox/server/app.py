@@ -31,13 +31,15 @@ log = logging.getLogger(__name__)
 async def healthz(request: Request) -> Response:
     state: ServerState = request.app.state.omnivox
     ready = state.engine.ready
+    engine_health = getattr(state.engine, "health", None)
     body = {
-        "status": "ok" if ready else "loading",
+        "status": "ok" if ready else ("unavailable" if engine_health else "loading"),
         "version": __version__,
         "engine": state.engine.name,
         "model": state.model_name,
         "sessions": state.sessions_open,
         "max_sessions": state.config.server.max_sessions,
+        **(engine_health() if engine_health else {}),
     }
     return JSONResponse(body, status_code=200 if ready else 503)
 
@@ -70,9 +72,16 @@ def create_app(config: Config, engine: Engine | None = None) -> Starlette:
     """Build the app; the engine loads during start-up (a failure stops the server with its message)."""
     tts = getattr(engine, "tts", None) or create_tts(config)
     engine = engine or create_engine(
-        config.engine.name, config.engine.model, config.engine.options, fallback=config.engine.fallback, tts=tts
+        config.engine.name,
+        config.engine.model,
+        config.engine.engine_options(),
+        fallback=config.engine.fallback,
+        tts=tts,
     )
     state = ServerState(config=config, engine=engine, tts=tts)
+    watch_hosts = getattr(engine, "watch_hosts", None)
+    if watch_hosts is not None:
+        watch_hosts(state.metrics.observe_engine_host)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

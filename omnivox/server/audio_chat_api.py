@@ -66,7 +66,7 @@ async def audio_chat_completions(request: Request) -> Response:
         sampling=sampling_params(body),
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
     )
-    deltas = await open_engine_stream(state, engine_request)
+    deltas = await open_engine_stream(state, engine_request, request, AUDIO_CHAT_DOOR)
     return EventStream(audio_chat_events(state, audio_cache(request), engine_request.request_id, deltas))
 
 

@@ -98,6 +98,8 @@ async def chat_completions(request: Request) -> Response:
         output_audio=wants_audio,
         sampling=sampling_params(body),
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
+        conversation_id=body.prompt_cache_key or "",
+        instructions=body.instructions or "",
     )
     context = ChatContext(
         state=state,
@@ -108,7 +110,7 @@ async def chat_completions(request: Request) -> Response:
         max_tokens=engine_request.sampling.max_tokens,
         audio_id=f"audio_{uuid.uuid4().hex}" if wants_audio else None,
     )
-    deltas = await open_engine_stream(state, engine_request)
+    deltas = await open_engine_stream(state, engine_request, request, CHAT_DOOR)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventStream(chat_events(context, deltas, include_usage))

@@ -22,12 +22,31 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides.setdefault("engine", {})["name"] = args.engine
     if args.model is not None:
         overrides.setdefault("engine", {})["model"] = args.model
+    if args.engine_urls:
+        overrides.setdefault("engine", {})["urls"] = args.engine_urls
     return overrides
 
 
-def serve(config: Config) -> int:
+def uvicorn_options(config: Config) -> dict[str, Any]:
+    return {
+        "host": config.server.host,
+        "port": config.server.port,
+        "log_level": config.server.log_level,
+        "loop": "uvloop" if sys.platform != "win32" else "asyncio",
+        "ws": "websockets",
+        "ws_max_size": 2 * config.limits.max_message_bytes + (1 << 20),
+        "ws_per_message_deflate": False,
+    }
+
+
+def serve(config: Config, workers: int = 1) -> int:
     import uvicorn
 
+    if workers > 1:
+        from omnivox.server.workers import serve_workers
+
+        serve_workers(config, workers, uvicorn_options(config))
+        return 0
     from omnivox.server.app import create_app
 
     try:
@@ -35,16 +54,7 @@ def serve(config: Config) -> int:
     except (ValueError, OSError) as exc:  # an engine or voice the configuration names cannot be set up
         print(f"omnivox: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        app,
-        host=config.server.host,
-        port=config.server.port,
-        log_level=config.server.log_level,
-        loop="uvloop" if sys.platform != "win32" else "asyncio",
-        ws="websockets",
-        ws_max_size=2 * config.limits.max_message_bytes + (1 << 20),
-        ws_per_message_deflate=False,
-    )
+    uvicorn.run(app, **uvicorn_options(config))
     return 0
 
 
@@ -55,8 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--config", help="YAML file merged over configs/default.yaml")
     serve_cmd.add_argument("--host", help="address to listen on (server.host)")
     serve_cmd.add_argument("--port", type=int, help="port to listen on (server.port)")
-    serve_cmd.add_argument("--engine", help="auto | qwen2.5-omni | qwen3-omni | cascade | scripted (engine.name)")
+    serve_cmd.add_argument(
+        "--engine", help="auto | qwen2.5-omni | qwen3-omni | cascade | scripted | remote (engine.name)"
+    )
     serve_cmd.add_argument("--model", help="hub id or local path of the model (engine.model)")
+    serve_cmd.add_argument(
+        "--engine-url", dest="engine_urls", action="append", help="an engine host of the remote engine (engine.urls)"
+    )
+    serve_cmd.add_argument(
+        "--workers", type=int, default=1, help="front processes on one port (only with the remote engine)"
+    )
     call_cmd = commands.add_parser("call", help="simulate a phone call into a Twilio Media Streams server")
     call_cmd.add_argument("--url", default="ws://127.0.0.1:8000/telephony/twilio", help="the Media Streams WebSocket")
     call_cmd.add_argument("--say", dest="turns", action="append", type=lambda text: ("say", text), help="a caller turn")
@@ -105,8 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"omnivox: {exc}", file=sys.stderr)
             return 2
+        from omnivox.server.workers import WorkersRefused, check_workers
+
+        try:
+            check_workers(config, args.workers)
+        except WorkersRefused as exc:
+            print(f"omnivox: {exc}", file=sys.stderr)
+            return 2
         logging.basicConfig(level=config.server.log_level.upper(), format=LOG_FORMAT)
-        return serve(config)
+        return serve(config, args.workers)
     elif args.command == "call":
         logging.basicConfig(level="WARNING", format=LOG_FORMAT)
         return call(args)

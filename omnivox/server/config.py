@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "OMNIVOX_"
 
@@ -33,11 +33,50 @@ class ServerConfig(_Section):
 
 
 class EngineConfig(_Section):
-    name: Literal["auto", "scripted", "qwen2.5-omni", "qwen3-omni", "cascade"] = "auto"
+    name: Literal["auto", "scripted", "qwen2.5-omni", "qwen3-omni", "cascade", "remote"] = "auto"
     model: str | None = None
     served_model_name: str | None = None
+    url: str | None = None
+    urls: list[str] = []
+    api_key: str | None = None
     options: dict[str, dict[str, Any] | None] = {}
     fallback: dict[str, Any] = {}
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_http(cls, url: str | None) -> str | None:
+        return None if url is None else _http_url(url)
+
+    @field_validator("urls")
+    @classmethod
+    def _urls_are_http(cls, urls: list[str]) -> list[str]:
+        return [_http_url(url) for url in urls]
+
+    @model_validator(mode="after")
+    def _remote_has_hosts_and_model(self) -> EngineConfig:
+        if self.name == "remote":
+            if not self.host_urls():
+                raise ValueError("the remote engine needs engine.url or engine.urls (its engine hosts)")
+            if not self.model:
+                raise ValueError("the remote engine needs engine.model: the model name its engine hosts serve")
+        return self
+
+    def host_urls(self) -> list[str]:
+        """`url` and `urls` together, each once."""
+        return list(dict.fromkeys([*([self.url] if self.url else []), *self.urls]))
+
+    def engine_options(self) -> dict[str, dict[str, Any] | None]:
+        """Per-engine constructor options; the remote engine also gets the hosts and their API key."""
+        options = dict(self.options)
+        if self.name == "remote":
+            options["remote"] = {**(options.get("remote") or {}), "urls": self.host_urls(), "api_key": self.api_key}
+        return options
+
+
+def _http_url(url: str) -> str:
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"engine host URLs start with http:// or https://, got {url!r}")
+    return url
 
 
 class RemoteSpeechConfig(_Section):

@@ -85,6 +85,14 @@ class ChatCompletionRequest(_Body):
     max_completion_tokens: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stop: str | list[str] | None = None
+    prompt_cache_key: str | None = Field(
+        None,
+        max_length=256,
+        description="the conversation this request continues: the engine keeps its encoded prompt under this key",
+    )
+    instructions: str | None = Field(
+        None, description="an extension: instructions appended to the model's own system prompt (as Realtime's)"
+    )
 
 
 class AudioChatRequest(_Body):

@@ -30,6 +30,7 @@ from omnivox.pipeline.engines.base import (
     ResponseRequest,
 )
 from omnivox.server.auth import is_authorized
+from omnivox.server.disconnect import ClientDisconnected, unless_disconnected
 from omnivox.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ def openai_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable
             return await handler(request)
         except ApiError as exc:
             return JSONResponse(exc.body(), status_code=exc.status)
+        except ClientDisconnected:
+            return Response(status_code=499)  # nobody is listening any more
         except EngineError as exc:
             error = engine_api_error(exc)
             log.warning("%s %s: engine error %s: %s", request.method, request.url.path, exc.code, exc)
@@ -147,15 +150,23 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def open_engine_stream(state: ServerState, request: ResponseRequest) -> AsyncIterator[Delta]:
+async def open_engine_stream(
+    state: ServerState, request: ResponseRequest, http_request: Request, door: str
+) -> AsyncIterator[Delta]:
     """Start the engine and wait for its first delta, so that refusals (busy, not ready) become HTTP statuses
-    before any header is sent; returns the whole stream, first delta included."""
+    before any header is sent; returns the whole stream, first delta included. A client that leaves meanwhile
+    cancels the engine work at once."""
     check_ready(state)
     stream = state.engine.respond(request)
     try:
-        first = await anext(stream)
+        first = await unless_disconnected(http_request, anext(stream))
     except StopAsyncIteration:
         return stream  # finished already: iterating it yields nothing
+    except ClientDisconnected:
+        await stream.aclose()
+        log.info("%s: %s: the client left before the first delta; cancelled", door, request.request_id)
+        state.metrics.responses.labels(door, "cancelled").inc()
+        raise
     except BaseException:
         await stream.aclose()
         raise

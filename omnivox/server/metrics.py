@@ -1,8 +1,16 @@
-"""Prometheus metrics, one registry per app so tests can run several servers in one process."""
+"""Prometheus metrics, one registry per app so tests can run several servers in one process.
+
+With `omnivox serve --workers N` every worker writes its values to files in `PROMETHEUS_MULTIPROC_DIR` and any
+worker's `/metrics` renders the sum over all of them (prometheus_client's multiprocess mode): counters and
+histograms add up, `sessions_active` and outstanding requests are summed over live workers, readiness and host
+health take the lowest value.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
@@ -11,7 +19,11 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.sessions_active = Gauge(
-            "omnivox_sessions_active", "Open realtime sessions", ["door"], registry=self.registry
+            "omnivox_sessions_active",
+            "Open realtime sessions",
+            ["door"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.sessions_total = Counter(
             "omnivox_sessions_total", "Realtime sessions opened", ["door"], registry=self.registry
@@ -38,7 +50,32 @@ class Metrics:
         self.protocol_errors = Counter(
             "omnivox_protocol_errors_total", "Error events sent to clients", ["door", "code"], registry=self.registry
         )
-        self.engine_ready = Gauge("omnivox_engine_ready", "1 once the engine has loaded", registry=self.registry)
+        self.engine_ready = Gauge(
+            "omnivox_engine_ready", "1 once the engine has loaded", registry=self.registry, multiprocess_mode="livemin"
+        )
+        self.engine_host_up = Gauge(
+            "omnivox_engine_host_up",
+            "1 while a remote engine host passes its health checks",
+            ["url"],
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
+        self.engine_host_outstanding = Gauge(
+            "omnivox_engine_host_outstanding",
+            "Requests in flight to a remote engine host",
+            ["url"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+
+    def observe_engine_host(self, url: str, healthy: bool, outstanding: int) -> None:
+        """A remote engine host's health or load changed."""
+        self.engine_host_up.labels(url).set(1 if healthy else 0)
+        self.engine_host_outstanding.labels(url).set(outstanding)
 
     def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)
+            return generate_latest(merged)
         return generate_latest(self.registry)

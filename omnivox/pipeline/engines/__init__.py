@@ -18,6 +18,7 @@ ENGINES = {
     "qwen2.5-omni": ("omnivox.pipeline.engines.qwen2_5_omni", "Qwen25OmniEngine"),
     "qwen3-omni": ("omnivox.pipeline.engines.qwen3_omni", "Qwen3OmniEngine"),
     "cascade": ("omnivox.pipeline.engines.cascade", "CascadeEngine"),
+    "remote": ("omnivox.pipeline.engines.remote", "RemoteEngine"),
 }
 DEFAULT_MODELS = {
     "scripted": "scripted",
@@ -63,6 +64,8 @@ def create_engine(
     resolved = resolve_engine_name(name)
     module_name, class_name = ENGINES[resolved]
     engine_class = getattr(importlib.import_module(module_name), class_name)
+    if not model and resolved not in DEFAULT_MODELS:
+        raise ValueError(f"engine {resolved} needs engine.model")
     section = dict((options or {}).get(resolved) or {})
     if name == "auto" and resolved == "scripted":
         section.update(fallback or {})

@@ -25,6 +25,8 @@ class ActiveResponse:
     pacer: FramePacer | None
     resampler: StreamResampler | None
     engine_done: bool = False
+    engine_audio_ms: float = 0.0
+    """Audio received from the engine, at its own rate (before resampling: the time base of text marks)."""
     usage: Usage | None = None
     playout_started: bool = False
 

@@ -84,6 +84,8 @@ class SessionOptions:
     """The door owns playout (WebRTC, telephony): emit `output_audio_buffer.*`, truncate at what was played."""
     max_input_buffer_s: float = 600.0
     min_speech_ms: int = 64
+    text_follows_audio: bool = False
+    """The engine releases each word just before the audio that begins it: truncation cuts the text exactly."""
     defaults: dict[str, Any] = field(default_factory=dict)
     """Initial GA session fields (voice, instructions, turn_detection, formats) merged over the built-in ones."""
 
@@ -499,6 +501,8 @@ class Session:
             messages = self._input_messages(params["input"])
         response_id = self._new_id("resp")
         item = Item(self._new_id("item"), "assistant", status="in_progress", has_audio="audio" in modalities)
+        if self.options.text_follows_audio:
+            item.text_marks = []
         output_audio = "audio" in modalities
         pacer = resampler = None
         if output_audio:
@@ -553,10 +557,13 @@ class Session:
             if not delta.text:
                 return
             response.item.text += delta.text
+            if response.item.text_marks is not None:
+                response.item.text_marks.append((response.engine_audio_ms, len(response.item.text)))
             out.append(response.text_delta(delta.text))
         elif isinstance(delta, AudioDelta):
             if response.pacer is None or response.resampler is None:
                 return
+            response.engine_audio_ms += delta.pcm.size * 1000 / self.options.engine_rate
             samples = response.resampler.process(delta.pcm)
             response.item.audio_generated_ms += samples.size * 1000 / response.pacer.rate
             response.pacer.push(samples)

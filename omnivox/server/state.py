@@ -73,6 +73,7 @@ class ServerState:
             server_playout=server_playout,
             max_input_buffer_s=config.limits.max_input_buffer_s,
             min_speech_ms=config.vad.min_speech_ms,
+            text_follows_audio=getattr(self.engine, "text_follows_audio", False),
             defaults=session_defaults,
         )
         kind = config.vad.kind

@@ -24,7 +24,6 @@ DEFAULT_MODELS = {
     "scripted": "scripted",
     "qwen2.5-omni": "Qwen/Qwen2.5-Omni-7B",
     "qwen3-omni": "Qwen/Qwen3-Omni-30B-A3B-Instruct",
-    "cascade": "cascade",
 }
 SPEAKING_ENGINES = {"cascade"}
 """Engines that speak through the TTS stage (the scripted engine too, when its options say `tts: true`)."""

@@ -150,6 +150,9 @@ class Engine(Protocol):
     async def close(self) -> None:
         """Release the model and any worker threads."""
 
+    # Optional: `text_follows_audio = True` says each text delta comes just before the audio delta in which its
+    # words begin (a TTS stage); the session core then truncates the text exactly where the caller stopped hearing.
+
 
 def forget_conversation(engine: Engine, conversation_id: str) -> None:
     """Tell an engine that keeps per-conversation state (an optional `forget_conversation` method) to drop it."""

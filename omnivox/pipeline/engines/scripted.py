@@ -83,6 +83,11 @@ class ScriptedEngine:
         return self._ready
 
     @property
+    def text_follows_audio(self) -> bool:
+        """Through the TTS stage, each word comes with the audio that begins it."""
+        return self.tts is not None
+
+    @property
     def native_rate(self) -> int:  # type: ignore[override]
         return self.tts.rate if self.tts is not None else ESPEAK_RATE
 

@@ -5,8 +5,9 @@ utterance into audio in one call. At load the graph is split in two with `onnx`:
 and each phoneme's duration in frames) and the decoder (latent frames -> audio, 256 samples a frame for medium
 voices). The decoder is convolutional, so the latent is decoded in windows with `CONTEXT_FRAMES` of context on each
 side; the first window is short, so the first audio of a clause comes after the front and a small decode instead of
-the whole clause. The durations place every word in the audio to the sample. A graph that cannot be split (an
-unusual export) is run whole, with word starts spread over its audio.
+the whole clause, and each window is at most twice the one before, so it is decoded while the one before plays
+(the decoder runs at about a tenth of real time here). The durations place every word in the audio to the sample.
+A graph that cannot be split (an unusual export) is run whole, with word starts spread over its audio.
 
 Phonemes come from espeak-ng (`espeak_phonemes`); `onnx` and `onnxruntime` are Apache-2.0/MIT.
 """
@@ -36,6 +37,7 @@ CONTEXT_FRAMES = 10
 """Latent frames decoded on each side of a window (HiFi-GAN's receptive field; 10 keeps joins ~60 dB below the
 signal, inaudible)."""
 FIRST_WINDOW_FRAMES = 20
+"""About 230 ms of audio at 256 samples a frame, 22.05 kHz."""
 WINDOW_FRAMES = 80
 _BOS, _EOS, _PAD = "^", "$", "_"
 _PUNCTUATION = ",.;:!?"
@@ -157,13 +159,12 @@ class PiperVoice:
         latent, durations = self.graphs.front.run(None, inputs)
         frames = latent.shape[2]
         starts = self._word_starts(durations.reshape(-1), owners, len(words))
-        start = 0
+        start, size = 0, FIRST_WINDOW_FRAMES
         while start < frames:
-            size = FIRST_WINDOW_FRAMES if start == 0 else WINDOW_FRAMES
             end = frames if frames - start <= size + size // 2 else start + size
             audio = self._decode(latent, start, end)
             yield SpeechChunk(audio, tuple(start_frame * self._hop for start_frame in starts) if start == 0 else ())
-            start = end
+            start, size = end, min(2 * size, WINDOW_FRAMES)
 
     def _decode(self, latent: np.ndarray, start: int, end: int) -> np.ndarray:
         left = max(0, start - CONTEXT_FRAMES)

@@ -55,12 +55,16 @@ def create_llm_stage(model: str, options: Mapping[str, Any]) -> LlmStage:
 
 
 class LlmRecogniser:
-    """The LLM stage itself transcribes (Phi-4-multimodal is a strong recogniser)."""
+    """The LLM stage itself transcribes (Phi-4-multimodal is a strong recogniser): with its own `transcribe` where it
+    has one (in process: background work on its worker), else by asking it over its stream."""
 
     def __init__(self, llm: LlmStage) -> None:
         self.llm = llm
 
     async def transcribe(self, audio: np.ndarray, language: str | None = None, prompt: str = "") -> str:
+        own = getattr(self.llm, "transcribe", None)
+        if own is not None:
+            return await own(audio, language, prompt)
         instruction = TRANSCRIBE_PROMPT if not language else f"{TRANSCRIBE_PROMPT[:-1]} ({language})."
         parts = (AudioPart(audio), TextPart(f"{instruction} {prompt}".strip()))
         request = ResponseRequest(messages=(Message("user", parts),), output_audio=False)

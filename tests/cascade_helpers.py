@@ -74,7 +74,7 @@ def llm_server(stand_in: TextLlmStandIn) -> Iterator[str]:
 
 def cascade_config(llm_url: str, **sections: dict[str, Any]) -> Config:
     """The default config with the cascade engine over a remote LLM at `llm_url` and the bundled Piper voice."""
-    llm = {"kind": "remote", "url": llm_url, "audio": "input_audio"}
+    llm = {"kind": "remote", "remote": {"url": llm_url, "audio": "input_audio"}}
     engine = {"name": "cascade", "model": "microsoft/Phi-4-multimodal-instruct"}
     engine["options"] = {"cascade": {"llm": llm, "recogniser": {"kind": "pocketsphinx"}}}  # type: ignore[assignment]
     return scripted_config(engine=engine, **sections)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import numpy as np
 import openai
 import pytest
 
 from omnivox.pipeline.audio import float_to_pcm16, resample
+from omnivox.pipeline.engines import create_engine
 from omnivox.pipeline.engines.base import (
     AudioDelta,
     AudioPart,
@@ -28,10 +30,12 @@ from omnivox.pipeline.engines.base import (
     TextPart,
     Usage,
 )
-from omnivox.pipeline.engines.cascade import CascadeEngine
+from omnivox.pipeline.engines.cascade import CascadeEngine, LlmRecogniser
+from omnivox.pipeline.engines.llm_remote import RemoteLlmStage
 from omnivox.pipeline.recognisers import PocketsphinxRecogniser
 from omnivox.pipeline.tts.stage import TtsStage
 from omnivox.server.app import create_tts
+from omnivox.server.config import load_config
 from omnivox.server.phone_sim import CallOptions, Utterance, run_call
 from tests.audio_fixtures import Microphone, silence, speech
 from tests.cascade_helpers import TextLlmStandIn, cascade_config, llm_server
@@ -146,6 +150,28 @@ async def test_an_llm_that_does_not_hear_gets_each_clip_transcribed_once_and_no_
     sent = llm.requests[-1].messages
     assert sent[0].parts == (TextPart("clip of 1600 samples"),)
     assert sent[2].parts == (TextPart("clip of 3200 samples"), TextPart("and this"))
+
+
+def cascade_from_config(llm: dict[str, Any]) -> Any:
+    config = load_config(
+        overrides={"engine": {"name": "cascade", "model": "m", "options": {"cascade": {"llm": llm}}}}, environ={}
+    )
+    options = config.engine.engine_options()
+    return create_engine("cascade", "m", options, tts=create_tts(config))
+
+
+def test_the_default_options_build_either_llm_stage() -> None:
+    remote = cascade_from_config({"remote": {"url": "http://llm:8000/v1"}})
+    assert isinstance(remote.llm, RemoteLlmStage) and remote.llm.hears_audio
+    assert isinstance(remote.recogniser, LlmRecogniser)
+    local = cascade_from_config({"kind": "phi4-mm", "phi4-mm": {"device": "cpu"}})
+    assert type(local.llm).__name__ == "Phi4MmStage"
+    deaf = cascade_from_config({"remote": {"url": "http://llm:8000", "audio": "none"}})
+    assert isinstance(deaf.recogniser, PocketsphinxRecogniser)
+    with pytest.raises(ValueError, match=r"llm\.remote\.url"):
+        cascade_from_config({})
+    with pytest.raises(ValueError, match="unknown keys"):
+        cascade_from_config({"url": "http://llm:8000"})
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -273,7 +299,7 @@ async def test_barge_in_closes_the_llm_stream_and_the_next_turn_carries_exactly_
         cascade = CascadeEngine(
             config.engine.model,
             tts=create_tts(config),
-            llm={"kind": "remote", "url": url},
+            llm={"kind": "remote", "remote": {"url": url}},
             recogniser=CountingRecogniser(),
         )
         engine = RecordingCascade(cascade)

@@ -39,13 +39,17 @@ TRANSCRIBE_PROMPT = "Transcribe the audio clip into text."
 
 
 def create_llm_stage(model: str, options: Mapping[str, Any]) -> LlmStage:
-    settings = dict(options)
-    kind = settings.pop("kind", "remote")
+    """`options`: `kind` and, under the kind's name, that stage's own options."""
+    kind = options.get("kind", "remote")
+    unknown = set(options) - {"kind", "remote", "phi4-mm"}
+    if unknown:
+        raise ValueError(f"cascade llm: unknown keys {sorted(unknown)} (options go under llm.remote or llm.phi4-mm)")
+    settings = dict(options.get(kind) or {})
     if kind == "remote":
         from omnivox.pipeline.engines.llm_remote import RemoteLlmStage
 
         if not settings.get("url"):
-            raise ValueError("the cascade engine's remote LLM needs engine.options.cascade.llm.url")
+            raise ValueError("the cascade engine's remote LLM needs engine.options.cascade.llm.remote.url")
         return RemoteLlmStage(model, **settings)
     if kind == "phi4-mm":
         from omnivox.pipeline.engines.phi4_mm import Phi4MmStage
@@ -112,9 +116,9 @@ class CascadeEngine:
         recogniser: Recogniser | Mapping[str, Any] | None = None,
         speed: float = 1.0,
     ) -> None:
-        """`llm`: a stage, or its options (`kind` remote | phi4-mm, then the stage's own); `recogniser`: one, or
-        its options (`kind` auto | pocketsphinx | remote | llm; auto is llm when the LLM hears audio); `speed` of
-        the voice (0.25-4)."""
+        """`llm`: a stage, or its options (`kind` remote | phi4-mm, each stage's own under its name);
+        `recogniser`: one, or its options (`kind` auto | pocketsphinx | remote | llm; auto is llm when the LLM hears
+        audio); `speed` of the voice (0.25-4)."""
         if not 0.25 <= speed <= 4.0:
             raise ValueError(f"cascade speed must be within 0.25-4.0, got {speed}")
         self.model_id = model

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import numpy as np
@@ -14,7 +14,9 @@ import openai
 import pytest
 
 from omnivox.pipeline.audio import decode_audio_file, pcm16_to_float, resample
+from omnivox.pipeline.engines.base import AudioDelta, TextDelta
 from omnivox.pipeline.recognisers import PocketsphinxRecogniser
+from omnivox.pipeline.tts import RemoteSpeechSettings, TtsSettings, create_tts_stage
 from tests.server_helpers import RunningServer, running_server, scripted_config
 
 SENTENCE = "The quick brown fox jumps over the lazy dog. It was a sunny day."
@@ -126,3 +128,29 @@ def test_a_body_far_over_the_input_limit_is_refused_before_it_is_read(server: Ru
         f"{server.http_url}/v1/audio/speech", content=body, headers={"Authorization": f"Bearer {KEY}"}
     )
     assert response.status_code == 413
+
+
+@pytest.mark.slow
+async def test_one_omnivox_is_another_ones_tts_backend(server: RunningServer) -> None:
+    """The remote speech backend reads this server's streamed pcm; the espeak-ng backend speaks too."""
+    remote = TtsSettings(
+        backend="remote", remote=RemoteSpeechSettings(url=f"{server.http_url}/v1", api_key=KEY, model="tts-1")
+    )
+    for settings in (remote, TtsSettings(backend="espeak")):
+        stage = create_tts_stage(settings)
+        await stage.start()
+        try:
+
+            async def text() -> AsyncIterator[str]:
+                yield "The quick brown fox jumps "
+                yield "over the lazy dog."
+
+            deltas = [delta async for delta in stage.speak(text(), "alloy")]
+        finally:
+            await stage.close()
+        spoken = "".join(d.text for d in deltas if isinstance(d, TextDelta))
+        audio = np.concatenate([d.pcm for d in deltas if isinstance(d, AudioDelta)])
+        assert spoken == "The quick brown fox jumps over the lazy dog."
+        assert stage.rate == 24_000 and 1.5 < audio.size / stage.rate < 5
+        if settings.backend == "remote":  # Piper's voice through the hop; pocketsphinx hardly knows espeak-ng's
+            assert {"fox", "dog"} <= recognised(audio, stage.rate)

@@ -88,7 +88,7 @@ class ScriptedEngine:
         return self.tts is not None
 
     @property
-    def native_rate(self) -> int:  # type: ignore[override]
+    def native_rate(self) -> int:
         return self.tts.rate if self.tts is not None else ESPEAK_RATE
 
     async def start(self) -> None:

@@ -17,7 +17,6 @@ import httpx
 
 from omnivox.pipeline.engines.base import Delta, EngineNotReady, ResponseRequest, TextDelta
 from omnivox.pipeline.engines.openai_chat import (
-    DIALECTS,
     ChatClient,
     ChatOptions,
     ChatText,
@@ -42,8 +41,6 @@ class RemoteLlmStage:
         connect_timeout_s: float = 2.0,
         read_timeout_s: float = 60.0,
     ) -> None:
-        if dialect not in DIALECTS:
-            raise ValueError(f"cascade llm dialect must be one of {list(DIALECTS)}, got {dialect!r}")
         if audio not in ("input_audio", "audio_url", "none"):
             raise ValueError(f"cascade llm audio must be input_audio, audio_url or none, got {audio!r}")
         if not url.startswith(("http://", "https://")):

@@ -7,7 +7,7 @@ turn. The clients time every `response.output_audio.delta` against the pace the 
 `lead_ms` ahead, from the first delta of the response); a frame later than that is late.
 
     python benchmarks/cpu_sessions.py [--sessions 10,25,50,75,100] [--seconds 20] [--vad silero|webrtc]
-                                      [--listen-only]
+                                      [--listen-only] [--workers N]
 
 Prints, for each N: server CPU (seconds per wall second, total and per session), the server's run-queue wait
 (seconds per second it was ready to run but another process had the CPU), sessions per core at that cost,
@@ -18,6 +18,10 @@ The server has one event loop, so on any machine it uses at most about one core:
 capacity of one server process. The CPU per session is only meaningful on rows that are sustained (a server that
 falls behind its input does less work than it was given); a large server_wait means other processes had the CPU.
 Other `OMNIVOX_*` variables in the environment reach the server too.
+
+`--workers N` measures front workers instead: a scripted engine host in its own process and a front
+(`omnivox serve --engine remote --workers N`, a single process for N=1) whose process tree is measured; the host's
+CPU is left out (with `--listen-only` it does nothing).
 """
 
 from __future__ import annotations
@@ -202,7 +206,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(port: int, vad: str, lead_ms: int) -> subprocess.Popen[bytes]:
+def start_server(
+    port: int, vad: str, lead_ms: int, engine_args: tuple[str, ...] = ("--engine", "scripted")
+) -> subprocess.Popen[bytes]:
     command = shutil.which("omnivox")
     argv = [command] if command else [sys.executable, "-m", "omnivox.server.cli"]
     env = {
@@ -212,9 +218,7 @@ def start_server(port: int, vad: str, lead_ms: int) -> subprocess.Popen[bytes]:
         "OMNIVOX_SERVER__MAX_SESSIONS": "10000",
         "OMNIVOX_SERVER__LOG_LEVEL": "warning",
     }
-    server = subprocess.Popen(
-        [*argv, "serve", "--engine", "scripted", "--host", "127.0.0.1", "--port", str(port)], env=env
-    )
+    server = subprocess.Popen([*argv, "serve", *engine_args, "--host", "127.0.0.1", "--port", str(port)], env=env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -230,19 +234,31 @@ def start_server(port: int, vad: str, lead_ms: int) -> subprocess.Popen[bytes]:
     raise SystemExit("the server did not become healthy within 60 s")
 
 
+def process_tree(process: psutil.Process) -> list[psutil.Process]:
+    """The server and its worker processes (`--workers`)."""
+    with contextlib.suppress(psutil.Error):
+        return [process, *process.children(recursive=True)]
+    return [process]
+
+
 def cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
+    total = 0.0
+    for member in process_tree(process):
+        with contextlib.suppress(psutil.Error):
+            times = member.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def run_queue_seconds(process: psutil.Process) -> float:
-    """Time the process's threads were runnable but waiting for a CPU (Linux schedstat): other load on the machine
+    """Time the server's threads were runnable but waiting for a CPU (Linux schedstat): other load on the machine
     shows here, so a shortfall can be told apart from the server being too slow."""
     total_ns = 0
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{process.pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{process.pid}/task/{task}/schedstat") as stat:
-                total_ns += int(stat.read().split()[1])
+    for member in process_tree(process):
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{member.pid}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{member.pid}/task/{task}/schedstat") as stat:
+                    total_ns += int(stat.read().split()[1])
     return total_ns / 1e9
 
 
@@ -332,14 +348,24 @@ def main() -> None:
     parser.add_argument("--vad", choices=("silero", "webrtc"), default="silero")
     parser.add_argument("--lead-ms", type=int, default=200, help="audio.lead_ms of the server")
     parser.add_argument("--listen-only", action="store_true", help="create_response false: VAD and transport only")
+    parser.add_argument("--workers", type=int, help="measure a remote-engine front with this many worker processes")
     args = parser.parse_args()
     counts = [int(n) for n in args.sessions.split(",")]
     port = free_port()
-    server = start_server(port, args.vad, args.lead_ms)
+    host = None
+    if args.workers:
+        host_port = free_port()
+        host = start_server(host_port, args.vad, args.lead_ms)
+        front = ("--engine", "remote", "--model", "scripted", "--engine-url", f"http://127.0.0.1:{host_port}")
+        server = start_server(port, args.vad, args.lead_ms, (*front, "--workers", str(args.workers)))
+    else:
+        server = start_server(port, args.vad, args.lead_ms)
     try:
         caller_loop()
         process = psutil.Process(server.pid)
         mode = "listen only" if args.listen_only else "scripted engine answering"
+        if args.workers:
+            mode += f"; remote-engine front, {args.workers} worker process(es)"
         load = os.getloadavg()[0]
         print(f"# {psutil.cpu_count()} cores, load average {load:.2f} before the run; vad={args.vad}; {mode}")
         print(
@@ -362,8 +388,10 @@ def main() -> None:
             f"p99 turn detection < {MAX_DETECTION_P99_MS:.0f} ms, no errors): {best}"
         )
     finally:
-        server.terminate()
-        server.wait(timeout=15)
+        for process in (server, host):
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=15)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ called directly, as the in-process reference with the same engine.
 
 - First audio: a Realtime WebSocket client sends a text item and `response.create` and times the first
   `response.output_audio.delta`; turns alternate between the host (in process) and the front (through the hop),
-  so both see the same machine load. Printed: p50/p95 of each and what the hop adds.
+  so both see the same machine load. Printed: p50/p95 of each, their difference, and the percentiles of the
+  difference between back-to-back turns.
 - Barge-in: a caller streams speech at real time into the front (silero server VAD at default settings) and talks
   over every answer one second into it. Timed from the chunk holding the interruption's first voiced sample to the
   host aborting the answer (CLOCK_MONOTONIC is one clock for all processes), and, for reference, to the same
-  moment when the caller talks to the host directly.
+  moment when the caller talks to the host directly; and the hop's own share, from the remote engine cancelling a
+  turn to the host aborting it.
 
     python benchmarks/remote_hop.py [--turns 40] [--barge-ins 12]
 """
@@ -232,6 +234,37 @@ async def measure_barge_in(server: Process, host: Process, barge_ins: int) -> li
     return latencies
 
 
+async def measure_cancel(host: Process, cancels: int) -> list[float]:
+    """The hop's own share of a barge-in: the remote engine's turn cancelled -> the host aborted it, ms."""
+    from omnivox.pipeline.engines.base import AudioDelta, Message, ResponseRequest, TextPart
+    from omnivox.pipeline.engines.remote import RemoteEngine
+
+    engine = RemoteEngine("scripted", urls=[f"http://127.0.0.1:{host.port}"])
+    await engine.start()
+    request = ResponseRequest(messages=(Message("user", (TextPart(QUESTION),)),))
+    latencies = []
+    try:
+        for _ in range(cancels):
+            speaking = asyncio.Event()
+
+            async def answer(speaking: asyncio.Event) -> None:
+                async for delta in engine.respond(request):
+                    if isinstance(delta, AudioDelta):
+                        speaking.set()
+
+            turn = asyncio.create_task(answer(speaking))
+            await speaking.wait()
+            await asyncio.sleep(0.3)
+            aborts, cancelled_at = len(host.aborts), time.monotonic()
+            turn.cancel()
+            while len(host.aborts) == aborts:
+                await asyncio.sleep(0.001)
+            latencies.append((host.aborts[-1] - cancelled_at) * 1000)
+    finally:
+        await engine.close()
+    return latencies
+
+
 def summary(name: str, values: list[float]) -> str:
     p50, p95 = np.percentile(values, [50, 95])
     return f"{name:34s} p50 {p50:7.1f} ms  p95 {p95:7.1f} ms  (n={len(values)})"
@@ -251,9 +284,12 @@ async def main(turns: int, barge_ins: int) -> None:
             print(summary(f"  {name}", values))
         added = np.percentile(figures["remote"], [50, 95]) - np.percentile(figures["in process"], [50, 95])
         print(f"  added by the hop                   p50 {added[0]:7.1f} ms  p95 {added[1]:7.1f} ms")
+        pairs = np.subtract(figures["remote"], figures["in process"])  # turns taken back to back: alike load
+        print(summary("  hop, turn by turn", list(pairs)))
         print("barge-in (caller speech onset -> engine answer aborted):")
         print(summary("  in process", await measure_barge_in(host, host, barge_ins)))
         print(summary("  remote (abort seen by the host)", await measure_barge_in(front, host, barge_ins)))
+        print(summary("  of which the hop: cancel -> abort", await measure_cancel(host, 2 * barge_ins)))
         print(f"# load average {os.getloadavg()[0]:.2f} after the run")
     finally:
         await front.stop()

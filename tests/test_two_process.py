@@ -1,16 +1,21 @@
 """An engine host and a front as two real processes (`omnivox serve --engine scripted` and `omnivox serve --engine
 remote`), with Realtime WebSocket, telephony and chat-completion turns through them, barge-in included. The host's
-own metrics show the answers the front cancelled."""
+own metrics show the answers the front cancelled. A front with two worker processes shares one port and one view of
+its metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import json
 import time
 from collections.abc import Iterator
 
 import openai
+import psutil
 import pytest
+import websockets
 
 from omnivox.pipeline.audio import synthesize_speech
 from omnivox.pipeline.engines.scripted import ESPEAK_VOICES
@@ -120,3 +125,27 @@ async def test_chat_completions_through_the_engine_host(front: ServerProcess) ->
     assert "".join(transcript) == REPLY
     spoken = synthesize_speech(REPLY, 24_000, ESPEAK_VOICES["alloy"], WORDS_PER_MINUTE)
     assert len(pcm) // 2 == pytest.approx(spoken.size, abs=24)
+
+
+async def test_two_front_workers_share_the_port_and_their_metrics(host: ServerProcess) -> None:
+    front_args = ("--engine", "remote", "--model", "scripted", "--engine-url", host.http_url, "--workers", "2")
+    with serve_process(*front_args) as front:
+        workers = psutil.Process(front.process.pid).children(recursive=True)
+        async with contextlib.AsyncExitStack() as stack:
+            opened = 0
+            deadline = time.monotonic() + 60
+            # connections go to whichever worker accepts first (one may still be starting): open them until both
+            # workers hold some
+            while opened < 10 or sum(holds_connections(worker, front.port) for worker in workers) < 2:
+                assert time.monotonic() < deadline, "the second worker never took a connection"
+                ws = await stack.enter_async_context(websockets.connect(f"{front.ws_url}/v1/realtime?model=scripted"))
+                assert json.loads(await ws.recv())["type"] == "session.created"
+                opened += 1
+                await asyncio.sleep(0.05)
+            for _ in range(4):  # whichever worker answers the scrape, it counts every worker's sessions
+                assert await asyncio.to_thread(front.metric, "omnivox_sessions_active", door="realtime_ws") == opened
+        assert await asyncio.to_thread(front.metric, "omnivox_sessions_total", door="realtime_ws") == opened
+
+
+def holds_connections(process: psutil.Process, port: int) -> bool:
+    return any(c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED for c in process.net_connections())

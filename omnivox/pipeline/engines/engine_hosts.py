@@ -96,7 +96,7 @@ class HostPool(Generic[Client]):
         host = min(rotated, key=lambda candidate: candidate.outstanding)
         if conversation_id:
             if sticky is not None:
-                log.warning(
+                log.info(
                     "%s: moving from engine host %s (%s) to %s",
                     conversation_id,
                     sticky.url,

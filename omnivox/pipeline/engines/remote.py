@@ -34,7 +34,6 @@ from omnivox.pipeline.engines.base import (
 )
 from omnivox.pipeline.engines.engine_hosts import EngineHost, HostObserver, HostPool
 from omnivox.pipeline.engines.openai_chat import (
-    DIALECTS,
     AudioEncodings,
     ChatAudio,
     ChatClient,
@@ -83,8 +82,6 @@ class RemoteEngine:
         `model`)."""
         if not urls:
             raise ValueError("the remote engine needs engine.url or engine.urls")
-        if dialect not in DIALECTS:
-            raise ValueError(f"remote dialect must be one of {list(DIALECTS)}, got {dialect!r}")
         for value, label in ((connect_timeout_s, "connect_timeout_s"), (read_timeout_s, "read_timeout_s")):
             if value <= 0:
                 raise ValueError(f"remote {label} must be positive")

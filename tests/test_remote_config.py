@@ -1,22 +1,16 @@
-"""Front workers (`omnivox serve --workers N`) and the configuration of the remote engine."""
+"""The configuration of the remote engine, and `--workers` refused for engines that live in the server process."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import subprocess
 import sys
 from importlib import resources
 
-import psutil
 import pytest
-import websockets
 
 from omnivox.pipeline.engines import create_engine
 from omnivox.pipeline.engines.remote import RemoteEngine
 from omnivox.server.config import ConfigError, load_config
-from tests.remote_helpers import serve_process
 
 
 def test_the_example_remote_config_builds_the_remote_engine() -> None:
@@ -59,28 +53,3 @@ def test_several_workers_are_refused_for_an_in_process_engine() -> None:
     )
     assert result.returncode == 2
     assert "--workers 2 needs engine.name remote" in result.stderr
-
-
-@pytest.mark.slow
-async def test_two_workers_share_the_port_and_their_metrics() -> None:
-    sessions = 10
-    with (
-        serve_process("--engine", "scripted") as host,
-        serve_process(
-            "--engine", "remote", "--model", "scripted", "--engine-url", host.http_url, "--workers", "2"
-        ) as front,
-    ):
-        children = psutil.Process(front.process.pid).children(recursive=True)
-        async with contextlib.AsyncExitStack() as stack:
-            for _ in range(sessions):
-                ws = await stack.enter_async_context(websockets.connect(f"{front.ws_url}/v1/realtime?model=scripted"))
-                assert json.loads(await ws.recv())["type"] == "session.created"
-            serving = [child for child in children if holds_connections(child, front.port)]
-            for _ in range(4):  # whichever worker answers the scrape, it counts every worker's sessions
-                assert await asyncio.to_thread(front.metric, "omnivox_sessions_active", door="realtime_ws") == sessions
-        assert len(serving) == 2, "both workers should have taken connections"
-        assert await asyncio.to_thread(front.metric, "omnivox_sessions_total", door="realtime_ws") == sessions
-
-
-def holds_connections(process: psutil.Process, port: int) -> bool:
-    return any(c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED for c in process.net_connections())

@@ -16,7 +16,11 @@ EXAMPLES_PER_OPERATION = 30
 @pytest.fixture(scope="module")
 def http_schema() -> Iterator[schemathesis.BaseSchema]:
     scripted = {"reply": "Fine, thanks.", "speed": 200.0, "first_audio_ms": 0, "transcript": "fine"}
-    config = scripted_config(engine={"options": {"scripted": scripted}}, limits={"max_http_body_bytes": 256 * 1024})
+    config = scripted_config(
+        engine={"options": {"scripted": scripted}},
+        limits={"max_http_body_bytes": 256 * 1024},
+        tts={"backend": "espeak", "max_input_chars": 200},
+    )
     with running_server(config) as server:
         yield schemathesis.openapi.from_url(f"{server.http_url}/openapi.json")
 
@@ -25,6 +29,7 @@ OPERATIONS = [
     "POST /v1/chat/completions",
     "POST /audio/chat/completions",
     "POST /v1/audio/transcriptions",
+    "POST /v1/audio/speech",
     "GET /v1/models",
 ]
 

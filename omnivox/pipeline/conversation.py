@@ -60,6 +60,9 @@ class Item:
     """What a door that owns playout reported as really played."""
     transcript: str | None = None
     """User audio transcript, when transcription is on."""
+    text_marks: list[tuple[float, int]] | None = None
+    """For engines that release each word with the audio that begins it: per text delta, the engine's audio before it
+    (ms) and the text's length after it. Truncation then keeps exactly the words whose audio had begun."""
 
     def heard_text(self) -> str:
         """The part of the assistant's text the caller heard, cut at a word boundary."""
@@ -67,6 +70,9 @@ class Item:
             return self.text
         if self.audio_generated_ms <= 0 or self.heard_ms <= 0:
             return ""
+        if self.text_marks is not None:
+            heard = max((chars for at_ms, chars in self.text_marks if at_ms < self.heard_ms), default=0)
+            return self.text[:heard].rstrip()
         share = min(1.0, self.heard_ms / self.audio_generated_ms)
         cut = min(round(len(self.text) * share), int(self.heard_ms / 1000 * MAX_SPOKEN_CHARS_PER_SECOND))
         if cut >= len(self.text):

@@ -34,6 +34,8 @@ class ActiveResponse:
     """Every announced output item, in `output_index` order."""
     calls: CallAssembler = field(default_factory=CallAssembler)
     engine_done: bool = False
+    engine_audio_ms: float = 0.0
+    """Audio received from the engine, at its own rate (before resampling: the time base of text marks)."""
     usage: Usage | None = None
     playout_started: bool = False
 

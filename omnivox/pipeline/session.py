@@ -95,6 +95,8 @@ class SessionOptions:
     images: ImageLimits = field(default_factory=ImageLimits)
     """Bounds on the images of a conversation item (`media.*` in the config)."""
     min_speech_ms: int = 64
+    text_follows_audio: bool = False
+    """The engine releases each word just before the audio that begins it: truncation cuts the text exactly."""
     defaults: dict[str, Any] = field(default_factory=dict)
     """Initial GA session fields (voice, instructions, turn_detection, formats) merged over the built-in ones."""
     context_tokens: int | None = None
@@ -573,6 +575,8 @@ class Session:
     def _open_message(self, response: ActiveResponse, out: list[SessionOutput]) -> Item:
         """The response's message item: announced, entered in the conversation, its content part opened."""
         item = Item(self._new_id("item"), "assistant", status="in_progress", has_audio=response.output_audio)
+        if self.options.text_follows_audio:
+            item.text_marks = []
         response.item = item
         out.append(response.item_added(item))
         if response.in_conversation:
@@ -623,6 +627,8 @@ class Session:
                 return  # text after a call began is the call's, never speech
             item = response.item or self._open_message(response, out)
             item.text += delta.text
+            if item.text_marks is not None:
+                item.text_marks.append((response.engine_audio_ms, len(item.text)))
             out.append(response.text_delta(delta.text))
         elif isinstance(delta, AudioDelta):
             if response.pacer is None or response.resampler is None:
@@ -632,6 +638,7 @@ class Session:
                     return  # no text was spoken before the call: nothing of it may be heard
                 self._open_message(response, out)
             assert response.item is not None
+            response.engine_audio_ms += delta.pcm.size * 1000 / self.options.engine_rate
             samples = response.resampler.process(delta.pcm)
             response.item.audio_generated_ms += samples.size * 1000 / response.pacer.rate
             response.pacer.push(samples)

@@ -16,6 +16,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from omnivox import __version__
 from omnivox.pipeline.engines import create_engine
 from omnivox.pipeline.engines.base import Engine, engine_failure, engine_health_problem
+from omnivox.pipeline.tts import TtsSettings, TtsStage, create_tts_stage
 from omnivox.pipeline.vad import create_vad
 from omnivox.server.auth import is_authorized
 from omnivox.server.config import Config
@@ -99,10 +100,23 @@ def door_routes() -> list[BaseRoute]:
     ]
 
 
+def create_tts(config: Config) -> TtsStage:
+    """The TTS stage the configuration describes (nothing loads until it starts: an engine that speaks through it
+    starts it, else the speech door on its first request)."""
+    return create_tts_stage(TtsSettings.from_mapping(config.tts.model_dump(exclude={"max_input_chars"})))
+
+
 def create_app(config: Config, engine: Engine | None = None) -> Starlette:
     """Build the app; the engine loads during start-up (a failure stops the server with its message)."""
-    engine = engine or create_engine(config.engine.name, config.engine.model, config.engine.engine_options())
-    state = ServerState(config=config, engine=engine)
+    tts = getattr(engine, "tts", None) or create_tts(config)
+    engine = engine or create_engine(
+        config.engine.name,
+        config.engine.model,
+        config.engine.engine_options(),
+        fallback=config.engine.fallback,
+        tts=tts,
+    )
+    state = ServerState(config=config, engine=engine, tts=tts)
     state.metrics.watch_engine(engine)
     watch_hosts = getattr(engine, "watch_hosts", None)
     if watch_hosts is not None:
@@ -122,6 +136,7 @@ def create_app(config: Config, engine: Engine | None = None) -> Starlette:
             await close_all_calls(app.state)
             state.metrics.engine_ready.set(0)
             await engine.close()
+            await tts.close()
 
     app = Starlette(routes=door_routes(), lifespan=lifespan)
     app.state.omnivox = state

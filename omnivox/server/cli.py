@@ -41,18 +41,24 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
     }
 
 
-def serve(config: Config, workers: int = 1) -> None:
+def serve(config: Config, workers: int = 1) -> int:
     import uvicorn
 
+    warn_if_exposed(config)
     if workers > 1:
         from omnivox.server.workers import serve_workers
 
         serve_workers(config, workers, uvicorn_options(config))
-        return
+        return 0
     from omnivox.server.app import create_app
 
-    warn_if_exposed(config)
-    uvicorn.run(create_app(config), **uvicorn_options(config))
+    try:
+        app = create_app(config)
+    except (ValueError, OSError) as exc:  # an engine or voice the configuration names cannot be set up
+        print(f"omnivox: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, **uvicorn_options(config))
+    return 0
 
 
 def warn_if_exposed(config: Config) -> None:
@@ -75,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--config", help="YAML file merged over configs/default.yaml")
     serve_cmd.add_argument("--host", help="address to listen on (server.host)")
     serve_cmd.add_argument("--port", type=int, help="port to listen on (server.port)")
-    serve_cmd.add_argument("--engine", help="auto | qwen2.5-omni | qwen3-omni | scripted | remote (engine.name)")
+    serve_cmd.add_argument(
+        "--engine", help="auto | qwen2.5-omni | qwen3-omni | cascade | scripted | remote (engine.name)"
+    )
     serve_cmd.add_argument("--model", help="hub id or local path of the model (engine.model)")
     serve_cmd.add_argument(
         "--engine-url", dest="engine_urls", action="append", help="an engine host of the remote engine (engine.urls)"
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"omnivox: {exc}", file=sys.stderr)
             return 2
         logging.basicConfig(level=config.server.log_level.upper(), format=LOG_FORMAT)
-        serve(config, args.workers)
+        return serve(config, args.workers)
     elif args.command == "call":
         logging.basicConfig(level="WARNING", format=LOG_FORMAT)
         return call(args)

@@ -45,13 +45,14 @@ class ServerConfig(_Section):
 
 
 class EngineConfig(_Section):
-    name: Literal["auto", "scripted", "qwen2.5-omni", "qwen3-omni", "remote"] = "auto"
+    name: Literal["auto", "scripted", "qwen2.5-omni", "qwen3-omni", "cascade", "remote"] = "auto"
     model: str | None = None
     served_model_name: str | None = None
     url: str | None = None
     urls: list[str] = []
     api_key: str | None = None
     options: dict[str, dict[str, Any] | None] = {}
+    fallback: dict[str, Any] = {}
 
     @field_validator("url")
     @classmethod
@@ -110,6 +111,31 @@ OPENAI_MODEL_NAMES = [
 class ModelsConfig(_Section):
     aliases: list[str] = OPENAI_MODEL_NAMES
     strict: bool = False
+
+
+class RemoteSpeechConfig(_Section):
+    url: str | None = None
+    model: str = Field("tts-1", min_length=1)
+    api_key: str | None = None
+    default_voice: str = Field("alloy", min_length=1, max_length=64)
+    pcm_rate: Literal[8000, 16000, 22050, 24000, 44100, 48000] = 24_000
+    chars_per_second: float = Field(15.0, gt=0, le=100)
+    connect_timeout_s: float = Field(2.0, gt=0)
+    read_timeout_s: float = Field(30.0, gt=0)
+
+
+class TtsConfig(_Section):
+    backend: Literal["piper", "espeak", "remote"] = "piper"
+    voices: dict[str, str] = {}
+    default_voice: str | None = None
+    piper_voices: dict[str, str] = Field(default_factory=lambda: {"joe": "bundled"}, min_length=1)
+    piper_threads: int = Field(1, ge=1, le=64)
+    workers: int = Field(2, ge=1, le=256)
+    espeak_words_per_minute: int = Field(170, ge=80, le=450)
+    remote: RemoteSpeechConfig = RemoteSpeechConfig()
+    max_clause_chars: int = Field(150, ge=8, le=2000)
+    min_soft_clause_chars: int = Field(24, ge=1, le=2000)
+    max_input_chars: int = Field(4096, ge=1, le=1_000_000)
 
 
 class VadConfig(_Section):
@@ -204,6 +230,7 @@ class Config(_Section):
     webrtc: WebRtcConfig = WebRtcConfig()
     telephony: TelephonyConfig = TelephonyConfig()
     http: HttpConfig = HttpConfig()
+    tts: TtsConfig = TtsConfig()
 
     def session_defaults(self) -> dict[str, Any]:
         """The GA session fields every new realtime session starts from."""

@@ -3,7 +3,8 @@
 These doors answer one request with one engine response: no VAD and no turns. Each door lives in its own module:
 - `POST /v1/chat/completions`: `chat_api` (OpenAI's shape, with audio);
 - `POST /audio/chat/completions`: `audio_chat_api` (the audio-modalities SSE format);
-- `POST /v1/audio/transcriptions`: `transcription_api`.
+- `POST /v1/audio/transcriptions`: `transcription_api`;
+- `POST /v1/audio/speech`: `speech_api` (served by the TTS stage).
 They share `http_common` (errors, checks, SSE), `http_bodies` (request bodies) and `http_media` (messages and their
 media parts decoded for the engine).
 """
@@ -20,6 +21,7 @@ from omnivox.server.audio_chat_api import audio_chat_completions
 from omnivox.server.chat_api import chat_completions
 from omnivox.server.http_bodies import INPUT_AUDIO_FORMATS, VOICES, AudioChatRequest, ChatCompletionRequest
 from omnivox.server.http_common import check_auth, openai_errors
+from omnivox.server.speech_api import SpeechRequest, speech
 from omnivox.server.state import ServerState
 from omnivox.server.transcription_api import TRANSCRIPTION_FORMATS, transcriptions
 
@@ -46,7 +48,7 @@ def openapi_schema(model_names: list[str] | None) -> dict[str, Any]:
     """OpenAPI 3.1 for the HTTP doors, request bodies generated from the pydantic models above; `model_names` are
     the only names accepted (None: any name)."""
     schemas: dict[str, Any] = {}
-    for model in (ChatCompletionRequest, AudioChatRequest):
+    for model in (ChatCompletionRequest, AudioChatRequest, SpeechRequest):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -127,6 +129,20 @@ def openapi_schema(model_names: list[str] | None) -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/audio/speech": {
+                "post": {
+                    "operationId": "createSpeech",
+                    "security": security,
+                    "requestBody": body("SpeechRequest"),
+                    "responses": {
+                        "200": {
+                            "description": "the audio, streamed (or SSE with stream_format sse)",
+                            "content": {"application/octet-stream": {}, "text/event-stream": {}},
+                        },
+                        **_error_responses(400, 401, 413, 429, 501, 503),
+                    },
+                }
+            },
             "/v1/models": {
                 "get": {
                     "operationId": "listModels",
@@ -151,6 +167,7 @@ def http_api_routes() -> list[BaseRoute]:
         Route("/v1/chat/completions", openai_errors(chat_completions), methods=["POST"]),
         Route("/audio/chat/completions", openai_errors(audio_chat_completions), methods=["POST"]),
         Route("/v1/audio/transcriptions", openai_errors(transcriptions), methods=["POST"]),
+        Route("/v1/audio/speech", openai_errors(speech), methods=["POST"]),
         Route("/v1/models", openai_errors(list_models), methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]

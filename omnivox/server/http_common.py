@@ -109,16 +109,20 @@ def openai_errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable
 BodyModel = TypeVar("BodyModel", bound=BaseModel)
 
 
-async def read_json_body(request: Request, state: ServerState, model: type[BodyModel]) -> BodyModel:
+async def read_json_body(
+    request: Request, state: ServerState, model: type[BodyModel], limit: int | None = None
+) -> BodyModel:
     """A JSON door's body: JSON by its content type (a browser posts `text/plain` across sites without asking, never
-    `application/json`), at most `limits.max_http_body_bytes`, parsed within `limits.max_json_depth`."""
+    `application/json`), at most `limit` bytes (default `limits.max_http_body_bytes`), parsed within
+    `limits.max_json_depth`."""
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         raise ApiError(
             415, "send the body as JSON with Content-Type: application/json", code="unsupported_content_type"
         )
     limits = state.config.limits
-    return parse_body(await read_body(request, limits.max_http_body_bytes), model, limits.max_json_depth)
+    body = await read_body(request, limits.max_http_body_bytes if limit is None else limit)
+    return parse_body(body, model, limits.max_json_depth)
 
 
 def parse_body(body: bytes, model: type[BodyModel], max_depth: int) -> BodyModel:
@@ -238,13 +242,13 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 class EventStream(StreamingResponse):
-    """An SSE response that stops its producer (and so the engine) the moment the client disconnects, whatever
-    ASGI spec version the server speaks (Starlette only listens for disconnects below 2.4)."""
+    """An SSE (or other streamed) response that stops its producer (and so the engine) the moment the client
+    disconnects, whatever ASGI spec version the server speaks (Starlette only listens for disconnects below 2.4)."""
 
-    def __init__(self, events: AsyncIterator[str]) -> None:
+    def __init__(self, events: AsyncIterator[Any], media_type: str = "text/event-stream") -> None:
         super().__init__(
             events,
-            media_type="text/event-stream",
+            media_type=media_type,
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 

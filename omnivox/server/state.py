@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from omnivox.pipeline.engines.base import Engine
 from omnivox.pipeline.session import Session, SessionOptions
+from omnivox.pipeline.tts import TtsStage
 from omnivox.pipeline.vad import create_vad
 from omnivox.server.auth import origin_allowed
 from omnivox.server.config import Config
@@ -28,6 +29,8 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     sessions_open: int = 0
     engine_error: str | None = None
+    tts: TtsStage | None = None
+    """The TTS stage of `POST /v1/audio/speech` (the same one the engine speaks with, if it speaks through one)."""
 
     @property
     def model_name(self) -> str:
@@ -90,6 +93,7 @@ class ServerState:
             max_input_buffer_s=config.limits.max_input_buffer_s,
             images=config.media.image_limits(),
             min_speech_ms=config.vad.min_speech_ms,
+            text_follows_audio=getattr(self.engine, "text_follows_audio", False),
             defaults=session_defaults,
             context_tokens=getattr(self.engine, "context_tokens", None),
             audio_tokens_per_second=getattr(self.engine, "audio_tokens_per_second", 25.0),

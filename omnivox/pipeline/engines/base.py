@@ -292,6 +292,9 @@ class Engine(Protocol):
     async def close(self) -> None:
         """Release the model and any worker threads."""
 
+    # Optional: `text_follows_audio = True` says each text delta comes just before the audio delta in which its
+    # words begin (a TTS stage); the session core then truncates the text exactly where the caller stopped hearing.
+
 
 def engine_failure(engine: Engine) -> str | None:
     """Why the engine can no longer serve (e.g. a broken CUDA context), for an engine that says so through an

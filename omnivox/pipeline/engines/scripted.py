@@ -4,21 +4,22 @@ It is the test double of the real engines and a no-GPU demo: a real (robotic) vo
 streamed in small chunks at a configurable pace, with the text released word by word as the audio
 that speaks it is released, so truncation and barge-in behave as with a streaming model. With tool rules
 (`scripted_tools`) it calls functions when the caller's words ask for them and speaks their results.
+
+As the no-GPU demo (`auto` without a GPU) it speaks through the TTS stage (the bundled Piper voice) and, with
+`echo`, answers with what it recognised of the caller, so a first run is a real conversation loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import threading
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import numpy as np
 
-from omnivox.pipeline.audio import float_to_pcm16, synthesize_speech
+from omnivox.pipeline.audio import synthesize_speech
 from omnivox.pipeline.engines.base import (
-    INPUT_RATE,
     AudioDelta,
     AudioPart,
     Delta,
@@ -29,30 +30,20 @@ from omnivox.pipeline.engines.base import (
     Usage,
     cut_at_stop,
 )
-from omnivox.pipeline.engines.scripted_tools import ToolRule, answer_to_output, choose_rule, last_user_words
+from omnivox.pipeline.engines.scripted_tools import ToolRule, answer_to_output, choose_rule
+from omnivox.pipeline.recognisers import PocketsphinxRecogniser
+from omnivox.pipeline.tts import TtsStage
+from omnivox.pipeline.tts.espeak import ESPEAK_RATE, ESPEAK_VOICES
 
 DEFAULT_REPLY = "Hello! This is omnivox, a self hosted voice agent. How can I help you today?"
-
-ESPEAK_VOICES = {
-    "alloy": "en-us",
-    "ash": "en-us+m3",
-    "ballad": "en-gb",
-    "coral": "en-us+f3",
-    "echo": "en-us+m1",
-    "sage": "en-us+f2",
-    "shimmer": "en-us+f4",
-    "verse": "en-gb+m3",
-    "marin": "en-us+f1",
-    "cedar": "en-us+m2",
-}
-"""OpenAI voice names -> espeak-ng voices; any other name speaks with the default `en-us`."""
+ECHO_REPLY = "You said: {heard}. This is omnivox without a GPU, so I can only repeat what I hear."
+ECHO_UNHEARD = "Sorry, I did not catch that. This is omnivox without a GPU, so I can only repeat what I hear."
 
 
 class ScriptedEngine:
     """Speaks `reply` (or `replies` in turn) for every request; no model, no GPU."""
 
     name = "scripted"
-    native_rate = 24_000
 
     def __init__(
         self,
@@ -65,10 +56,16 @@ class ScriptedEngine:
         first_audio_ms: int = 50,
         words_per_minute: int = 170,
         transcript: str = "",
+        echo: bool = False,
+        echo_reply: str = ECHO_REPLY,
+        echo_unheard: str = ECHO_UNHEARD,
+        tts: TtsStage | None = None,
         tools: list[Mapping[str, Any]] | None = None,
     ) -> None:
         """`speed` is how much faster than real time audio is produced (4.0 = a 40 ms chunk every 10 ms);
-        `first_audio_ms` is the simulated time to the first chunk; `transcript` is what `transcribe` returns;
+        `first_audio_ms` is the simulated time to the first chunk; `transcript` is what `transcribe` returns.
+        `echo` answers with `echo_reply` about what it recognised of the caller's last turn (`echo_unheard` when
+        nothing); `tts` speaks through that TTS stage (as it streams) instead of espeak-ng at the simulated pace;
         `tools` are the tool rules of `scripted_tools`."""
         if speed <= 0 or chunk_ms <= 0:
             raise ValueError("scripted engine: speed and chunk_ms must be positive")
@@ -79,18 +76,33 @@ class ScriptedEngine:
         self.first_audio_ms = first_audio_ms
         self.words_per_minute = words_per_minute
         self.transcript = transcript
+        self.echo = echo
+        self.echo_reply = echo_reply
+        self.echo_unheard = echo_unheard
+        self.tts = tts
         self.tool_rules = [ToolRule.from_config(rule) for rule in tools or ()]
         self._turns = 0
         self._ready = False
-        self._recogniser: Any = None
-        self._recogniser_lock = threading.Lock()
+        self._recogniser = PocketsphinxRecogniser()
 
     @property
     def ready(self) -> bool:
         return self._ready
 
+    @property
+    def text_follows_audio(self) -> bool:
+        """Through the TTS stage, each word comes with the audio that begins it."""
+        return self.tts is not None
+
+    @property
+    def native_rate(self) -> int:
+        return self.tts.rate if self.tts is not None else ESPEAK_RATE
+
     async def start(self) -> None:
-        await asyncio.to_thread(self._speech, self.replies[0], "alloy")
+        if self.tts is not None:
+            await self.tts.start()
+        else:
+            await asyncio.to_thread(self._speech, self.replies[0], "alloy")
         self._ready = True
 
     async def close(self) -> None:
@@ -105,12 +117,21 @@ class ScriptedEngine:
         self._turns += 1
         return reply
 
+    async def heard(self, request: ResponseRequest) -> str:
+        """What the caller said last: the typed text of the last user message and what its audio was recognised as."""
+        last = next((m for m in reversed(request.messages) if m.role == "user"), None)
+        if last is None:
+            return ""
+        typed = " ".join(part.text.strip() for part in last.parts if isinstance(part, TextPart))
+        audio = [part.pcm for part in last.parts if isinstance(part, AudioPart)]
+        recognised = await self.transcribe(np.concatenate(audio)) if audio else ""
+        return " ".join(words for words in (typed.strip(), recognised.strip()) if words)
+
     async def respond(self, request: ResponseRequest) -> AsyncIterator[Delta]:
         text, rule = await self._plan(request)
         reply = cut_at_stop(text, request.sampling.stop)[0].rstrip()
         words = reply.split(" ") if reply else []
         prompt_chars = sum(len(p.text) for m in request.messages for p in m.parts if isinstance(p, TextPart))
-        await asyncio.sleep(self.first_audio_ms / 1000)
         async for delta in self._speak(reply, words, request):
             yield delta
         if rule is not None:  # the arguments in two pieces, as a streaming model sends them
@@ -120,27 +141,29 @@ class ScriptedEngine:
         yield Usage(input_tokens=prompt_chars // 4 + 1, output_tokens=len(words))
 
     async def _plan(self, request: ResponseRequest) -> tuple[str, ToolRule | None]:
-        """What to say, and the rule whose function to call after it (tool mode), or the next scripted reply."""
+        """What to say, and the rule whose function to call after it (tool mode); else, with `echo`, what was heard;
+        else the next scripted reply."""
         if self.tool_rules:
             answer = answer_to_output(self.tool_rules, request)
             if answer is not None:
                 return answer, None
             if request.tools_enabled:
-                rule = choose_rule(self.tool_rules, request, await self._callers_words(request))
+                rule = choose_rule(self.tool_rules, request, await self.heard(request))
                 if rule is not None:
                     return rule.say, rule
+        if self.echo:
+            heard = await self.heard(request)
+            return (self.echo_reply.format(heard=heard.rstrip(".?! ")) if heard else self.echo_unheard), None
         return self.next_reply(), None
-
-    async def _callers_words(self, request: ResponseRequest) -> str:
-        """The last user turn: its typed text and its recognised speech."""
-        user = next((message for message in reversed(request.messages) if message.role == "user"), None)
-        audio = [part.pcm for part in user.parts if isinstance(part, AudioPart)] if user else []
-        heard = [await self.transcribe(np.concatenate(audio))] if audio else []
-        return " ".join([last_user_words(request), *heard])
 
     async def _speak(self, reply: str, words: list[str], request: ResponseRequest) -> AsyncIterator[Delta]:
         if not words:
             return
+        if self.tts is not None and request.output_audio:
+            async for delta in self.tts.speak(_once(reply), request.voice):
+                yield delta
+            return
+        await asyncio.sleep(self.first_audio_ms / 1000)
         if not request.output_audio:
             for index, word in enumerate(words):
                 yield TextDelta(word if index == 0 else " " + word)
@@ -162,17 +185,8 @@ class ScriptedEngine:
         """The configured `transcript` if set (tests), else offline English recognition with pocketsphinx."""
         if self.transcript:
             return self.transcript
-        return await asyncio.to_thread(self._recognise, audio)
+        return await self._recogniser.transcribe(audio, language, prompt)
 
-    def _recognise(self, audio: np.ndarray) -> str:
-        with self._recogniser_lock:
-            if self._recogniser is None:
-                from pocketsphinx import Decoder  # ships its English model; loaded on first use only
 
-                self._recogniser = Decoder(samprate=INPUT_RATE, loglevel="FATAL")
-            decoder = self._recogniser
-            decoder.start_utt()
-            decoder.process_raw(float_to_pcm16(audio), full_utt=True)
-            decoder.end_utt()
-            hypothesis = decoder.hyp()
-        return hypothesis.hypstr if hypothesis is not None else ""
+async def _once(text: str) -> AsyncIterator[str]:
+    yield text

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from omnivox.pipeline.engines.base import ResponseRequest, TextPart, ToolCallPart, ToolResultPart
+from omnivox.pipeline.engines.base import ResponseRequest, ToolCallPart, ToolResultPart
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +73,6 @@ def _json_or_text(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
-
-
-def last_user_words(request: ResponseRequest) -> str:
-    """The typed text of the last user turn (its audio is recognised by the engine)."""
-    for message in reversed(request.messages):
-        if message.role == "user":
-            return " ".join(part.text for part in message.parts if isinstance(part, TextPart))
-    return ""
 
 
 def choose_rule(rules: Sequence[ToolRule], request: ResponseRequest, heard: str) -> ToolRule | None:

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from omnivox.pipeline.audio import StreamResampler, float_to_pcm16
-from omnivox.pipeline.engines.base import AudioDelta, Delta, ResponseRequest, TextDelta, ToolCallDelta
+from omnivox.pipeline.engines.base import AudioDelta, Delta, TextDelta, ToolCallDelta
 from omnivox.server.http_bodies import AudioChatRequest
 from omnivox.server.http_common import (
     SSE_DONE,
@@ -41,8 +41,8 @@ from omnivox.server.http_common import (
     sse,
     stream_error,
 )
-from omnivox.server.http_media import AudioCache, audio_cache, build_messages, sampling_params
-from omnivox.server.http_tools import ChatToolCalls, request_tools
+from omnivox.server.http_media import AudioCache, audio_cache, chat_engine_request
+from omnivox.server.http_tools import ChatToolCalls
 from omnivox.server.state import ServerState
 from omnivox.server.word_timing import TimedWord, WordTimeline
 
@@ -58,19 +58,9 @@ async def audio_chat_completions(request: Request) -> Response:
     body = await read_json_body(request, state, AudioChatRequest)
     if not body.stream:
         raise ApiError(400, "this endpoint only streams: set stream to true", param="stream")
-    tools, tool_choice, parallel = request_tools(body)
-    engine_request = ResponseRequest(
-        messages=await build_messages(request, body.messages),
-        voice=body.audio.voice if body.audio else state.config.session.voice,
-        output_audio=True,
-        sampling=sampling_params(body),
-        request_id=f"chatcmpl-{uuid.uuid4().hex}",
-        tools=tools,
-        tool_choice=tool_choice,
-        parallel_tool_calls=parallel,
-    )
+    engine_request = await chat_engine_request(request, state, body, output_audio=True)
     deltas = await open_engine_stream(state, engine_request, request, AUDIO_CHAT_DOOR)
-    calls = ChatToolCalls(tools, parallel, state.metrics, AUDIO_CHAT_DOOR)
+    calls = ChatToolCalls(engine_request.tools, engine_request.parallel_tool_calls, state.metrics, AUDIO_CHAT_DOOR)
     return EventStream(audio_chat_events(state, audio_cache(request), engine_request.request_id, deltas, calls))
 
 

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from omnivox.pipeline.audio import StreamResampler, encode_audio_file, float_to_pcm16, resample
-from omnivox.pipeline.engines.base import AudioDelta, Delta, ResponseRequest, TextDelta, ToolCallDelta, Usage
+from omnivox.pipeline.engines.base import AudioDelta, Delta, TextDelta, ToolCallDelta, Usage
 from omnivox.server.http_bodies import ChatCompletionRequest
 from omnivox.server.http_common import (
     SSE_DONE,
@@ -38,8 +38,8 @@ from omnivox.server.http_common import (
     sse,
     stream_error,
 )
-from omnivox.server.http_media import CHAT_AUDIO_RATE, AudioCache, audio_cache, build_messages, sampling_params
-from omnivox.server.http_tools import ChatToolCalls, message_tool_calls, request_tools
+from omnivox.server.http_media import CHAT_AUDIO_RATE, AudioCache, audio_cache, chat_engine_request
+from omnivox.server.http_tools import ChatToolCalls, message_tool_calls
 from omnivox.server.state import ServerState
 
 CHAT_DOOR = "http_chat"
@@ -95,18 +95,13 @@ async def chat_completions(request: Request) -> Response:
         raise ApiError(400, message, param="audio")
     if wants_audio and body.stream and body.audio.format != "pcm16":
         raise ApiError(400, "streamed audio must use format pcm16", param="audio.format")
-    tools, tool_choice, parallel = request_tools(body)
-    engine_request = ResponseRequest(
-        messages=await build_messages(request, body.messages),
-        voice=body.audio.voice if body.audio else state.config.session.voice,
+    engine_request = await chat_engine_request(
+        request,
+        state,
+        body,
         output_audio=wants_audio,
-        sampling=sampling_params(body),
-        request_id=f"chatcmpl-{uuid.uuid4().hex}",
         conversation_id=body.prompt_cache_key or "",
         instructions=body.instructions or "",
-        tools=tools,
-        tool_choice=tool_choice,
-        parallel_tool_calls=parallel,
     )
     context = ChatContext(
         state=state,
@@ -116,7 +111,7 @@ async def chat_completions(request: Request) -> Response:
         model=body.model,
         max_tokens=engine_request.sampling.max_tokens,
         audio_id=f"audio_{uuid.uuid4().hex}" if wants_audio else None,
-        calls=ChatToolCalls(tools, parallel, state.metrics, CHAT_DOOR),
+        calls=ChatToolCalls(engine_request.tools, engine_request.parallel_tool_calls, state.metrics, CHAT_DOOR),
     )
     deltas = await open_engine_stream(state, engine_request, request, CHAT_DOOR)
     if body.stream:

@@ -9,9 +9,11 @@ import binascii
 import re
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from starlette.requests import Request
@@ -24,6 +26,7 @@ from omnivox.pipeline.engines.base import (
     InvalidSampling,
     Message,
     Part,
+    ResponseRequest,
     SamplingParams,
     TextPart,
     ToolCallPart,
@@ -52,6 +55,7 @@ from omnivox.server.http_bodies import (
     TextContent,
 )
 from omnivox.server.http_common import ApiError
+from omnivox.server.http_tools import request_tools
 from omnivox.server.state import ServerState
 
 CHAT_AUDIO_RATE = 24_000
@@ -291,6 +295,24 @@ async def build_messages(request: Request, messages: list[ChatMessage]) -> tuple
     state: ServerState = request.app.state.omnivox
     builder = MessageBuilder(audio_cache(request), state.config.media)
     return await asyncio.to_thread(builder.build, messages)
+
+
+async def chat_engine_request(
+    request: Request, state: ServerState, body: ChatCompletionRequest | AudioChatRequest, **fields: Any
+) -> ResponseRequest:
+    """What a chat door asks the engine: the body's messages decoded, its voice, sampling and tools, and the door's
+    own `fields` (`output_audio`, a conversation id, ...)."""
+    tools, tool_choice, parallel = request_tools(body)
+    return ResponseRequest(
+        messages=await build_messages(request, body.messages),
+        voice=body.audio.voice if body.audio else state.config.session.voice,
+        sampling=sampling_params(body),
+        request_id=f"chatcmpl-{uuid.uuid4().hex}",
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel,
+        **fields,
+    )
 
 
 def sampling_params(body: ChatCompletionRequest | AudioChatRequest) -> SamplingParams:

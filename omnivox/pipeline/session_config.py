@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from omnivox.pipeline.echo_cancel import NOISE_REDUCTION_TYPES, CleanupSettings
 from omnivox.pipeline.events import ProtocolError
 from omnivox.pipeline.turns import TurnDetectionConfig
 
@@ -51,16 +52,40 @@ def merge_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def parse_turn_detection(data: Any, min_speech_ms: int) -> TurnDetectionConfig | None:
+def parse_turn_detection(
+    data: Any, min_speech_ms: int, *, min_interruption_ms: int = 500
+) -> TurnDetectionConfig | None:
     """The session's `turn_detection` object, validated (None: manual commits)."""
     if data is None:
         return None
     if not isinstance(data, dict):
         raise ProtocolError("turn_detection must be an object or null", param="session.audio.input.turn_detection")
     try:
-        return TurnDetectionConfig.from_dict(data, min_speech_ms)
+        return TurnDetectionConfig.from_dict(data, min_speech_ms, min_interruption_ms)
     except ValueError as exc:
         raise ProtocolError(str(exc), param="session.audio.input.turn_detection") from None
+
+
+def cleanup_settings(session: dict[str, Any]) -> CleanupSettings:
+    """The caller-audio cleanup a (validated) session asks for."""
+    audio_input = session["audio"]["input"]
+    noise = audio_input.get("noise_reduction")
+    return CleanupSettings(
+        echo_cancellation=bool(audio_input.get("echo_cancellation")),
+        noise_reduction=noise["type"] if isinstance(noise, dict) else None,
+    )
+
+
+def _validate_cleanup(audio_input: dict[str, Any]) -> None:
+    echo = audio_input.get("echo_cancellation", False)
+    if not isinstance(echo, bool):
+        raise ProtocolError("echo_cancellation must be true or false", param="session.audio.input.echo_cancellation")
+    noise = audio_input.get("noise_reduction")
+    if noise is not None and (not isinstance(noise, dict) or noise.get("type") not in NOISE_REDUCTION_TYPES):
+        raise ProtocolError(
+            'noise_reduction must be null or {"type": "near_field" | "far_field"}',
+            param="session.audio.input.noise_reduction",
+        )
 
 
 def validate_session(session: dict[str, Any]) -> None:
@@ -77,6 +102,7 @@ def validate_session(session: dict[str, Any]) -> None:
             raise ProtocolError(f"{param} must be audio/pcm, audio/pcmu or audio/pcma", param=param)
         if fmt["type"] == "audio/pcm" and fmt.setdefault("rate", 24000) != 24000:
             raise ProtocolError("audio/pcm is 24000 Hz only", param=f"{param}.rate")
+    _validate_cleanup(session["audio"]["input"])
     voice = session["audio"]["output"].get("voice")
     if not isinstance(voice, str) or not voice:
         raise ProtocolError("voice must be a non-empty string", param="session.audio.output.voice")

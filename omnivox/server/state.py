@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from omnivox.pipeline.echo_cancel import create_cleaner
 from omnivox.pipeline.engines.base import Engine
 from omnivox.pipeline.session import Session, SessionOptions
 from omnivox.pipeline.vad import create_vad
@@ -55,6 +56,7 @@ class ServerState:
         output_rate: int | None = None,
         server_playout: bool = False,
         defaults: dict | None = None,
+        door: str = "realtime_ws",
     ) -> Session:
         """A session core configured from the server config, with the door's framing."""
         config = self.config
@@ -70,7 +72,10 @@ class ServerState:
             server_playout=server_playout,
             max_input_buffer_s=config.limits.max_input_buffer_s,
             min_speech_ms=config.vad.min_speech_ms,
+            min_interruption_ms=config.vad.min_interruption_ms,
+            resume_after_ms=config.vad.resume_after_ms,
+            echo_cancellation=getattr(config.audio.echo_cancellation, door),
             defaults=session_defaults,
         )
         kind = config.vad.kind
-        return Session(options, vad_factory=lambda: create_vad(kind))
+        return Session(options, vad_factory=lambda: create_vad(kind), cleaner_factory=create_cleaner)

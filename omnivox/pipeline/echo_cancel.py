@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 FRAME_SAMPLES = INPUT_RATE // 100
 """The audio processing module works on 10 ms frames."""
 NOISE_REDUCTION_TYPES = ("near_field", "far_field")
-STREAM_GAP_S = 0.3
+STREAM_GAP_S = 1.0
 """Caller audio that resumes this much later than its samples account for (a client that stopped sending while the
 agent spoke) is placed at the wall-clock position, so the reference does not slide against it."""
 
@@ -123,40 +123,41 @@ class _Worker:
 
 class EchoPathDetector:
     """Is there an echo path? Judged on the first `decide_frames` of each agent utterance (callers rarely talk over
-    its first half second): echo makes the microphone rise above its floor with the agent's voice in most frames; on
-    an echo-free line it stays at the floor. The verdict holds until the next utterance; before the first one an
-    echo is assumed (the safe side against self-interruption)."""
+    its first second): echo raises the microphone's mean power over its noise floor while the agent's voice plays; on
+    an echo-free line it stays at the floor. The verdict holds until the next utterance is judged; before the first
+    one an echo is assumed (the safe side against self-interruption)."""
 
     active_dbfs = -50.0
     """A reference frame louder than this is agent audio playing."""
-    loud_db = 10.0
-    """A microphone frame this far above its floor during agent audio counts as echo."""
-    echo_share = 0.3
-    decide_frames = 50
+    echo_db = 6.0
+    """Mean microphone power during agent audio this far above the floor is an echo."""
+    decide_frames = 80
     new_utterance_frames = 100
     """Agent silence (in 10 ms frames) after which its next audio is a new utterance, judged anew."""
 
     def __init__(self) -> None:
         self.echo = True
         self._floor: float | None = None
-        self._judged: list[bool] = []
+        self._powers: list[float] = []
         self._quiet_frames = 0
 
     def update(self, microphone: np.ndarray, reference: np.ndarray) -> None:
-        mic_db = _dbfs(microphone)
+        power = float(np.mean(microphone.astype(np.float64) ** 2)) + 1e-10
         if _dbfs(reference) > self.active_dbfs:
             self._quiet_frames = 0
-            if self._floor is not None and len(self._judged) < self.decide_frames:
-                self._judged.append(mic_db > self._floor + self.loud_db)
-                if len(self._judged) == self.decide_frames:
-                    self.echo = sum(self._judged) >= self.echo_share * self.decide_frames
-                    logger.debug("echo path: %s (%d/%d frames loud)", self.echo, sum(self._judged), len(self._judged))
+            if self._floor is not None and len(self._powers) < self.decide_frames:
+                self._powers.append(power)
+                if len(self._powers) == self.decide_frames:
+                    rise = 10 * np.log10(np.mean(self._powers)) - self._floor
+                    self.echo = bool(rise >= self.echo_db)
+                    logger.debug("echo path: %s (microphone %.1f dB over its floor)", self.echo, rise)
             return
         self._quiet_frames += 1
         if self._quiet_frames >= self.new_utterance_frames:
-            self._judged.clear()
+            self._powers.clear()
         # the floor follows the quietest frames at once and creeps up 2 dB a second (minimum statistics)
-        self._floor = mic_db if self._floor is None else min(mic_db, self._floor + 0.02)
+        level = 10 * float(np.log10(power))
+        self._floor = level if self._floor is None else min(level, self._floor + 0.02)
 
 
 def _dbfs(samples: np.ndarray) -> float:

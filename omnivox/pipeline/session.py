@@ -89,7 +89,7 @@ class SessionOptions:
     """The door owns playout (WebRTC, telephony): emit `output_audio_buffer.*`, truncate at what was played."""
     max_input_buffer_s: float = 600.0
     min_speech_ms: int = 64
-    min_interruption_ms: int = 500
+    min_interruption_ms: int = 700
     """Default of `turn_detection.min_interruption_ms` (see `turn_policy`)."""
     resume_after_ms: int = 300
     """Silence after a suspected interruption that resumes the paused answer."""
@@ -122,6 +122,7 @@ class Session:
         self._suspected: SuspectedInterruption | None = None
         self._end_of_turn_checks = 0
         self._pending_check: int | None = None
+        self._predicted: float | None = None
         self.false_interruptions = 0
         """Answers paused for speech that was too short to be an interruption, then resumed (for metrics)."""
         self.conversation = Conversation()
@@ -437,6 +438,8 @@ class Session:
                 continue
             for turn in turns:
                 self._on_turn_event(turn, out)
+            if self._pending_check is not None:
+                self._end_turn_if_complete(out)
         if self._detector is not None and not self._detector.speaking:
             keep = (self._turns.prefix_padding_ms + self._turns.min_speech_ms + 500) * INPUT_RATE // 1000
             self._input.drop_before(self._input.total - keep)
@@ -505,20 +508,31 @@ class Session:
             self._active.pacer.resume()
 
     def _on_end_of_turn_check(self, check: EndOfTurnCheck, out: list[SessionOutput]) -> None:
-        """`semantic_vad`: a short silence; ask the model whether the turn so far is complete."""
+        """`semantic_vad`: a short silence; ask the model whether the turn up to it is complete."""
         self._end_of_turn_checks += 1
-        self._pending_check = self._end_of_turn_checks
-        out.append(PredictEndOfTurn(self._pending_check, self._input.take(self._turn_start, self._input.total)))
+        self._pending_check, self._predicted = self._end_of_turn_checks, None
+        silence_start = int(check.silence_start_ms * INPUT_RATE / 1000)
+        out.append(PredictEndOfTurn(self._pending_check, self._input.take(self._turn_start, silence_start)))
 
     def _on_end_of_turn_predicted(self, event: EndOfTurnPredicted, out: list[SessionOutput]) -> None:
-        if event.check_id != self._pending_check or self._detector is None or self._turns is None:
+        if event.check_id != self._pending_check:
             return  # the caller spoke again meanwhile, or the turn ended another way
+        log.debug("%s: end-of-turn model: P(complete) = %s", self.id, event.probability)
+        if event.probability is None:
+            self._pending_check = None  # no answer: the eagerness's longest silence ends the turn
+            return
+        self._predicted = event.probability
+        self._end_turn_if_complete(out)
+
+    def _end_turn_if_complete(self, out: list[SessionOutput]) -> None:
+        """Once the silence has lasted `end_of_turn_check_ms` and the model has answered, its answer decides."""
+        detector, turns = self._detector, self._turns
+        if self._predicted is None or detector is None or turns is None:
+            return
+        if detector.silence_ms < turns.end_of_turn_check_ms:
+            return
         self._pending_check = None
-        if event.probability is None or event.probability < self._turns.end_of_turn_threshold:
-            return  # not complete (or no answer): the eagerness's longest silence ends the turn
-        turn = self._detector.end_turn()
-        if turn is not None:
-            log.debug("%s: end of turn predicted (p=%.2f)", self.id, event.probability)
+        if self._predicted >= turns.end_of_turn_threshold and (turn := detector.end_turn()) is not None:
             self._on_speech_stopped(turn, out)
 
     def _on_speech_stopped(self, turn: SpeechStopped, out: list[SessionOutput]) -> None:

@@ -53,7 +53,7 @@ def merge_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]
 
 
 def parse_turn_detection(
-    data: Any, min_speech_ms: int, *, min_interruption_ms: int = 500
+    data: Any, min_speech_ms: int, *, min_interruption_ms: int = 700
 ) -> TurnDetectionConfig | None:
     """The session's `turn_detection` object, validated (None: manual commits)."""
     if data is None:

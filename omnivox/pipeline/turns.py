@@ -1,10 +1,10 @@
 """Turn detection with OpenAI `server_vad` semantics, driven by per-frame speech probabilities.
 
 Pure and clock-free: time is the caller's input-audio position in milliseconds, so the same audio
-always gives the same turns. `semantic_vad` uses the same detector, but after a short silence
-(`end_of_turn_check_ms`) it asks the end-of-turn model whether the turn is complete (`EndOfTurnCheck`); the
-session ends the turn at once when the model says so (`end_turn`), else the turn ends after the eagerness's
-longest silence (see `SEMANTIC_EAGERNESS`).
+always gives the same turns. `semantic_vad` uses the same detector, but as soon as a silence has
+lasted `PREDICT_AFTER_MS` it asks the end-of-turn model whether the turn up to that silence is complete
+(`EndOfTurnCheck`); once the silence has lasted `end_of_turn_check_ms` and the model said so, the session ends
+the turn (`end_turn`), else the turn ends after the eagerness's longest silence (see `SEMANTIC_EAGERNESS`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ SEMANTIC_EAGERNESS = {
     "high": Eagerness(0.3, 800),
 }
 """`semantic_vad` eagerness: `high` answers soonest, `low` lets the caller take their time."""
-END_OF_TURN_CHECK_MS = 200
-"""Silence after which `semantic_vad` asks the model (Smart Turn is trained on turns ending in ~200 ms of silence)."""
+END_OF_TURN_CHECK_MS = 150
+"""Silence after which `semantic_vad` ends a turn the model called complete."""
+PREDICT_AFTER_MS = 64
+"""Silence after which the model is asked (its answer is ready by `END_OF_TURN_CHECK_MS`); shorter gaps between
+words do not cost a model run."""
 
 
 @dataclass(frozen=True)
@@ -49,13 +52,13 @@ class TurnDetectionConfig:
     end_of_turn_check_ms: int = END_OF_TURN_CHECK_MS
     end_of_turn_threshold: float = 1.0
     """`semantic_vad`: P(complete) that ends the turn at the check (1.0 for `server_vad`, which never asks)."""
-    min_interruption_ms: int = 500
+    min_interruption_ms: int = 700
     """Speech over the agent's answer pauses it at once, but cancels it only once it lasts this long; shorter speech
     (a backchannel, a cough, a door, echo) resumes the answer where it paused. 0: cancel at once (OpenAI's way)."""
 
     @classmethod
     def from_dict(
-        cls, data: dict[str, Any], min_speech_ms: int = 64, min_interruption_ms: int = 500
+        cls, data: dict[str, Any], min_speech_ms: int = 64, min_interruption_ms: int = 700
     ) -> TurnDetectionConfig:
         """Validate a client's object; missing keys take OpenAI's defaults. Raises ValueError naming the field."""
         kind = data.get("type", "server_vad")
@@ -133,7 +136,7 @@ class SpeechStopped:
 
 @dataclass(frozen=True)
 class EndOfTurnCheck:
-    """`semantic_vad`: the caller has been silent `end_of_turn_check_ms`; ask the model whether the turn is over."""
+    """`semantic_vad`: the caller has been silent `PREDICT_AFTER_MS`; ask the model whether the turn is over."""
 
     silence_start_ms: float
 
@@ -197,7 +200,7 @@ class TurnDetector:
         if silent >= self.config.silence_duration_ms:
             self.speaking, self._run_start = False, None
             return [SpeechStopped(self._silence_start)]
-        if self.config.semantic and not self._checked and silent >= self.config.end_of_turn_check_ms:
+        if self.config.semantic and not self._checked and silent >= PREDICT_AFTER_MS:
             self._checked = True
             return [EndOfTurnCheck(self._silence_start)]
         return []

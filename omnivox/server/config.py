@@ -42,7 +42,7 @@ class EngineConfig(_Section):
 class VadConfig(_Section):
     kind: Literal["silero", "webrtc"] = "silero"
     min_speech_ms: int = Field(64, ge=0, le=2000)
-    min_interruption_ms: int = Field(500, ge=0, le=10_000)
+    min_interruption_ms: int = Field(700, ge=0, le=10_000)
     resume_after_ms: int = Field(300, ge=20, le=5000)
     smart_turn_model: str | None = None
 

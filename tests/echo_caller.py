@@ -221,8 +221,9 @@ class TwilioEchoCaller(EchoCaller):
         self._ws = await websockets.connect(f"{self.url}/telephony/twilio", max_size=None)
         self._tasks.append(asyncio.create_task(self._read()))
         await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
-        start = {"streamSid": "MZtest", "callSid": "CAtest", "mediaFormat": {"encoding": "audio/x-mulaw"}}
-        await self.send({"event": "start", "streamSid": "MZtest", "start": {**start, "sampleRate": 8000}})
+        media_format = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
+        start = {"streamSid": "MZtest", "callSid": "CAtest", "mediaFormat": media_format}
+        await self.send({"event": "start", "streamSid": "MZtest", "start": start})
 
     def _on_event(self, event: dict[str, Any], now: float) -> None:
         kind = event.get("event")

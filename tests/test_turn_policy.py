@@ -211,8 +211,11 @@ class HalvingCleaner:
         out, self._held = self._held, np.zeros(0, np.float32)
         return out
 
-    def far_end(self, pcm: np.ndarray, rate: int) -> None:
+    def far_end(self, pcm: np.ndarray, rate: int, now: float) -> None:
         self.far.append(pcm)
+
+    def far_end_dropped(self) -> None:
+        self.far.clear()
 
 
 def cleaned_session() -> tuple[Session, list[HalvingCleaner]]:

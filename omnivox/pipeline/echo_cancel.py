@@ -4,9 +4,10 @@ the `livekit` package (Apache-2.0; its native library bundles WebRTC, BSD-3-Clau
 
 Echo: a speakerphone, laptop speakers or a phone line play the agent's voice back into the caller's microphone, and a
 VAD hears it as the caller speaking. The far-end reference is the agent audio the session sent, laid on the caller's
-audio timeline where it starts to play: a frame goes at the caller position reached when it was sent, or right after
-the previous frame when the audio was sent ahead of time (the pacer's lead). AEC3 estimates the remaining delay (the
-client's playout, the room, the line: tens to hundreds of ms) and adapts to it.
+audio timeline where it starts to play: a frame goes where the caller's stream stands by the clock when it was sent
+(not by the samples received so far, which lag when the server is busy), or right after the previous frame when the
+audio was sent ahead of time (the pacer's lead). AEC3 estimates the remaining delay (the client's playout, the room,
+the line: tens to hundreds of ms) and adapts to it.
 
 Before AEC3 has converged on an echo path it suppresses everything the microphone picks up while the agent talks, so
 on a line with no echo (a headset, a phone that cancels its own echo) a barge-in in the first seconds of agent speech
@@ -70,8 +71,12 @@ class CallerAudioCleaner(Protocol):
         """Everything still in flight, cleaned (a commit needs the whole turn); blocks until it is done."""
         ...
 
-    def far_end(self, pcm: np.ndarray, rate: int) -> None:
-        """Agent audio that was just sent to the caller (the echo reference)."""
+    def far_end(self, pcm: np.ndarray, rate: int, now: float) -> None:
+        """Agent audio sent to the caller at `now` (the echo reference)."""
+        ...
+
+    def far_end_dropped(self) -> None:
+        """The door dropped the agent audio it had queued (a pause or barge-in): none of it will play."""
         ...
 
 
@@ -171,6 +176,15 @@ class _FarEndTimeline:
         self._chunks: deque[tuple[int, np.ndarray]] = deque()
         self._write = 0
 
+    def drop_after(self, caller_position: int) -> None:
+        """Forget what was to play from `caller_position` on (the door dropped it)."""
+        kept: deque[tuple[int, np.ndarray]] = deque()
+        for start, chunk in self._chunks:
+            if start < caller_position:
+                kept.append((start, chunk[: caller_position - start]))
+        self._chunks = kept
+        self._write = min(self._write, caller_position)
+
     def write(self, samples: np.ndarray, caller_position: int) -> None:
         """Audio sent when the caller's stream had reached `caller_position`: it plays from there, or after what was
         sent before it if that still plays."""
@@ -242,10 +256,14 @@ class ApmCleaner:
         self.wait()
         return self._take_results()
 
-    def far_end(self, pcm: np.ndarray, rate: int) -> None:
+    def far_end(self, pcm: np.ndarray, rate: int, now: float) -> None:
         if self.settings.echo_cancellation:
             samples = np.array(pcm, dtype=np.float32)
-            self._worker.submit(lambda: self._add_far_end(samples, rate))
+            self._worker.submit(lambda: self._add_far_end(samples, rate, now))
+
+    def far_end_dropped(self) -> None:
+        if self.settings.echo_cancellation:
+            self._worker.submit(lambda: self._far.drop_after(self._position))
 
     # ------------------------------------------------------------ the shell's side
 
@@ -355,10 +373,11 @@ class ApmCleaner:
         pcm = np.clip(np.rint(samples * 32768.0), -32768, 32767).astype(np.int16)
         return self._rtc.AudioFrame(pcm.tobytes(), INPUT_RATE, 1, FRAME_SAMPLES)
 
-    def _add_far_end(self, samples: np.ndarray, rate: int) -> None:
+    def _add_far_end(self, samples: np.ndarray, rate: int, now: float) -> None:
         if self._far_resampler is None or self._far_resampler.in_rate != rate:
             self._far_resampler = StreamResampler(rate, INPUT_RATE)
-        self._far.write(self._far_resampler.process(samples), self._position)
+        on_clock = self._position if self._origin is None else int((now - self._origin) * INPUT_RATE)
+        self._far.write(self._far_resampler.process(samples), max(on_clock, self._position))
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -745,7 +745,7 @@ class Session:
                 response.playout_started = True
                 out.append(AudioOut(response.id, response.item.id, 0, 0, frame))
                 if self._cleaner is not None:
-                    self._cleaner.far_end(frame, response.pacer.rate)
+                    self._cleaner.far_end(frame, response.pacer.rate, self._now)
             response.item.audio_sent_ms = response.pacer.sent_ms
             if not response.pacer.drained:
                 return
@@ -762,9 +762,15 @@ class Session:
         if self.options.server_playout:
             unheard_ms = response.pacer.sent_ms - (response.item.played_ms or 0.0)
             rewind = max(0, int(unheard_ms * response.pacer.rate / 1000))
-            out.append(ClearPlayout(response.id))
+            self._clear_playout(response, out)
         response.pacer.pause(rewind)
         response.item.audio_sent_ms = response.pacer.sent_ms
+
+    def _clear_playout(self, response: ActiveResponse, out: list[SessionOutput]) -> None:
+        """The door drops the audio it queued; the echo canceller's reference forgets it too."""
+        out.append(ClearPlayout(response.id))
+        if self._cleaner is not None:
+            self._cleaner.far_end_dropped()
 
     def _cancel(self, reason: str, out: list[SessionOutput]) -> None:
         response = self._active
@@ -776,7 +782,7 @@ class Session:
             response.pacer.clear()
             response.item.audio_sent_ms = response.pacer.sent_ms
             if self.options.server_playout:
-                out.append(ClearPlayout(response.id))
+                self._clear_playout(response, out)
                 out.append(ServerEvent("output_audio_buffer.cleared", {"response_id": response.id}))
             heard = response.item.audio_sent_ms
             if self.options.server_playout:

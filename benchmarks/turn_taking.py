@@ -12,8 +12,8 @@ the agent's own answer back into its microphone (`tests/echo_caller.py`). The sc
   (e) real barge-ins 1.5 s into an answer (half of them with echo): detected, and caller speech onset -> last agent
       audio delta received (the server stops sending) and -> `response.done`
 
-    python benchmarks/turn_taking.py              # every case
-    python benchmarks/turn_taking.py --cases c --trials 50
+    python benchmarks/turn_taking.py              # every case: 30 trials each, 50 echo trials per setting
+    python benchmarks/turn_taking.py --cases c --echo-trials 20
 """
 
 from __future__ import annotations
@@ -269,13 +269,15 @@ async def main_async(args: argparse.Namespace) -> None:
     with running_server(config, ScriptedEngine(reply=REPLY)) as server:
         for name in args.cases:
             parallel = args.parallel if name in "cd" else args.timing_parallel
-            await CASES[name](server.ws_url, args.trials, parallel)
+            trials = args.echo_trials if name == "c" else args.trials
+            await CASES[name](server.ws_url, trials, parallel)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="abcde", help="which cases to run (letters a-e)")
     parser.add_argument("--trials", type=int, default=30, help="trials per case and setting")
+    parser.add_argument("--echo-trials", type=int, default=50, help="trials of case c per setting")
     parser.add_argument("--parallel", type=int, default=4, help="concurrent callers in cases c and d")
     parser.add_argument("--timing-parallel", type=int, default=3, help="concurrent callers where latency is measured")
     args = parser.parse_args()

@@ -72,6 +72,7 @@ class EchoCaller:
         self._far = np.zeros(0, np.float32)
         """The agent's audio on the caller's sample timeline (what the loudspeaker plays, when)."""
         self._play_end = 0
+        self._received = 0
         self._position = 0
         self._start = 0.0
         self._ws: Any = None
@@ -150,14 +151,15 @@ class EchoCaller:
         audio = base64.b64encode(encode(np.clip(chunk, -1.0, 1.0))).decode()
         await self.send({"type": "input_audio_buffer.append", "audio": audio})
 
-    def played_seconds(self) -> float:
-        """How much agent audio the loudspeaker has played (or has queued) in all."""
-        return float(np.count_nonzero(self._far)) / self.rate
+    def received_seconds(self) -> float:
+        """How much agent audio arrived in all (what a `clear` dropped included)."""
+        return self._received / self.rate
 
     def _clock_position(self, now: float) -> int:
         return int((now - self._start) * self.rate) if self._start else 0
 
     def _play(self, pcm: np.ndarray, now: float) -> None:
+        self._received += pcm.size
         start = max(self._play_end, self._clock_position(now))
         end = start + pcm.size
         if end > self._far.size:

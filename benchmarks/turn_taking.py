@@ -7,7 +7,8 @@ the agent's own answer back into its microphone (`tests/echo_caller.py`). The sc
       semantic_vad (default eagerness) against server_vad
   (b) sentences with a 500-900 ms mid-sentence pause ("..., uhm," then the rest): share of turns cut at the pause
   (c) echo: the agent's answer comes back into the microphone 50-250 ms later at -6 to -20 dB with line noise while
-      the caller stays silent: answers the agent interrupted itself in, with and without echo cancellation
+      the caller stays silent: answers the agent cancelled, or paused (a gap of 250 ms or more in its audio) and
+      resumed, on its own echo, with and without echo cancellation
   (d) backchannels ("mm-hm", "yeah", ...) and noise bursts (a cough, a door) 1.5 s into an answer: answers cancelled
   (e) real barge-ins 1.5 s into an answer (half of them with echo): detected, and caller speech onset -> last agent
       audio delta received (the server stops sending) and -> `response.done`
@@ -198,7 +199,9 @@ async def answer_trial(
             for at, event in caller.events
             if event["type"] == "response.output_audio.delta" and event.get("response_id") == response_id
         ]
+        arrivals = np.array(deltas)
         return {
+            "paused": bool(arrivals.size > 1 and np.diff(arrivals).max() >= 0.25),
             "status": done["response"]["status"],
             "reason": (done["response"].get("status_details") or {}).get("reason"),
             "onset": onset,
@@ -221,8 +224,9 @@ async def case_c(url: str, trials: int, parallel: int) -> None:
             parallel,
         )
         count = sum(interrupted(r) for r in rows)
+        paused = sum(r["paused"] and not interrupted(r) for r in rows)
         label = "echo cancellation on (default)" if cancellation else "echo cancellation off"
-        print(f"{label:44s} self-interruptions {count}/{len(rows)}")
+        print(f"{label:44s} answers cancelled {count}/{len(rows)}, paused and resumed {paused}/{len(rows)}")
 
 
 async def case_d(url: str, trials: int, parallel: int) -> None:

@@ -139,12 +139,13 @@ def test_a_backchannel_pauses_the_answer_then_it_resumes_whole() -> None:
 def test_speech_that_lasts_min_interruption_ms_cancels_and_becomes_the_next_turn() -> None:
     driver = CoreDriver.create()
     response_id = answering(driver)
-    driver.stream_audio(tone(0.65))
+    # counted once the answer's audio in flight (lead 200 ms) and its echo (250 ms) are over: ~530 ms after onset
+    driver.stream_audio(tone(1.1))
     assert not cancelled(driver, response_id)
-    driver.stream_audio(tone(0.15))
+    driver.stream_audio(tone(0.2))
     assert cancelled(driver, response_id)
     started = driver.of_type("input_audio_buffer.speech_started")[-1].payload
-    assert started["audio_start_ms"] == pytest.approx(driver.now * 1000 - 800 - 300, abs=40)
+    assert started["audio_start_ms"] == pytest.approx(driver.now * 1000 - 1300 - 300, abs=40)
     driver.stream_audio(silence(0.7))
     assert [item.role for item in driver.session.conversation.items][:3] == ["user", "assistant", "user"]
 

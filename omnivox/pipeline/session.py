@@ -64,7 +64,7 @@ from omnivox.pipeline.session_config import (
     parse_turn_detection,
     validate_session,
 )
-from omnivox.pipeline.turn_policy import SuspectedInterruption, Verdict
+from omnivox.pipeline.turn_policy import ECHO_TAIL_MS, SuspectedInterruption, Verdict
 from omnivox.pipeline.turns import EndOfTurnCheck, SpeechStarted, SpeechStopped, TurnDetector, TurnEvent
 
 if TYPE_CHECKING:
@@ -463,7 +463,11 @@ class Session:
         active, turns = self._active, self._turns
         if active is not None and active.pacer is not None and turns.interrupt_response and turns.min_interruption_ms:
             # an answer with audio pauses until the speech proves an interruption (`turn_policy`)
-            self._suspected = SuspectedInterruption(turn, turns.min_interruption_ms, self.options.resume_after_ms)
+            in_flight_ms = self.options.lead_ms + ECHO_TAIL_MS
+            counts_from = self._vad_position * 1000 / INPUT_RATE + in_flight_ms
+            self._suspected = SuspectedInterruption(
+                turn, turns.min_interruption_ms, self.options.resume_after_ms, counts_from
+            )
             self._pause(active, out)
             return
         self._announce_speech_started(out)

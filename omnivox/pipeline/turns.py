@@ -160,10 +160,14 @@ class TurnDetector:
     def speech_ms(self) -> float:
         """How long the current speech has lasted up to its last voiced frame (0 when not speaking), pauses within it
         included."""
+        return self.speech_ms_since(0.0)
+
+    def speech_ms_since(self, since_ms: float) -> float:
+        """`speech_ms`, counting only from `since_ms` (input-audio position)."""
         if not self.speaking or self._run_start is None:
             return 0.0
         end = self._silence_start if self._silence_start is not None else self._last_frame_end
-        return end - self._run_start
+        return max(0.0, end - max(self._run_start, since_ms))
 
     @property
     def silence_ms(self) -> float:

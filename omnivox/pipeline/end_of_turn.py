@@ -188,11 +188,14 @@ class EndOfTurnBatcher:
                 return None
         time.sleep(self.gather_s)
         with self._wake:
-            batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
+            waiting = [request for request in self._waiting if not request.future.done()]  # superseded: skipped
+            batch, self._waiting = waiting[: self.max_batch], waiting[self.max_batch :]
             return batch
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
+            if not batch:
+                continue
             try:
                 probabilities = self.load().probabilities([request.audio for request in batch])
             except Exception as exc:

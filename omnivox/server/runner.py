@@ -149,6 +149,9 @@ class SessionRunner:
             elif isinstance(output, TranscribeAudio):
                 self._start_task(f"transcribe-{output.item_id}", self._transcribe(output))
             elif isinstance(output, PredictEndOfTurn):
+                previous = self._engine_tasks.get(f"end-of-turn-{output.check_id - 1}")
+                if previous is not None:  # the caller spoke again since: that answer would be ignored
+                    previous.cancel()
                 self._start_task(f"end-of-turn-{output.check_id}", self._predict_end_of_turn(output))
             self._observe(output)
             await self._emit(output)

@@ -123,6 +123,8 @@ class Session:
         self._end_of_turn_checks = 0
         self._pending_check: int | None = None
         self._predicted: float | None = None
+        self._received = 0
+        """Caller samples received (ahead of the cleaned audio by what the cleaner still holds)."""
         self.false_interruptions = 0
         """Answers paused for speech that was too short to be an interruption, then resumed (for metrics)."""
         self.conversation = Conversation()
@@ -408,6 +410,7 @@ class Session:
         """Caller audio at 16 kHz: cleaned (echo, noise) when the session asks for it, then heard."""
         if not pcm.size:
             return
+        self._received += pcm.size
         if self._cleaner is None and self._cleaner_factory is not None and self._cleanup.active:
             self._cleaner = self._cleaner_factory(self._cleanup)
         if self._cleaner is not None:
@@ -463,8 +466,9 @@ class Session:
         active, turns = self._active, self._turns
         if active is not None and active.pacer is not None and turns.interrupt_response and turns.min_interruption_ms:
             # an answer with audio pauses until the speech proves an interruption (`turn_policy`)
+            # from the newest audio received (the cleaner may still hold some): what was in flight, then its echo
             in_flight_ms = self.options.lead_ms + ECHO_TAIL_MS
-            counts_from = self._vad_position * 1000 / INPUT_RATE + in_flight_ms
+            counts_from = max(self._vad_position, self._received) * 1000 / INPUT_RATE + in_flight_ms
             self._suspected = SuspectedInterruption(
                 turn, turns.min_interruption_ms, self.options.resume_after_ms, counts_from
             )
@@ -494,7 +498,12 @@ class Session:
             return
         self._suspected = None
         if verdict is Verdict.INTERRUPTION:
-            log.info("%s: interruption confirmed after %.0f ms of speech", self.id, detector.speech_ms)
+            log.info(
+                "%s: interruption confirmed after %.0f ms of speech (%.0f ms of audio not yet cleaned)",
+                self.id,
+                detector.speech_ms,
+                (self._received - self._input.total) * 1000 / INPUT_RATE,
+            )
             self._announce_speech_started(out)
             if self._active is not None:
                 self._cancel("turn_detected", out)

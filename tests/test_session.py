@@ -195,7 +195,7 @@ def test_barge_in_cancels_truncates_and_next_turn_sees_only_heard_text() -> None
     driver.engine(AudioDelta(tone(4.0, 24_000)))
     driver.stream_audio(silence(1.0))  # one second of the answer plays
     onset = driver.now
-    driver.stream_audio(tone(1.4))  # longer than min_interruption_ms (after the echo tail): an interruption
+    driver.stream_audio(tone(0.9))  # longer than min_interruption_ms: an interruption, not a backchannel
     started = driver.of_type("input_audio_buffer.speech_started")[-1]
     assert driver.cancelled == [rid]
     last_audio_time = max(t for a, t in zip(driver.audio, driver.audio_times, strict=True) if a.response_id == rid)

@@ -139,13 +139,12 @@ def test_a_backchannel_pauses_the_answer_then_it_resumes_whole() -> None:
 def test_speech_that_lasts_min_interruption_ms_cancels_and_becomes_the_next_turn() -> None:
     driver = CoreDriver.create()
     response_id = answering(driver)
-    # counted once the answer's audio in flight (lead 200 ms) and its echo (250 ms) are over: ~530 ms after onset
-    driver.stream_audio(tone(1.1))
+    driver.stream_audio(tone(0.65))
     assert not cancelled(driver, response_id)
-    driver.stream_audio(tone(0.2))
+    driver.stream_audio(tone(0.15))
     assert cancelled(driver, response_id)
     started = driver.of_type("input_audio_buffer.speech_started")[-1].payload
-    assert started["audio_start_ms"] == pytest.approx(driver.now * 1000 - 1300 - 300, abs=40)
+    assert started["audio_start_ms"] == pytest.approx(driver.now * 1000 - 800 - 300, abs=40)
     driver.stream_audio(silence(0.7))
     assert [item.role for item in driver.session.conversation.items][:3] == ["user", "assistant", "user"]
 
@@ -218,6 +217,10 @@ class HalvingCleaner:
     def far_end_dropped(self) -> None:
         self.far.clear()
 
+    @property
+    def echo_suspected(self) -> bool:
+        return self.settings.echo_cancellation
+
 
 def cleaned_session() -> tuple[Session, list[HalvingCleaner]]:
     made: list[HalvingCleaner] = []
@@ -278,3 +281,16 @@ def test_bad_cleanup_settings_are_an_error(audio_input: dict) -> None:
     outputs = session.handle(ClientEvent("session.update", {"session": update}), 0.1)
     assert outputs[-1].type == "error"
     assert session.config == before
+
+
+def test_on_a_line_with_echo_speech_counts_only_after_the_answers_echo_is_over() -> None:
+    options = SessionOptions(echo_cancellation=True, defaults={})
+    session = Session(options, vad_factory=EnergyVad, cleaner_factory=HalvingCleaner)
+    driver = CoreDriver(session)
+    driver.record(session.start(0.0))
+    response_id = answering(driver)
+    # 700 ms of speech would do on an echo-free line; here the first 200 ms lead + 250 ms echo tail do not count
+    driver.stream_audio(tone(1.0) * 2)
+    assert not cancelled(driver, response_id)
+    driver.stream_audio(tone(0.4) * 2)
+    assert cancelled(driver, response_id)

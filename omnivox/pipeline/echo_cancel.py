@@ -79,6 +79,11 @@ class CallerAudioCleaner(Protocol):
         """The door dropped the agent audio it had queued (a pause or barge-in): none of it will play."""
         ...
 
+    @property
+    def echo_suspected(self) -> bool:
+        """The caller's line may return the agent's voice (speech over an answer may be its echo)."""
+        ...
+
 
 class _Worker:
     """The process's one audio-processing thread: jobs of all sessions in arrival order."""
@@ -127,10 +132,12 @@ class _Worker:
 
 
 class EchoPathDetector:
-    """Is there an echo path? Judged on the first `decide_frames` of each agent utterance (callers rarely talk over
-    its first second): echo raises the microphone's mean power over its noise floor while the agent's voice plays; on
-    an echo-free line it stays at the floor. The verdict holds until the next utterance is judged; before the first
-    one an echo is assumed (the safe side against self-interruption)."""
+    """Is there an echo path? Judged on the first `decide_frames` of each agent utterance: echo raises the
+    microphone's mean power over its noise floor while the agent's voice plays; on an echo-free line it stays at the
+    floor. The frames are judged in four parts, and the quietest of the last three decides, so a caller who talks over
+    part of them (a barge-in) does not pass for an echo; the first part may precede the echo's delay. The verdict
+    holds until the next utterance is judged; before the first one an echo is assumed (the safe side against
+    self-interruption)."""
 
     active_dbfs = -50.0
     """A reference frame louder than this is agent audio playing."""
@@ -153,7 +160,8 @@ class EchoPathDetector:
             if self._floor is not None and len(self._powers) < self.decide_frames:
                 self._powers.append(power)
                 if len(self._powers) == self.decide_frames:
-                    rise = 10 * np.log10(np.mean(self._powers)) - self._floor
+                    parts = np.array_split(np.array(self._powers), 4)[1:]
+                    rise = min(10 * float(np.log10(np.mean(part))) for part in parts) - self._floor
                     self.echo = bool(rise >= self.echo_db)
                     logger.debug("echo path: %s (microphone %.1f dB over its floor)", self.echo, rise)
             return
@@ -264,6 +272,10 @@ class ApmCleaner:
     def far_end_dropped(self) -> None:
         if self.settings.echo_cancellation:
             self._worker.submit(lambda: self._far.drop_after(self._position))
+
+    @property
+    def echo_suspected(self) -> bool:
+        return self.settings.echo_cancellation and self.echo_path.echo
 
     # ------------------------------------------------------------ the shell's side
 

@@ -308,6 +308,8 @@ class Session:
         self._commit_user_audio(item_id, audio, out)
 
     def _on_clear(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
+        if self._cleaner is not None:
+            self._cleaner.flush()  # what it still holds was appended before the clear: gone with the rest
         self._input.empty()
         self._turn_item_id = None
         self._detector = None
@@ -466,8 +468,10 @@ class Session:
         active, turns = self._active, self._turns
         if active is not None and active.pacer is not None and turns.interrupt_response and turns.min_interruption_ms:
             # an answer with audio pauses until the speech proves an interruption (`turn_policy`)
-            # from the newest audio received (the cleaner may still hold some): what was in flight, then its echo
-            in_flight_ms = self.options.lead_ms + ECHO_TAIL_MS
+            # on a line with an echo, speech counts once what was in flight and its echo are over (from the newest
+            # audio received: the cleaner may still hold some)
+            echo = self._cleaner is not None and self._cleaner.echo_suspected
+            in_flight_ms = self.options.lead_ms + ECHO_TAIL_MS if echo else 0
             counts_from = max(self._vad_position, self._received) * 1000 / INPUT_RATE + in_flight_ms
             self._suspected = SuspectedInterruption(
                 turn, turns.min_interruption_ms, self.options.resume_after_ms, counts_from

@@ -2,9 +2,10 @@
 cough, a door, the agent's own echo) that must not cost the caller the rest of the answer.
 
 The answer pauses at the first sign of speech, so a real barge-in still silences the agent within a frame or two.
-The speech becomes an interruption, and cancels the answer, once it has lasted `min_interruption_ms`, counted from
-when the agent's audio already on its way has stopped echoing (`counts_from_ms`: the pause, plus the audio the client
-still had to play, plus `ECHO_TAIL_MS` for the way back through a room or a line); when it ends
+The speech becomes an interruption, and cancels the answer, once it has lasted `min_interruption_ms` (on a line with
+an echo counted from when the agent's audio already on its way has stopped echoing, `counts_from_ms`: the pause,
+plus the audio the client still had to play, plus `ECHO_TAIL_MS` for the way back through a room or a line); when it
+ends
 sooner (the caller silent again for `resume_after_ms`) it was a backchannel or noise, told apart by its length, and
 the answer resumes where it paused. Until the interruption is confirmed the client hears nothing of it (no
 `speech_started`), so a client that stops its own playback on that event does not drop the answer either.

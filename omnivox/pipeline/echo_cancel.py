@@ -14,9 +14,10 @@ on a line with no echo (a headset, a phone that cancels its own echo) a barge-in
 would be lost. `EchoPathDetector` therefore watches whether the microphone gets louder when the agent's audio plays:
 only then is the echo-cancelled audio used; on an echo-free line the caller's audio passes without AEC.
 
-The work runs on one thread for the whole process (the native calls release the GIL): `process(chunk k)` hands chunk
-k to that thread and returns the cleaned audio finished so far (chunk k-1 in real time), so the cleaned stream lags by
-one chunk. The shell awaits `settle()` before its next input, which keeps that wait off the event loop.
+The work runs on one thread for the whole process (the native calls release the GIL): `process(chunk)` hands the chunk
+to that thread; the shell awaits `settle()` (off the event loop) and then tells the core `CallerAudioCleaned`, which
+takes the cleaned chunk, so the cleaned stream lags by the thread's work, not by a chunk of whatever size the client
+sends.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class CallerAudioCleaner(Protocol):
 
     def process(self, pcm: np.ndarray, now: float) -> np.ndarray:
         """Hand over the next caller chunk (16 kHz) received at `now`; return the cleaned audio finished so far."""
+        ...
+
+    def take(self) -> np.ndarray:
+        """The cleaned audio finished so far (without handing anything over)."""
         ...
 
     def flush(self) -> np.ndarray:
@@ -259,6 +264,9 @@ class ApmCleaner:
         self._submit(lambda: self._process_near(samples, now))
         return self._take_results()
 
+    def take(self) -> np.ndarray:
+        return self._take_results()
+
     def flush(self) -> np.ndarray:
         self._submit(self._process_rest)
         self.wait()
@@ -360,25 +368,26 @@ class ApmCleaner:
         return cleaned
 
     def _run_frames(self, samples: np.ndarray) -> np.ndarray:
-        out = np.empty_like(samples)
+        """10 ms frames through the module; on a line judged echo-free AEC3 is skipped (it would only cost CPU and
+        mute the caller while the agent talks), so only noise reduction, if asked for, touches the audio."""
+        out = samples.copy()
         for start in range(0, samples.size, FRAME_SAMPLES):
             raw = samples[start : start + FRAME_SAMPLES]
-            frame = self._frame(raw)
+            module = self._apm
             if self.settings.echo_cancellation:
                 reference = self._far.read(self._processed, FRAME_SAMPLES)
                 self.echo_path.update(raw, reference)
-                self._apm.process_reverse_stream(self._frame(reference))
-                self._apm.set_stream_delay_ms(0)
-            self._apm.process_stream(frame)
-            if self.settings.echo_cancellation and not self.echo_path.echo:
-                if self._plain is None:
-                    frame = None
+                if self.echo_path.echo:
+                    self._apm.process_reverse_stream(self._frame(reference))
+                    self._apm.set_stream_delay_ms(0)
                 else:
-                    frame = self._frame(raw)
-                    self._plain.process_stream(frame)
-            cleaned = raw if frame is None else np.frombuffer(frame.data, np.int16) / 32768.0
-            out[start : start + FRAME_SAMPLES] = cleaned
+                    module = self._plain
             self._processed += FRAME_SAMPLES
+            if module is None:
+                continue
+            frame = self._frame(raw)
+            module.process_stream(frame)
+            out[start : start + FRAME_SAMPLES] = np.frombuffer(frame.data, np.int16) / 32768.0
         return out
 
     def _frame(self, samples: np.ndarray) -> Any:

@@ -84,6 +84,12 @@ class TranscriptionDone:
 
 
 @dataclass(frozen=True)
+class CallerAudioCleaned:
+    """The caller-audio cleaner has finished what it was given: the core takes it (the shell sends this once the
+    cleaner's thread is done, so the cleaned audio is heard at once, not one input later)."""
+
+
+@dataclass(frozen=True)
 class EndOfTurnPredicted:
     """The end-of-turn model's answer to `PredictEndOfTurn` (`probability` None when the model failed)."""
 
@@ -101,6 +107,7 @@ SessionInput = (
     | PlayoutProgress
     | TranscriptionDone
     | EndOfTurnPredicted
+    | CallerAudioCleaned
 )
 
 

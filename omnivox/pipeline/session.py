@@ -34,6 +34,7 @@ from omnivox.pipeline.engines.base import (
 from omnivox.pipeline.events import (
     AudioIn,
     AudioOut,
+    CallerAudioCleaned,
     CancelResponse,
     ClearPlayout,
     ClientEvent,
@@ -213,6 +214,9 @@ class Session:
                     self._on_transcription(event, out)
                 case EndOfTurnPredicted():
                     self._on_end_of_turn_predicted(event, out)
+                case CallerAudioCleaned():
+                    if self._cleaner is not None:
+                        self._hear(self._cleaner.take(), out)
                 case Tick():
                     pass
         except ProtocolError as exc:

@@ -50,7 +50,7 @@ class VadConfig(_Section):
 class EchoCancellationDefaults(_Section):
     realtime_ws: bool = True
     webrtc: bool = False
-    telephony: bool = True
+    telephony: bool = False
 
 
 class TurnDetectionDefaults(_Section):

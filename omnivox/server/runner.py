@@ -26,6 +26,7 @@ from omnivox.pipeline.engines.base import (
 from omnivox.pipeline.events import (
     AudioIn,
     AudioOut,
+    CallerAudioCleaned,
     CancelResponse,
     ClientEvent,
     EndOfTurnPredicted,
@@ -105,12 +106,20 @@ class SessionRunner:
                     break
                 await self._vad_caught_up(item)
                 await self._dispatch(self._handle(item))
+                await self._cleaned(item)
         finally:
             self._closed = True
             self.session.close()
             await self._cancel_all()
             forget_conversation(self.engine, self.session.id)
             log.info("%s: session closed", self.session.id)
+
+    async def _cleaned(self, item: SessionInput) -> None:
+        """Caller audio went to the cleaner's thread: once it is done, the core hears it at once."""
+        cleaner = self.session.cleaner
+        if isinstance(item, (AudioIn, ClientEvent)) and isinstance(cleaner, ApmCleaner) and cleaner.pending:
+            await cleaner.settle()
+            await self._dispatch(self._handle(CallerAudioCleaned()))
 
     async def _vad_caught_up(self, item: SessionInput) -> None:
         """Caller input may bring a VAD frame that reads the previous frame's result, or take the cleaned audio of the

@@ -139,16 +139,16 @@ class _Worker:
 class EchoPathDetector:
     """Is there an echo path? Judged on the first `decide_frames` of each agent utterance: echo raises the
     microphone's mean power over its noise floor while the agent's voice plays; on an echo-free line it stays at the
-    floor. The frames are judged in four parts, and the quietest of the last three decides, so a caller who talks over
-    part of them (a barge-in) does not pass for an echo; the first part may precede the echo's delay. The verdict
-    holds until the next utterance is judged; before the first one an echo is assumed (the safe side against
-    self-interruption)."""
+    floor. The frames are judged in four parts, and the quieter of the last two decides, so a caller who talks over
+    part of them (a barge-in) does not pass for an echo; the first half may precede the echo's delay (up to 250
+    ms). The verdict holds until the next utterance is judged; before the first one an echo is assumed (the safe side
+    against self-interruption)."""
 
     active_dbfs = -50.0
     """A reference frame louder than this is agent audio playing."""
-    echo_db = 6.0
+    echo_db = 4.0
     """Mean microphone power during agent audio this far above the floor is an echo."""
-    decide_frames = 80
+    decide_frames = 50
     new_utterance_frames = 100
     """Agent silence (in 10 ms frames) after which its next audio is a new utterance, judged anew."""
 
@@ -165,7 +165,7 @@ class EchoPathDetector:
             if self._floor is not None and len(self._powers) < self.decide_frames:
                 self._powers.append(power)
                 if len(self._powers) == self.decide_frames:
-                    parts = np.array_split(np.array(self._powers), 4)[1:]
+                    parts = np.array_split(np.array(self._powers), 4)[2:]
                     rise = min(10 * float(np.log10(np.mean(part))) for part in parts) - self._floor
                     self.echo = bool(rise >= self.echo_db)
                     logger.debug("echo path: %s (microphone %.1f dB over its floor)", self.echo, rise)

@@ -58,8 +58,8 @@ async def answer_status(caller: EchoCaller, after: float) -> str:
 
 
 async def turn_end_ms(server: RunningServer, turn_detection: dict, speech: list[np.ndarray]) -> tuple[float, int]:
-    """Caller's end of speech -> `speech_stopped`, and how many turns the speech became."""
-    session = {"audio": {"input": {"turn_detection": turn_detection}}}
+    """Caller's end of speech -> `speech_stopped`, and how many turns the speech became (no answers in between)."""
+    session = {"audio": {"input": {"turn_detection": {**turn_detection, "create_response": False}}}}
     async with EchoCaller(server.ws_url, session, noise_dbfs=-60.0) as caller:
         await asyncio.sleep(0.3)
         for part in speech:

@@ -14,9 +14,12 @@ from omnivox.pipeline.events import (
     AudioIn,
     AudioOut,
     CancelResponse,
+    ClearPlayout,
     ClientEvent,
+    EndOfTurnPredicted,
     EngineDone,
     EngineOutput,
+    PredictEndOfTurn,
     ServerEvent,
     SessionOutput,
     StartResponse,
@@ -59,6 +62,8 @@ class CoreDriver:
     started: list[StartResponse] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     audio_times: list[float] = field(default_factory=list)
+    predictions: list[PredictEndOfTurn] = field(default_factory=list)
+    cleared: int = 0
 
     @classmethod
     def create(cls, turn_detection: dict[str, Any] | str | None = "server_vad", **options: Any) -> CoreDriver:
@@ -83,7 +88,16 @@ class CoreDriver:
                 self.started.append(output)
             elif isinstance(output, CancelResponse):
                 self.cancelled.append(output.response_id)
+            elif isinstance(output, PredictEndOfTurn):
+                self.predictions.append(output)
+            elif isinstance(output, ClearPlayout):
+                self.cleared += 1
         return outputs
+
+    def predicted(self, probability: float | None, check_id: int | None = None) -> None:
+        """The end-of-turn model answers the latest `PredictEndOfTurn` (or `check_id`)."""
+        check = check_id if check_id is not None else self.predictions[-1].check_id
+        self.record(self.session.handle(EndOfTurnPredicted(check, probability), self.now))
 
     def send(self, event_type: str, **payload: Any) -> list[SessionOutput]:
         event_id = payload.pop("event_id", None)

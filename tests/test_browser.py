@@ -231,6 +231,8 @@ def test_api_key_is_checked(browser: Any, keyed_server: RunningServer, transport
     page.wait_for_function("() => window.omnivox.state === 'listening'", timeout=10_000)
     assert page.is_hidden("#error")
     assert "Connected over" in page.inner_text("#call-status")
+    # the page shows the session's turn detection, and the browser (not the server) cancels echo
+    assert page.inner_text("#turn-detection") == "server_vad (500 ms) · echo cancelled by the browser"
     page.click("#call-button")
     page.close()
 

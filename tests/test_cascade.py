@@ -63,7 +63,7 @@ def test_words_released_with_their_audio_are_truncated_exactly() -> None:
         driver.engine(TextDelta(word))
         driver.engine(AudioDelta(tone(0.3, 24_000)))
     driver.stream_audio(silence(1.0, 16_000))  # one second of the answer plays
-    driver.stream_audio(tone(0.3))
+    driver.stream_audio(tone(1.0))  # an interruption (longer than a backchannel)
     truncated = driver.of_type("conversation.item.truncated")[-1].payload["audio_end_ms"]
     heard = driver.session.conversation.items[1].heard_text()
     begun = [word for index, word in enumerate(words) if index * 300 < truncated]

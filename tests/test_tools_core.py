@@ -180,7 +180,7 @@ def test_a_call_the_caller_interrupted_is_never_announced_nor_run() -> None:
     driver.engine(ToolCallDelta(0, name="get_weather", arguments='{"city": "Paris"}'))
     driver.engine_done()
     driver.advance(0.3)
-    driver.stream_audio(tone(0.4))  # the caller talks over the preamble
+    driver.stream_audio(tone(1.0))  # the caller talks over the preamble (longer than a backchannel)
     response = driver.of_type("response.done")[-1].payload["response"]
     assert response["status"] == "cancelled"
     assert [item["type"] for item in response["output"]] == ["message"]

@@ -83,8 +83,31 @@ class TranscriptionDone:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class CallerAudioCleaned:
+    """The caller-audio cleaner has finished what it was given: the core takes it (the shell sends this once the
+    cleaner's thread is done, so the cleaned audio is heard at once, not one input later)."""
+
+
+@dataclass(frozen=True)
+class EndOfTurnPredicted:
+    """The end-of-turn model's answer to `PredictEndOfTurn` (`probability` None when the model failed)."""
+
+    check_id: int
+    probability: float | None
+
+
 SessionInput = (
-    ClientEvent | AudioIn | Tick | EngineOutput | EngineDone | EngineFailed | PlayoutProgress | TranscriptionDone
+    ClientEvent
+    | AudioIn
+    | Tick
+    | EngineOutput
+    | EngineDone
+    | EngineFailed
+    | PlayoutProgress
+    | TranscriptionDone
+    | EndOfTurnPredicted
+    | CallerAudioCleaned
 )
 
 
@@ -142,7 +165,18 @@ class TranscribeAudio:
     prompt: str = ""
 
 
-SessionOutput = ServerEvent | AudioOut | StartResponse | CancelResponse | ClearPlayout | TranscribeAudio
+@dataclass(frozen=True)
+class PredictEndOfTurn:
+    """Instruction to the shell (`semantic_vad`): ask the end-of-turn model whether the caller's turn so far
+    (`audio`, 16 kHz) is complete, and feed back `EndOfTurnPredicted(check_id, ...)`."""
+
+    check_id: int
+    audio: np.ndarray
+
+
+SessionOutput = (
+    ServerEvent | AudioOut | StartResponse | CancelResponse | ClearPlayout | TranscribeAudio | PredictEndOfTurn
+)
 
 
 # ---------------------------------------------------------------- errors
@@ -287,6 +321,8 @@ def session_from_beta(session: dict[str, Any], pcm16_rate: int = 24000) -> dict[
             audio_in["transcription"] = value
         elif key == "input_audio_noise_reduction":
             audio_in["noise_reduction"] = value
+        elif key == "input_audio_echo_cancellation":
+            audio_in["echo_cancellation"] = value
         elif key == "voice":
             audio_out["voice"] = value
         elif key == "speed":
@@ -315,6 +351,8 @@ def session_to_beta(session: dict[str, Any]) -> dict[str, Any]:
         "input_audio_format": _format_to_beta(audio_in.get("format")),
         "output_audio_format": _format_to_beta(audio_out.get("format")),
         "input_audio_transcription": audio_in.get("transcription"),
+        "input_audio_noise_reduction": audio_in.get("noise_reduction"),
+        "input_audio_echo_cancellation": audio_in.get("echo_cancellation", False),
         "turn_detection": audio_in.get("turn_detection"),
         "tools": session.get("tools", []),
         "tool_choice": session.get("tool_choice", "auto"),

@@ -22,6 +22,7 @@ from omnivox.pipeline.audio import AudioFormat, Framer, StreamResampler, audio_f
 from omnivox.pipeline.client_items import decode_client_audio, parse_item
 from omnivox.pipeline.context_window import TruncationPolicy, window_start
 from omnivox.pipeline.conversation import Conversation, Item
+from omnivox.pipeline.echo_cancel import CallerAudioCleaner, CleanupSettings
 from omnivox.pipeline.engines.base import (
     INPUT_RATE,
     AudioDelta,
@@ -34,13 +35,16 @@ from omnivox.pipeline.engines.base import (
 from omnivox.pipeline.events import (
     AudioIn,
     AudioOut,
+    CallerAudioCleaned,
     CancelResponse,
     ClearPlayout,
     ClientEvent,
+    EndOfTurnPredicted,
     EngineDone,
     EngineFailed,
     EngineOutput,
     PlayoutProgress,
+    PredictEndOfTurn,
     ProtocolError,
     ServerEvent,
     SessionInput,
@@ -57,6 +61,7 @@ from omnivox.pipeline.pacer import FramePacer
 from omnivox.pipeline.responses import ActiveResponse, call_item, opening_json
 from omnivox.pipeline.session_config import (
     FORMAT_TYPES,
+    cleanup_settings,
     default_session,
     input_audio_format,
     merge_update,
@@ -66,7 +71,8 @@ from omnivox.pipeline.session_config import (
     validate_session,
 )
 from omnivox.pipeline.tools import AssembledCall, ToolSpecError, parse_tool_choice, parse_tools
-from omnivox.pipeline.turns import SpeechStarted, SpeechStopped, TurnDetector
+from omnivox.pipeline.turn_policy import ECHO_TAIL_MS, SuspectedInterruption, Verdict
+from omnivox.pipeline.turns import EndOfTurnCheck, SpeechStarted, SpeechStopped, TurnDetector, TurnEvent
 
 if TYPE_CHECKING:
     from omnivox.pipeline.vad import Vad
@@ -97,6 +103,12 @@ class SessionOptions:
     min_speech_ms: int = 64
     text_follows_audio: bool = False
     """The engine releases each word just before the audio that begins it: truncation cuts the text exactly."""
+    min_interruption_ms: int = 700
+    """Default of `turn_detection.min_interruption_ms` (see `turn_policy`)."""
+    resume_after_ms: int = 300
+    """Silence after a suspected interruption that resumes the paused answer."""
+    echo_cancellation: bool = False
+    """Default of `audio.input.echo_cancellation` (the door's: on where the client does not cancel echo itself)."""
     defaults: dict[str, Any] = field(default_factory=dict)
     """Initial GA session fields (voice, instructions, turn_detection, formats) merged over the built-in ones."""
     context_tokens: int | None = None
@@ -107,16 +119,32 @@ class SessionOptions:
 
 class Session:
     def __init__(
-        self, options: SessionOptions, vad_factory: Callable[[], Vad] | None = None, session_id: str | None = None
+        self,
+        options: SessionOptions,
+        vad_factory: Callable[[], Vad] | None = None,
+        session_id: str | None = None,
+        cleaner_factory: Callable[[CleanupSettings], CallerAudioCleaner | None] | None = None,
     ) -> None:
         self.options = options
         self.id = session_id or f"sess_{secrets.token_hex(8)}"
         self._id_prefix = secrets.token_hex(3)
         self._counter = 0
         self.config = merge_update(default_session(options.model), options.defaults)
+        self.config["audio"]["input"].setdefault("echo_cancellation", options.echo_cancellation)
         self.config["id"] = self.id
-        self._turns = parse_turn_detection(self.config["audio"]["input"]["turn_detection"], options.min_speech_ms)
+        self._turns = self._parse_turns(self.config)
         self.config["audio"]["input"]["turn_detection"] = self._turns.to_dict() if self._turns else None
+        self._cleaner_factory = cleaner_factory
+        self._cleanup = cleanup_settings(self.config)
+        self._cleaner: CallerAudioCleaner | None = None
+        self._suspected: SuspectedInterruption | None = None
+        self._end_of_turn_checks = 0
+        self._pending_check: int | None = None
+        self._predicted: float | None = None
+        self._received = 0
+        """Caller samples received (ahead of the cleaned audio by what the cleaner still holds)."""
+        self.false_interruptions = 0
+        """Answers paused for speech that was too short to be an interruption, then resumed (for metrics)."""
         self.conversation = Conversation()
         self._vad_factory = vad_factory
         self._vad: Vad | None = None
@@ -171,6 +199,11 @@ class Session:
         return self._vad
 
     @property
+    def cleaner(self) -> CallerAudioCleaner | None:
+        """The caller-audio cleaner (echo cancellation, noise reduction) once audio has started it."""
+        return self._cleaner
+
+    @property
     def active_response_id(self) -> str | None:
         return self._active.id if self._active else None
 
@@ -199,6 +232,11 @@ class Session:
                     self._on_playout(event)
                 case TranscriptionDone():
                     self._on_transcription(event, out)
+                case EndOfTurnPredicted():
+                    self._on_end_of_turn_predicted(event, out)
+                case CallerAudioCleaned():
+                    if self._cleaner is not None:
+                        self._hear(self._cleaner.take(), out)
                 case Tick():
                     pass
         except ProtocolError as exc:
@@ -257,12 +295,15 @@ class Session:
                 code="cannot_update_voice",
                 param="session.audio.output.voice",
             )
-        turns = parse_turn_detection(merged["audio"]["input"].get("turn_detection"), self.options.min_speech_ms)
+        turns = self._parse_turns(merged)
         merged["audio"]["input"]["turn_detection"] = turns.to_dict() if turns else None
         if turns != self._turns:
             self._turns = turns
             self._detector = None
             self._turn_item_id = None
+        cleanup = cleanup_settings(merged)
+        if cleanup != self._cleanup:
+            self._replace_cleaner(cleanup, out)
         self.config = merged
         out.append(ServerEvent("session.updated", {"session": copy.deepcopy(self.config)}))
 
@@ -278,6 +319,8 @@ class Session:
         if self._append_resampler is not None:  # the turn is over: release the resampler's filter delay
             self._on_audio(self._append_resampler.flush(), out)
             self._append_resampler = None
+        if self._cleaner is not None:
+            self._hear(self._cleaner.flush(), out)
         audio = self._input.take_all()
         if audio.size * 1000 < MIN_COMMIT_MS * INPUT_RATE:
             raise ProtocolError(
@@ -291,6 +334,8 @@ class Session:
         self._commit_user_audio(item_id, audio, out)
 
     def _on_clear(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
+        if self._cleaner is not None:
+            self._cleaner.flush()  # what it still holds was appended before the clear: gone with the rest
         self._input.empty()
         self._turn_item_id = None
         self._detector = None
@@ -374,7 +419,32 @@ class Session:
 
     # ------------------------------------------------------------ caller audio and turns
 
+    def _parse_turns(self, config: dict[str, Any]) -> Any:
+        return parse_turn_detection(
+            config["audio"]["input"].get("turn_detection"),
+            self.options.min_speech_ms,
+            min_interruption_ms=self.options.min_interruption_ms,
+        )
+
+    def _replace_cleaner(self, cleanup: CleanupSettings, out: list[SessionOutput]) -> None:
+        """New echo/noise settings: what the old cleaner still holds is heard first, the next audio goes to a new
+        one."""
+        if self._cleaner is not None:
+            self._hear(self._cleaner.flush(), out)
+        self._cleanup, self._cleaner = cleanup, None
+
     def _on_audio(self, pcm: np.ndarray, out: list[SessionOutput]) -> None:
+        """Caller audio at 16 kHz: cleaned (echo, noise) when the session asks for it, then heard."""
+        if not pcm.size:
+            return
+        self._received += pcm.size
+        if self._cleaner is None and self._cleaner_factory is not None and self._cleanup.active:
+            self._cleaner = self._cleaner_factory(self._cleanup)
+        if self._cleaner is not None:
+            pcm = self._cleaner.process(pcm, self._now)
+        self._hear(pcm, out)
+
+    def _hear(self, pcm: np.ndarray, out: list[SessionOutput]) -> None:
         if not pcm.size:
             return
         self._input.append(pcm)
@@ -391,33 +461,125 @@ class Session:
         for frame in self._vad_framer.push(pcm):
             start_ms = self._vad_position * 1000 / INPUT_RATE
             self._vad_position += frame.size
-            for turn in self._detector.update(self._vad.probability(frame), start_ms, frame_ms):
-                if isinstance(turn, SpeechStarted):
-                    self._on_speech_started(turn, out)
-                else:
-                    self._on_speech_stopped(turn, out)
-        if not self._detector.speaking:
+            detector = self._detector
+            turns = detector.update(self._vad.probability(frame), start_ms, frame_ms)
+            if self._suspected is not None:
+                self._judge_interruption(turns, out)
+                continue
+            for turn in turns:
+                self._on_turn_event(turn, out)
+            if self._pending_check is not None:
+                self._end_turn_if_complete(out)
+        if self._detector is not None and not self._detector.speaking:
             keep = (self._turns.prefix_padding_ms + self._turns.min_speech_ms + 500) * INPUT_RATE // 1000
             self._input.drop_before(self._input.total - keep)
             self._check_idle(out)
 
+    def _on_turn_event(self, turn: TurnEvent, out: list[SessionOutput]) -> None:
+        if isinstance(turn, SpeechStarted):
+            self._on_speech_started(turn, out)
+        elif isinstance(turn, SpeechStopped):
+            self._on_speech_stopped(turn, out)
+        else:
+            self._on_end_of_turn_check(turn, out)
+
     def _on_speech_started(self, turn: SpeechStarted, out: list[SessionOutput]) -> None:
         assert self._turns is not None
         self._idle_since = None
+        self._pending_check = None
         self._turn_item_id = self._new_id("item")
         onset = int(turn.onset_ms * INPUT_RATE / 1000)
         self._turn_start = max(self._input.start, onset - self._turns.prefix_padding_ms * INPUT_RATE // 1000)
+        active, turns = self._active, self._turns
+        if active is not None and active.pacer is not None and turns.interrupt_response and turns.min_interruption_ms:
+            # an answer with audio pauses until the speech proves an interruption (`turn_policy`)
+            # on a line with an echo, speech counts once what was in flight and its echo are over (from the newest
+            # audio received: the cleaner may still hold some)
+            echo = self._cleaner is not None and self._cleaner.echo_suspected
+            in_flight_ms = self.options.lead_ms + ECHO_TAIL_MS if echo else 0
+            counts_from = max(self._vad_position, self._received) * 1000 / INPUT_RATE + in_flight_ms
+            self._suspected = SuspectedInterruption(
+                turn, turns.min_interruption_ms, self.options.resume_after_ms, counts_from
+            )
+            self._pause(active, out)
+            return
+        self._announce_speech_started(out)
+        if self._active is not None and self._turns.interrupt_response:
+            self._cancel("turn_detected", out)
+
+    def _announce_speech_started(self, out: list[SessionOutput]) -> None:
         out.append(
             ServerEvent(
                 "input_audio_buffer.speech_started",
                 {"audio_start_ms": self._input_ms(self._turn_start), "item_id": self._turn_item_id},
             )
         )
-        if self._active is not None and self._turns.interrupt_response:
-            self._cancel("turn_detected", out)
+
+    def _judge_interruption(self, turns: list[TurnEvent], out: list[SessionOutput]) -> None:
+        """One VAD frame while the answer is paused for suspected speech: cancel it, resume it, or wait."""
+        suspected, detector = self._suspected, self._detector
+        assert suspected is not None and detector is not None
+        stopped = any(isinstance(turn, SpeechStopped) for turn in turns)
+        verdict = suspected.judge(detector, stopped)
+        if self._active is None:  # the answer ended meanwhile (a client's response.cancel): an ordinary turn
+            verdict = Verdict.INTERRUPTION
+        if verdict is Verdict.UNDECIDED:
+            return
+        self._suspected = None
+        if verdict is Verdict.INTERRUPTION:
+            log.info(
+                "%s: interruption confirmed after %.0f ms of speech (%.0f ms of audio not yet cleaned)",
+                self.id,
+                detector.speech_ms,
+                (self._received - self._input.total) * 1000 / INPUT_RATE,
+            )
+            self._announce_speech_started(out)
+            if self._active is not None:
+                self._cancel("turn_detected", out)
+            for turn in turns:
+                if isinstance(turn, SpeechStopped):
+                    self._on_speech_stopped(turn, out)
+            return
+        log.info("%s: false interruption (%.0f ms of speech); resuming the answer", self.id, detector.speech_ms)
+        self.false_interruptions += 1
+        self._turn_item_id = None
+        self._detector = TurnDetector(detector.config)
+        self._input.drop_before(self._input.total)
+        assert self._active is not None
+        if self._active.pacer is not None:
+            self._active.pacer.resume()
+
+    def _on_end_of_turn_check(self, check: EndOfTurnCheck, out: list[SessionOutput]) -> None:
+        """`semantic_vad`: a short silence; ask the model whether the turn up to it is complete."""
+        self._end_of_turn_checks += 1
+        self._pending_check, self._predicted = self._end_of_turn_checks, None
+        silence_start = int(check.silence_start_ms * INPUT_RATE / 1000)
+        out.append(PredictEndOfTurn(self._pending_check, self._input.take(self._turn_start, silence_start)))
+
+    def _on_end_of_turn_predicted(self, event: EndOfTurnPredicted, out: list[SessionOutput]) -> None:
+        if event.check_id != self._pending_check:
+            return  # the caller spoke again meanwhile, or the turn ended another way
+        log.debug("%s: end-of-turn model: P(complete) = %s", self.id, event.probability)
+        if event.probability is None:
+            self._pending_check = None  # no answer: the eagerness's longest silence ends the turn
+            return
+        self._predicted = event.probability
+        self._end_turn_if_complete(out)
+
+    def _end_turn_if_complete(self, out: list[SessionOutput]) -> None:
+        """Once the silence has lasted `end_of_turn_check_ms` and the model has answered, its answer decides."""
+        detector, turns = self._detector, self._turns
+        if self._predicted is None or detector is None or turns is None:
+            return
+        if detector.silence_ms < turns.end_of_turn_check_ms:
+            return
+        self._pending_check = None
+        if self._predicted >= turns.end_of_turn_threshold and (turn := detector.end_turn()) is not None:
+            self._on_speech_stopped(turn, out)
 
     def _on_speech_stopped(self, turn: SpeechStopped, out: list[SessionOutput]) -> None:
         assert self._turns is not None and self._turn_item_id is not None
+        self._pending_check = None
         end = int(turn.end_ms * INPUT_RATE / 1000) + INPUT_RATE // 10
         out.append(
             ServerEvent(
@@ -689,6 +851,8 @@ class Session:
                     out.append(ServerEvent("output_audio_buffer.started", {"response_id": response.id}))
                 response.playout_started = True
                 out.append(AudioOut(response.id, response.item.id, response.message_index, 0, frame))
+                if self._cleaner is not None:
+                    self._cleaner.far_end(frame, response.pacer.rate, self._now)
             response.item.audio_sent_ms = response.pacer.sent_ms
             if not response.pacer.drained:
                 return
@@ -696,6 +860,24 @@ class Session:
             self._finish(response, "completed", None, out)
             if self.options.server_playout and response.playout_started:
                 out.append(ServerEvent("output_audio_buffer.stopped", {"response_id": response.id}))
+
+    def _pause(self, response: ActiveResponse, out: list[SessionOutput]) -> None:
+        """Stop the answer's audio now; a door that owns playout drops its queue, and the pacer rewinds to what the
+        caller heard (on the WebSocket door the client's buffer is unknown: it resumes after what was sent)."""
+        assert response.pacer is not None
+        rewind = 0
+        if self.options.server_playout:
+            unheard_ms = response.pacer.sent_ms - (response.item.played_ms or 0.0)
+            rewind = max(0, int(unheard_ms * response.pacer.rate / 1000))
+            self._clear_playout(response, out)
+        response.pacer.pause(rewind)
+        response.item.audio_sent_ms = response.pacer.sent_ms
+
+    def _clear_playout(self, response: ActiveResponse, out: list[SessionOutput]) -> None:
+        """The door drops the audio it queued; the echo canceller's reference forgets it too."""
+        out.append(ClearPlayout(response.id))
+        if self._cleaner is not None:
+            self._cleaner.far_end_dropped()
 
     def _cancel(self, reason: str, out: list[SessionOutput]) -> None:
         response = self._active
@@ -708,7 +890,7 @@ class Session:
         if response.pacer is not None and response.item is not None:
             response.item.audio_sent_ms = response.pacer.sent_ms
             if self.options.server_playout:
-                out.append(ClearPlayout(response.id))
+                self._clear_playout(response, out)
                 out.append(ServerEvent("output_audio_buffer.cleared", {"response_id": response.id}))
             heard = response.item.audio_sent_ms
             if self.options.server_playout:

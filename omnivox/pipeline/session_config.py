@@ -10,6 +10,7 @@ from typing import Any
 
 from omnivox.pipeline.audio import AudioFormat, audio_format
 from omnivox.pipeline.context_window import TruncationError, TruncationPolicy
+from omnivox.pipeline.echo_cancel import NOISE_REDUCTION_TYPES, CleanupSettings
 from omnivox.pipeline.engines.base import InvalidSampling, SamplingParams, checked_sampling
 from omnivox.pipeline.events import ProtocolError
 from omnivox.pipeline.tools import ToolSpecError, parse_tool_choice, parse_tools
@@ -69,14 +70,16 @@ def merge_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def parse_turn_detection(data: Any, min_speech_ms: int) -> TurnDetectionConfig | None:
+def parse_turn_detection(
+    data: Any, min_speech_ms: int, *, min_interruption_ms: int = 700
+) -> TurnDetectionConfig | None:
     """The session's `turn_detection` object, validated (None: manual commits)."""
     if data is None:
         return None
     if not isinstance(data, dict):
         raise ProtocolError("turn_detection must be an object or null", param="session.audio.input.turn_detection")
     try:
-        return TurnDetectionConfig.from_dict(data, min_speech_ms)
+        return TurnDetectionConfig.from_dict(data, min_speech_ms, min_interruption_ms)
     except ValueError as exc:
         raise ProtocolError(str(exc), param="session.audio.input.turn_detection") from None
 
@@ -84,6 +87,28 @@ def parse_turn_detection(data: Any, min_speech_ms: int) -> TurnDetectionConfig |
 def valid_modalities(value: Any) -> bool:
     """A non-empty list of "audio" and "text" (compared, never hashed: a client's list may hold anything)."""
     return isinstance(value, list) and bool(value) and all(m in ("audio", "text") for m in value)
+
+
+def cleanup_settings(session: dict[str, Any]) -> CleanupSettings:
+    """The caller-audio cleanup a (validated) session asks for."""
+    audio_input = session["audio"]["input"]
+    noise = audio_input.get("noise_reduction")
+    return CleanupSettings(
+        echo_cancellation=bool(audio_input.get("echo_cancellation")),
+        noise_reduction=noise["type"] if isinstance(noise, dict) else None,
+    )
+
+
+def _validate_cleanup(audio_input: dict[str, Any]) -> None:
+    echo = audio_input.get("echo_cancellation", False)
+    if not isinstance(echo, bool):
+        raise ProtocolError("echo_cancellation must be true or false", param="session.audio.input.echo_cancellation")
+    noise = audio_input.get("noise_reduction")
+    if noise is not None and (not isinstance(noise, dict) or noise.get("type") not in NOISE_REDUCTION_TYPES):
+        raise ProtocolError(
+            'noise_reduction must be null or {"type": "near_field" | "far_field"}',
+            param="session.audio.input.noise_reduction",
+        )
 
 
 def validate_session(session: dict[str, Any]) -> None:
@@ -108,6 +133,7 @@ def validate_session(session: dict[str, Any]) -> None:
         if fmt["rate"] not in rates:
             allowed = ", ".join(str(rate) for rate in rates)
             raise ProtocolError(f"{direction} audio/pcm rate must be one of {allowed} Hz", param=f"{param}.rate")
+    _validate_cleanup(session["audio"]["input"])
     voice = session["audio"]["output"].get("voice")
     if not isinstance(voice, str) or not voice:
         raise ProtocolError("voice must be a non-empty string", param="session.audio.output.voice")

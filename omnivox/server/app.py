@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from omnivox import __version__
+from omnivox.pipeline.end_of_turn import EndOfTurnBatcher, ModelNotFound
 from omnivox.pipeline.engines import create_engine
 from omnivox.pipeline.engines.base import Engine, engine_failure, engine_health_problem
 from omnivox.pipeline.tts import TtsSettings, TtsStage, create_tts_stage
@@ -86,6 +87,15 @@ async def metrics(request: Request) -> Response:
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
+def _load_end_of_turn_model(path: str | None) -> None:
+    """semantic_vad's model loads at start-up, not on a caller's first pause; without it semantic_vad turns end on
+    the eagerness's longest silence, and the log says why."""
+    try:
+        EndOfTurnBatcher.configure(path).load()
+    except ModelNotFound as exc:
+        log.warning("semantic_vad will end turns on silence only: %s", exc)
+
+
 def door_routes() -> list[BaseRoute]:
     """Routes of every door; each door module owns its paths."""
     return [
@@ -128,6 +138,7 @@ def create_app(config: Config, engine: Engine | None = None) -> Starlette:
         await engine.start()
         # the VAD model loads once per process (~2 s for silero): here, not in the first caller's event loop turn
         await asyncio.to_thread(create_vad, config.vad.kind)
+        await asyncio.to_thread(_load_end_of_turn_model, config.vad.smart_turn_model)
         state.metrics.engine_ready.set(1)
         log.info("engine %s ready; serving model %s", engine.name, state.model_name)
         try:

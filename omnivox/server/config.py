@@ -141,6 +141,15 @@ class TtsConfig(_Section):
 class VadConfig(_Section):
     kind: Literal["silero", "webrtc"] = "silero"
     min_speech_ms: int = Field(64, ge=0, le=2000)
+    min_interruption_ms: int = Field(700, ge=0, le=10_000)
+    resume_after_ms: int = Field(300, ge=20, le=5000)
+    smart_turn_model: str | None = None
+
+
+class EchoCancellationDefaults(_Section):
+    realtime_ws: bool = True
+    webrtc: bool = False
+    telephony: bool = False
 
 
 class TurnDetectionDefaults(_Section):
@@ -159,12 +168,14 @@ class SessionDefaults(_Section):
     voice: str = "alloy"
     output_modalities: list[Literal["audio", "text"]] = ["audio"]
     turn_detection: TurnDetectionDefaults | None = TurnDetectionDefaults()
+    noise_reduction: Literal["near_field", "far_field"] | None = None
 
 
 class AudioConfig(_Section):
     frame_ms: Literal[20, 40] = 40
     lead_ms: int = Field(200, ge=0, le=5000)
     beta_pcm16_input_rate: Literal[8000, 16000, 24000, 48000] = 24000
+    echo_cancellation: EchoCancellationDefaults = EchoCancellationDefaults()
 
 
 class LimitsConfig(_Section):
@@ -236,10 +247,14 @@ class Config(_Section):
         """The GA session fields every new realtime session starts from."""
         defaults = self.session
         turns = defaults.turn_detection.model_dump(exclude_none=True) if defaults.turn_detection else None
+        noise = {"type": defaults.noise_reduction} if defaults.noise_reduction else None
         return {
             "instructions": defaults.instructions,
             "output_modalities": list(defaults.output_modalities),
-            "audio": {"input": {"turn_detection": turns}, "output": {"voice": defaults.voice}},
+            "audio": {
+                "input": {"turn_detection": turns, "noise_reduction": noise},
+                "output": {"voice": defaults.voice},
+            },
         }
 
 

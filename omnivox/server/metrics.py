@@ -58,6 +58,18 @@ class Metrics:
             ["door", "outcome"],
             registry=self.registry,
         )
+        self.false_interruptions = Counter(
+            "omnivox_false_interruptions_total",
+            "Answers paused for speech too short to be an interruption (backchannel, noise, echo), then resumed",
+            ["door"],
+            registry=self.registry,
+        )
+        self.end_of_turn_seconds = Histogram(
+            "omnivox_end_of_turn_prediction_seconds",
+            "semantic_vad: end-of-turn model request -> answer (features, batch, ONNX)",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.protocol_errors = Counter(
             "omnivox_protocol_errors_total", "Error events sent to clients", ["door", "code"], registry=self.registry
         )

@@ -14,6 +14,8 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from omnivox.pipeline.echo_cancel import ApmCleaner
+from omnivox.pipeline.end_of_turn import EndOfTurnBatcher, EndOfTurnPredictor
 from omnivox.pipeline.engines.base import (
     Engine,
     EngineError,
@@ -24,11 +26,14 @@ from omnivox.pipeline.engines.base import (
 from omnivox.pipeline.events import (
     AudioIn,
     AudioOut,
+    CallerAudioCleaned,
     CancelResponse,
     ClientEvent,
+    EndOfTurnPredicted,
     EngineDone,
     EngineFailed,
     EngineOutput,
+    PredictEndOfTurn,
     ProtocolError,
     ServerEvent,
     SessionInput,
@@ -59,6 +64,7 @@ class SessionRunner:
         door: str,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        end_of_turn: EndOfTurnPredictor | None = None,
     ) -> None:
         self.session = session
         self.engine = engine
@@ -70,6 +76,8 @@ class SessionRunner:
         self._engine_tasks: dict[str, asyncio.Task[None]] = {}
         self._response_started: dict[str, float] = {}
         self._closed = False
+        self._end_of_turn = end_of_turn
+        self._false_interruptions = 0
 
     def feed(self, item: SessionInput) -> None:
         """Queue an input for the core (from the door's receive loop)."""
@@ -99,6 +107,7 @@ class SessionRunner:
                     break
                 await self._vad_caught_up(item)
                 await self._dispatch(self._handle(item))
+                await self._cleaned(item)
         finally:
             self._closed = True
             self.session.close()
@@ -106,17 +115,34 @@ class SessionRunner:
             forget_conversation(self.engine, self.session.id)
             log.info("%s: session closed", self.session.id)
 
+    async def _cleaned(self, item: SessionInput) -> None:
+        """Caller audio went to the cleaner's thread: once it is done, the core hears it at once."""
+        cleaner = self.session.cleaner
+        if isinstance(item, (AudioIn, ClientEvent)) and isinstance(cleaner, ApmCleaner) and cleaner.pending:
+            await cleaner.settle()
+            await self._dispatch(self._handle(CallerAudioCleaned()))
+
     async def _vad_caught_up(self, item: SessionInput) -> None:
-        """Caller input may bring a VAD frame that reads the previous frame's result: await that result here, so the
-        core never blocks the event loop (and every other session) waiting on the silero thread."""
+        """Caller input may bring a VAD frame that reads the previous frame's result, or take the cleaned audio of the
+        previous chunk: await those results here, so the core never blocks the event loop (and every other session)
+        waiting on the silero or the audio-cleanup thread."""
+        if not isinstance(item, (AudioIn, ClientEvent)):
+            return
+        cleaner = self.session.cleaner
+        if isinstance(cleaner, ApmCleaner) and cleaner.pending:
+            await cleaner.settle()
         vad = self.session.vad
-        if isinstance(item, (AudioIn, ClientEvent)) and isinstance(vad, BatchedSileroVad) and vad.pending:
+        if isinstance(vad, BatchedSileroVad) and vad.pending:
             await vad.settle()
 
     def _handle(self, item: SessionInput) -> list[SessionOutput]:
         """A bug in the core fails one input with an error event, never the whole session."""
         try:
-            return self.session.handle(item, self._clock())
+            outputs = self.session.handle(item, self._clock())
+            if self.session.false_interruptions != self._false_interruptions:
+                self.metrics.false_interruptions.labels(self.door).inc()
+                self._false_interruptions = self.session.false_interruptions
+            return outputs
         except Exception as exc:
             context = f"{self.session.id}: session core failed on {type(item).__name__}"
             message = report_internal_error(log, context, exc)
@@ -130,6 +156,11 @@ class SessionRunner:
                 self._cancel_engine(output.response_id)
             elif isinstance(output, TranscribeAudio):
                 self._start_task(f"transcribe-{output.item_id}", self._transcribe(output))
+            elif isinstance(output, PredictEndOfTurn):
+                previous = self._engine_tasks.get(f"end-of-turn-{output.check_id - 1}")
+                if previous is not None:  # the caller spoke again since: that answer would be ignored
+                    previous.cancel()
+                self._start_task(f"end-of-turn-{output.check_id}", self._predict_end_of_turn(output))
             self._observe(output)
             await self._emit(output)
 
@@ -177,6 +208,20 @@ class SessionRunner:
             self.feed(TranscriptionDone(order.item_id, None, message))
         else:
             self.feed(TranscriptionDone(order.item_id, text))
+
+    async def _predict_end_of_turn(self, order: PredictEndOfTurn) -> None:
+        """`semantic_vad`: the end-of-turn model's answer goes back to the core as an input (None if it failed: the
+        turn then ends on the eagerness's longest silence)."""
+        started = self._clock()
+        try:
+            predictor = self._end_of_turn or EndOfTurnBatcher.get()
+            probability: float | None = await predictor.predict(order.audio)
+        except Exception as exc:
+            log.warning("%s: end-of-turn model failed: %s", self.session.id, exc)
+            probability = None
+        else:
+            self.metrics.end_of_turn_seconds.observe(self._clock() - started)
+        self.feed(EndOfTurnPredicted(order.check_id, probability))
 
     async def _run_engine(self, response_id: str, request: ResponseRequest) -> None:
         try:

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from omnivox.pipeline.echo_cancel import create_cleaner
 from omnivox.pipeline.engines.base import Engine
 from omnivox.pipeline.session import Session, SessionOptions
 from omnivox.pipeline.tts import TtsStage
@@ -77,6 +78,7 @@ class ServerState:
         output_rate: int | None = None,
         server_playout: bool = False,
         defaults: dict | None = None,
+        door: str = "realtime_ws",
     ) -> Session:
         """A session core configured from the server config, with the door's framing."""
         config = self.config
@@ -94,9 +96,12 @@ class ServerState:
             images=config.media.image_limits(),
             min_speech_ms=config.vad.min_speech_ms,
             text_follows_audio=getattr(self.engine, "text_follows_audio", False),
+            min_interruption_ms=config.vad.min_interruption_ms,
+            resume_after_ms=config.vad.resume_after_ms,
+            echo_cancellation=getattr(config.audio.echo_cancellation, door),
             defaults=session_defaults,
             context_tokens=getattr(self.engine, "context_tokens", None),
             audio_tokens_per_second=getattr(self.engine, "audio_tokens_per_second", 25.0),
         )
         kind = config.vad.kind
-        return Session(options, vad_factory=lambda: create_vad(kind))
+        return Session(options, vad_factory=lambda: create_vad(kind), cleaner_factory=create_cleaner)

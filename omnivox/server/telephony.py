@@ -112,6 +112,8 @@ class _Playout:
     item_id: str | None = None
     sent_ms: float = 0.0
     marked_ms: float = 0.0
+    heard_ms: float = 0.0
+    """The item's last echoed mark: what the caller has heard of it."""
     pending: set[str] = field(default_factory=set)
     stale: set[str] = field(default_factory=set)
 
@@ -269,6 +271,7 @@ class TwilioCall:
             output_rate=PHONE_RATE,
             server_playout=True,
             defaults=_session_defaults(start.get("customParameters")),
+            door=DOOR,
         )
         self.runner = SessionRunner(session, self.state.engine, self._emit, door=DOOR, metrics=self.state.metrics)
         self.pump = asyncio.create_task(self.runner.run(), name=f"pump-{session.id}")
@@ -311,6 +314,8 @@ class TwilioCall:
         if parsed is None:
             self._warn_once("mark", "echo of unknown mark %.80r ignored", name)
             return
+        if parsed[0] == playout.item_id:
+            playout.heard_ms = max(playout.heard_ms, parsed[1])
         self.runner.feed(PlayoutProgress(*parsed))
 
     # ------------------------------------------------------------ core -> Twilio
@@ -326,7 +331,7 @@ class TwilioCall:
     async def _send_audio(self, frame: AudioOut) -> None:
         playout = self._playout
         if playout.item_id != frame.item_id:
-            playout.item_id, playout.sent_ms, playout.marked_ms = frame.item_id, 0.0, 0.0
+            playout.item_id, playout.sent_ms, playout.marked_ms, playout.heard_ms = frame.item_id, 0.0, 0.0, 0.0
         payload = mulaw_encode(np.asarray(frame.pcm)).ljust(FRAME_BYTES, MULAW_SILENCE)
         playout.sent_ms += frame.pcm.size * 1000 / PHONE_RATE
         await self._send({"event": "media", "media": {"payload": base64.b64encode(payload).decode()}})
@@ -346,7 +351,8 @@ class TwilioCall:
         playout = self._playout
         playout.stale |= playout.pending
         playout.pending.clear()
-        playout.item_id = None
+        # a paused answer resumes from what was heard (the core rewinds to the same mark); a cancelled one never
+        playout.sent_ms = playout.marked_ms = playout.heard_ms
         await self._send({"event": "clear"})
 
     async def _observe(self, event: ServerEvent) -> None:

@@ -267,7 +267,9 @@ async def _answer(
     config = state.config.webrtc
     servers = [RTCIceServer(**server) for server in config.ice_servers]
     pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
-    session = state.new_session(frame_ms=config.frame_ms, lead_ms=config.lead_ms, output_rate=RATE, server_playout=True)
+    session = state.new_session(
+        frame_ms=config.frame_ms, lead_ms=config.lead_ms, output_rate=RATE, server_playout=True, door=DOOR
+    )
     model = request.query_params.get("model")
     if model:
         session.config["model"] = model

@@ -31,6 +31,7 @@ const ui = {
   error: document.getElementById("error"),
   micLevel: document.getElementById("mic-level"),
   agentState: document.getElementById("agent-state"),
+  turnDetection: document.getElementById("turn-detection"),
   latency: document.getElementById("latency"),
   bargeIn: document.getElementById("barge-in"),
   transcript: document.getElementById("transcript"),
@@ -232,7 +233,8 @@ class Call {
       type: "realtime",
       instructions: this.settings.instructions,
       audio: {
-        input: { transcription: this.settings.transcribe ? { model: "default" } : null },
+        // the browser cancels echo in getUserMedia, so the server need not (it would only add work)
+        input: { transcription: this.settings.transcribe ? { model: "default" } : null, echo_cancellation: false },
         output: { voice: this.settings.voice },
       },
     };
@@ -296,6 +298,7 @@ class Call {
         break;
       case "session.updated":
         this.silenceMs = silenceWindow(event.session) ?? this.silenceMs;
+        ui.turnDetection.textContent = describeTurnDetection(event.session);
         if (!this.ready) {
           this.ready = true;
           setStatus(`Connected over ${this.kind === "webrtc" ? "WebRTC" : "WebSocket"}. Speak any time.`);
@@ -611,6 +614,17 @@ class WebRtcCall extends Call {
 
 // ---------------------------------------------------------------- helpers
 
+// "semantic_vad (auto)", "server_vad (500 ms)" or "manual", and who cancels echo.
+function describeTurnDetection(session) {
+  const input = (session && session.audio && session.audio.input) || {};
+  const detection = input.turn_detection;
+  let text = "manual";
+  if (detection && detection.type === "semantic_vad") text = `semantic_vad (${detection.eagerness || "auto"})`;
+  else if (detection) text = `server_vad (${detection.silence_duration_ms} ms)`;
+  window.omnivox.turnDetection = detection ? detection.type : null;
+  return `${text} · echo cancelled by ${input.echo_cancellation ? "the server" : "the browser"}`;
+}
+
 function silenceWindow(session) {
   const detection = session && session.audio && session.audio.input && session.audio.input.turn_detection;
   return detection && Number.isFinite(detection.silence_duration_ms) ? detection.silence_duration_ms : null;
@@ -694,7 +708,7 @@ function hangUp() {
   else setStatus("Disconnected");
 }
 
-window.omnivox = { state: "idle", transport: null, connected: false, stats, connect, hangUp };
+window.omnivox = { state: "idle", transport: null, turnDetection: null, connected: false, stats, connect, hangUp };
 window.addEventListener("error", (event) => stats.errors.push(`uncaught: ${event.message}`));
 window.addEventListener("unhandledrejection", (event) => stats.errors.push(`unhandled: ${event.reason}`));
 stats.stateHistory.push({ state: "idle", t: performance.now() });

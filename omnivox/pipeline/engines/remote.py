@@ -30,6 +30,7 @@ from omnivox.pipeline.engines.base import (
     EngineNotReady,
     ResponseRequest,
     TextDelta,
+    ToolCallDelta,
     Usage,
 )
 from omnivox.pipeline.engines.engine_hosts import EngineHost, HostObserver, HostPool
@@ -187,12 +188,15 @@ class RemoteEngine:
                 log.info("%s: engine host %s unreachable, trying another", request.request_id, host.url)
 
     async def _deltas(self, events: AsyncIterator[Any]) -> AsyncIterator[Delta]:
-        """Chat events as engine deltas: audio at the native rate, one `Usage` at the end."""
+        """Chat events as engine deltas: audio at the native rate, function calls as they are, one `Usage` at the
+        end."""
         resampler: StreamResampler | None = None
         usage: Usage | None = None
         async for event in events:
             if isinstance(event, ChatText):
                 yield TextDelta(event.text)
+            elif isinstance(event, ToolCallDelta):
+                yield event
             elif isinstance(event, ChatAudio):
                 if resampler is None or resampler.in_rate != event.rate:
                     if resampler is not None and (tail := resampler.flush()).size:

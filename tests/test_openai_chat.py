@@ -132,7 +132,7 @@ WEATHER = FunctionTool("get_weather", "The weather in a city", {"type": "object"
 
 
 def tool_turns(**changes: Any) -> ResponseRequest:
-    """A conversation with a call, its result and a question, offering one tool."""
+    """A conversation with two answered calls and two unanswered ones, offering one tool."""
     fields: dict[str, Any] = {
         "messages": (
             Message("user", (TextPart("Weather in Paris and Rome?"),)),
@@ -146,7 +146,9 @@ def tool_turns(**changes: Any) -> ResponseRequest:
             ),
             Message("tool", (ToolResultPart("call_1", '{"temperature": 21}', "get_weather"),)),
             Message("tool", (ToolResultPart("call_2", '{"temperature": 25}', "get_weather"),)),
-            Message("assistant", (ToolCallPart("call_3", "get_weather", "{}"),)),
+            Message("assistant", (TextPart("Anything else?"), ToolCallPart("call_3", "get_weather", "{}"))),
+            Message("user", (TextPart("No."),)),
+            Message("assistant", (ToolCallPart("call_4", "get_weather", "{}"),)),
         ),
         "tools": (WEATHER,),
     }
@@ -159,7 +161,7 @@ def test_tools_calls_and_results_go_in_the_openai_shape(dialect: str) -> None:
     function = {"name": "get_weather", "description": "The weather in a city", "parameters": WEATHER.parameters}
     assert body["tools"] == [{"type": "function", "function": function}]
     assert (body["tool_choice"], body["parallel_tool_calls"]) == ("auto", True)
-    user, spoken_and_calls, first, second, call_only = body["messages"]
+    user, spoken_and_calls, first, second, spoken_only, last = body["messages"]
     assert user == {"role": "user", "content": [{"type": "text", "text": "Weather in Paris and Rome?"}]}
     assert spoken_and_calls == {
         "role": "assistant",
@@ -171,7 +173,9 @@ def test_tools_calls_and_results_go_in_the_openai_shape(dialect: str) -> None:
     }
     assert first == {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'}
     assert second == {"role": "tool", "tool_call_id": "call_2", "content": '{"temperature": 25}'}
-    assert call_only["content"] is None and call_only["tool_calls"][0]["id"] == "call_3"
+    # calls no output answered are left out (OpenAI refuses them), and with them a turn that was only such calls
+    assert spoken_only == {"role": "assistant", "content": "Anything else?"}
+    assert last == {"role": "user", "content": [{"type": "text", "text": "No."}]}
 
 
 def test_tool_choice_and_parallel_calls_are_sent_as_asked_and_nothing_without_tools() -> None:

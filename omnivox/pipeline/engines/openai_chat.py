@@ -41,7 +41,7 @@ import secrets
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -141,8 +141,9 @@ def build_chat_body(
     if instructions and dialect != "omnivox":
         messages.append({"role": "system", "content": instructions})
     audio_part = options.audio_part or ("audio_url" if dialect == "vllm-omni" else "input_audio")
+    answered = {part.call_id for m in request.messages for part in m.parts if isinstance(part, ToolResultPart)}
     for message in request.messages:
-        messages.extend(chat_messages(message, audio_part, audio_data))
+        messages.extend(chat_messages(message, audio_part, audio_data, answered))
     body: dict[str, Any] = {
         "model": options.model,
         "messages": messages,
@@ -182,16 +183,22 @@ def tool_fields(request: ResponseRequest) -> dict[str, Any]:
     }
 
 
-def chat_messages(message: Message, audio_part: str, audio_data: AudioData = wav_base64) -> list[dict[str, Any]]:
+def chat_messages(
+    message: Message, audio_part: str, audio_data: AudioData = wav_base64, answered: Collection[str] = ()
+) -> list[dict[str, Any]]:
     """One engine message as OpenAI chat messages: assistant and system turns are text (assistant audio is
     represented by the transcript the caller heard) with the assistant's function calls as its `tool_calls`; a
-    `tool` message becomes one message per result."""
+    `tool` message becomes one message per result. Only calls whose id is in `answered` are sent: OpenAI refuses a
+    call that no `tool` message answers (a Realtime client may never return an output)."""
     if message.role == "tool":
         results = [part for part in message.parts if isinstance(part, ToolResultPart)]
         return [{"role": "tool", "tool_call_id": result.call_id, "content": result.output} for result in results]
     if message.role != "user":
         text = "".join(part.text for part in message.parts if isinstance(part, TextPart))
-        calls = [part for part in message.parts if isinstance(part, ToolCallPart)]
+        made = [part for part in message.parts if isinstance(part, ToolCallPart)]
+        calls = [call for call in made if call.call_id in answered]
+        if made and not calls and not text:
+            return []
         if not calls:
             return [{"role": message.role, "content": text}]
         tool_calls = [

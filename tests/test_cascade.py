@@ -28,6 +28,7 @@ from omnivox.pipeline.engines.base import (
     ResponseRequest,
     TextDelta,
     TextPart,
+    ToolCallDelta,
     Usage,
 )
 from omnivox.pipeline.engines.cascade import CascadeEngine, LlmRecogniser
@@ -75,11 +76,11 @@ def test_words_released_with_their_audio_are_truncated_exactly() -> None:
 
 
 class FakeLlm:
-    """An LLM stage that answers with fixed tokens and remembers what it was asked."""
+    """An LLM stage that answers with fixed tokens (text, or any other delta) and remembers what it was asked."""
 
     model_id = "fake-llm"
 
-    def __init__(self, tokens: list[str], *, hears_audio: bool = True, sees_images: bool = True) -> None:
+    def __init__(self, tokens: list[str | Delta], *, hears_audio: bool = True, sees_images: bool = True) -> None:
         self.tokens = tokens
         self.hears_audio = hears_audio
         self.sees_images = sees_images
@@ -96,7 +97,7 @@ class FakeLlm:
         self.requests.append(request)
         for token in self.tokens:
             await asyncio.sleep(0)
-            yield TextDelta(token)
+            yield TextDelta(token) if isinstance(token, str) else token
         yield Usage(input_tokens=5, output_tokens=len(self.tokens))
 
 
@@ -126,6 +127,17 @@ async def test_the_answer_is_spoken_with_its_words_and_usage_comes_last() -> Non
     assert sum(d.pcm.size for d in deltas if isinstance(d, AudioDelta)) == 5 * 1000
     assert isinstance(deltas[-1], Usage)
     assert engine.llm.requests[0].output_audio is False
+
+
+async def test_a_call_passes_through_after_the_words_before_it_are_spoken() -> None:
+    call = ToolCallDelta(0, name="get_weather", arguments='{"city": "Paris"}', call_id="call_1")
+    engine = fake_cascade(FakeLlm(["Let", " me", " check", call]))
+    request = ResponseRequest(messages=(Message("user", (TextPart("weather?"),)),), output_audio=True)
+    deltas = [delta async for delta in engine.respond(request)]
+    at = deltas.index(call)
+    assert "".join(d.text for d in deltas[:at] if isinstance(d, TextDelta)) == "Let me check"
+    assert sum(d.pcm.size for d in deltas[:at] if isinstance(d, AudioDelta)) == 3 * 1000
+    assert deltas[at + 1 :] == [Usage(input_tokens=5, output_tokens=4)]
 
 
 async def test_text_only_responses_are_the_llm_stream_untouched() -> None:

@@ -5,6 +5,7 @@ the commands parse with the `omnivox` CLI."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from omnivox.server.cli import build_parser
-from omnivox.server.config import load_config
+from omnivox.server.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -35,23 +36,42 @@ def container(workload: dict[str, Any]) -> dict[str, Any]:
     return only
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile.front", "Dockerfile.engine"])
-def test_the_images_commands_parse_and_their_configs_load(dockerfile: str) -> None:
+def image_config(dockerfile: str) -> tuple[argparse.Namespace, Config]:
+    """The image command's arguments, and the configuration it serves with (a file copied from deploy/ into the
+    image, or one of the package's)."""
     command = dockerfile_command(dockerfile)
     assert command[0] == "omnivox"
     args = build_parser().parse_args(command[1:])
-    text = (DEPLOY / dockerfile).read_text()
-    copied = re.search(r"COPY deploy/(\S+) (\S+)", text)
-    config_path = args.config
-    if copied and config_path == copied.group(2):
-        config_path = str(DEPLOY / copied.group(1))
-    else:
-        config_path = str(ROOT / config_path)
-    loaded = load_config(config_path, environ={})
+    copied = re.search(r"COPY deploy/(\S+) (\S+)", (DEPLOY / dockerfile).read_text())
+    path = DEPLOY / copied.group(1) if copied and args.config == copied.group(2) else ROOT / args.config
+    return args, load_config(path, environ={})
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.front", "Dockerfile.engine"])
+def test_the_images_commands_parse_and_their_configs_load(dockerfile: str) -> None:
+    args, loaded = image_config(dockerfile)
     if dockerfile == "Dockerfile.front":
         assert loaded.engine.name == "remote" and args.workers == 2
     else:
         assert loaded.engine.name == "qwen2.5-omni" and args.port == 8000
+
+
+def apt_packages(dockerfile: str) -> set[str]:
+    """The packages the image's `apt-get install` lines name."""
+    text = (DEPLOY / dockerfile).read_text().replace("\\\n", " ")
+    found: set[str] = set()
+    for command in re.findall(r"apt-get install ([^&\n]+)", text):
+        found.update(word for word in command.split() if not word.startswith("-"))
+    return found
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.front", "Dockerfile.engine"])
+def test_every_image_has_the_espeak_ng_its_speech_needs(dockerfile: str) -> None:
+    """Every omnivox serves POST /v1/audio/speech through its TTS stage: Piper (the default) takes its phonemes from
+    libespeak-ng, and the espeak backend speaks with espeak-ng."""
+    _, config = image_config(dockerfile)
+    assert config.tts.backend in ("piper", "espeak")
+    assert "espeak-ng" in apt_packages(dockerfile)
 
 
 def test_compose_runs_a_front_in_front_of_a_gpu_engine_host() -> None:

@@ -21,11 +21,16 @@ from omnivox.pipeline.engines.base import (
     EngineError,
     EngineNotReady,
     EngineOutOfMemory,
+    FunctionTool,
     ImagePart,
     Message,
     ResponseRequest,
     SamplingParams,
     TextPart,
+    ToolCallDelta,
+    ToolCallPart,
+    ToolChoice,
+    ToolResultPart,
     Usage,
 )
 from omnivox.pipeline.engines.openai_chat import (
@@ -36,6 +41,7 @@ from omnivox.pipeline.engines.openai_chat import (
     ChatText,
     ChatUsage,
     HostUnreachable,
+    InvalidToolCall,
     build_chat_body,
     encode_chat_body,
     stream_events,
@@ -122,6 +128,67 @@ def test_openai_request_and_text_only_requests() -> None:
     assert omnivox_text["modalities"] == ["text"]
 
 
+WEATHER = FunctionTool("get_weather", "The weather in a city", {"type": "object", "properties": {"city": {}}})
+
+
+def tool_turns(**changes: Any) -> ResponseRequest:
+    """A conversation with two answered calls and two unanswered ones, offering one tool."""
+    fields: dict[str, Any] = {
+        "messages": (
+            Message("user", (TextPart("Weather in Paris and Rome?"),)),
+            Message(
+                "assistant",
+                (
+                    TextPart("Let me look."),
+                    ToolCallPart("call_1", "get_weather", '{"city": "Paris"}'),
+                    ToolCallPart("call_2", "get_weather", '{"city": "Rome"}'),
+                ),
+            ),
+            Message("tool", (ToolResultPart("call_1", '{"temperature": 21}', "get_weather"),)),
+            Message("tool", (ToolResultPart("call_2", '{"temperature": 25}', "get_weather"),)),
+            Message("assistant", (TextPart("Anything else?"), ToolCallPart("call_3", "get_weather", "{}"))),
+            Message("user", (TextPart("No."),)),
+            Message("assistant", (ToolCallPart("call_4", "get_weather", "{}"),)),
+        ),
+        "tools": (WEATHER,),
+    }
+    return ResponseRequest(**{**fields, **changes})
+
+
+@pytest.mark.parametrize("dialect", ["omnivox", "openai", "vllm-omni"])
+def test_tools_calls_and_results_go_in_the_openai_shape(dialect: str) -> None:
+    body = build_chat_body(tool_turns(), ChatOptions(model="m", dialect=dialect))
+    function = {"name": "get_weather", "description": "The weather in a city", "parameters": WEATHER.parameters}
+    assert body["tools"] == [{"type": "function", "function": function}]
+    assert (body["tool_choice"], body["parallel_tool_calls"]) == ("auto", True)
+    user, spoken_and_calls, first, second, spoken_only, last = body["messages"]
+    assert user == {"role": "user", "content": [{"type": "text", "text": "Weather in Paris and Rome?"}]}
+    assert spoken_and_calls == {
+        "role": "assistant",
+        "content": "Let me look.",
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
+        ],
+    }
+    assert first == {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'}
+    assert second == {"role": "tool", "tool_call_id": "call_2", "content": '{"temperature": 25}'}
+    # calls no output answered are left out (OpenAI refuses them), and with them a turn that was only such calls
+    assert spoken_only == {"role": "assistant", "content": "Anything else?"}
+    assert last == {"role": "user", "content": [{"type": "text", "text": "No."}]}
+
+
+def test_tool_choice_and_parallel_calls_are_sent_as_asked_and_nothing_without_tools() -> None:
+    options = ChatOptions(model="m", dialect="openai")
+    named = build_chat_body(tool_turns(tool_choice=ToolChoice("required", "get_weather")), options)
+    assert named["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    single = build_chat_body(tool_turns(tool_choice=ToolChoice("none"), parallel_tool_calls=False), options)
+    assert (single["tool_choice"], single["parallel_tool_calls"]) == ("none", False)
+    assert build_chat_body(tool_turns(tool_choice=ToolChoice("required")), options)["tool_choice"] == "required"
+    plain = build_chat_body(conversation_request(), options)
+    assert not {"tools", "tool_choice", "parallel_tool_calls"} & set(plain)
+
+
 # ---------------------------------------------------------------- chunks
 
 
@@ -168,6 +235,54 @@ def test_a_whole_reply_at_once_gives_text_before_audio() -> None:
     assert usage == ChatUsage(Usage(9, 3, 0))
     openai_shape = {"choices": [{"message": {"content": None, "audio": {"data": "", "transcript": "Hi"}}}]}
     assert whole_events(openai_shape) == [ChatText("Hi")]
+
+
+def tool_chunk(*calls: dict[str, Any], modality: str | None = None) -> dict[str, Any]:
+    chunk: dict[str, Any] = {"choices": [{"index": 0, "delta": {"tool_calls": list(calls)}, "finish_reason": None}]}
+    return {**chunk, "modality": modality} if modality else chunk
+
+
+@pytest.mark.parametrize("dialect", ["omnivox", "openai", "vllm-omni"])
+def test_streamed_tool_call_pieces_become_tool_call_deltas(dialect: str) -> None:
+    modality = "text" if dialect == "vllm-omni" else None
+    first = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    assert stream_events(tool_chunk(first, modality=modality), dialect) == [
+        ToolCallDelta(0, name="get_weather", call_id="call_a")
+    ]
+    piece = {"index": 0, "function": {"arguments": '{"city": '}}
+    second = {"index": 1, "id": "call_b", "function": {"name": "get_time", "arguments": "{}"}}
+    assert stream_events(tool_chunk(piece, second, modality=modality), dialect) == [
+        ToolCallDelta(0, arguments='{"city": '),
+        ToolCallDelta(1, name="get_time", arguments="{}", call_id="call_b"),
+    ]
+
+
+def test_hostile_tool_call_pieces_are_bounded() -> None:
+    with pytest.raises(EngineError, match="index"):
+        stream_events(tool_chunk({"index": 10**9, "function": {"name": "x"}}), "openai")
+    with pytest.raises(EngineError, match="index"):
+        stream_events(tool_chunk({"index": "0", "function": {"name": "x"}}), "openai")
+    odd = {"index": 0, "id": "c" * 500, "function": {"name": 7, "arguments": {"city": "Paris"}}}
+    assert stream_events(tool_chunk(odd, "not a call"), "openai") == [ToolCallDelta(0, arguments='{"city": "Paris"}')]
+
+
+def test_a_whole_reply_gives_its_calls_after_the_text_and_before_the_audio() -> None:
+    calls = [
+        {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
+    ]
+    body = {
+        "choices": [
+            {"message": {"role": "assistant", "content": "Let me look.", "tool_calls": calls}},
+            {"message": {"role": "assistant", "audio": {"id": "a", "data": wav_b64(TONE), "transcript": ""}}},
+        ]
+    }
+    text, first, second, audio = whole_events(body)
+    assert text == ChatText("Let me look.") and isinstance(audio, ChatAudio)
+    assert (first, second) == (
+        ToolCallDelta(0, name="get_weather", arguments='{"city": "Paris"}', call_id="call_a"),
+        ToolCallDelta(1, name="get_weather", arguments='{"city": "Rome"}', call_id="call_b"),
+    )
 
 
 @pytest.mark.parametrize(
@@ -281,6 +396,51 @@ async def test_an_error_mid_stream_ends_it_with_its_kind() -> None:
         async for event in client.stream(conversation_request()):
             received.append(event)
     assert received == [ChatText("Hel")]
+
+
+def streamed(*payloads: dict[str, Any] | str) -> Any:
+    body = sse(*payloads)
+    return lambda _: httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+
+@pytest.mark.parametrize("dialect", ["omnivox", "openai", "vllm-omni"])
+async def test_after_the_first_call_piece_no_text_and_for_vllm_omni_no_audio(dialect: str) -> None:
+    """The text after a call is the call's (the engine protocol); vLLM-Omni's talker would speak the call."""
+    audio_text = {"modality": "text"} if dialect == "vllm-omni" else {}
+    audio_chunk = (
+        {"modality": "audio", "choices": [{"delta": {"content": wav_b64(TONE)}}]}
+        if dialect == "vllm-omni"
+        else {"choices": [{"delta": {"audio": {"data": base64.b64encode(float_to_pcm16(TONE)).decode()}}}]}
+    )
+    call = {"index": 0, "id": "call_a", "function": {"name": "get_weather", "arguments": "{}"}}
+    client = client_for(
+        streamed(
+            {**audio_text, "choices": [{"delta": {"content": "Let me look."}}]},
+            audio_chunk,
+            {**tool_chunk(call), **audio_text},
+            {**audio_text, "choices": [{"delta": {"content": '<tool_call>{"name": "get_weather"}'}}]},
+            audio_chunk,
+            {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}},
+        ),
+        dialect=dialect,
+    )
+    events = await collect(client, tool_turns())
+    kinds = [type(event).__name__ for event in events]
+    expected_after = ["ChatUsage"] if dialect == "vllm-omni" else ["ChatAudio", "ChatUsage"]
+    assert kinds == ["ChatText", "ChatAudio", "ToolCallDelta", *expected_after]
+    assert events[0] == ChatText("Let me look.")
+
+
+async def test_a_call_the_host_refuses_after_streaming_it_fails_as_a_call() -> None:
+    call = {"index": 0, "id": "call_a", "function": {"name": "get_weather", "arguments": '{"city": "Par'}}
+    refusal = {"error": {"message": "the model made an invalid function call", "code": "invalid_tool_call"}}
+    events = await collect(client_for(streamed(tool_chunk(call), refusal)), tool_turns())
+    assert events == [
+        ToolCallDelta(0, name="get_weather", arguments='{"city": "Par', call_id="call_a"),
+        ToolCallDelta(0, error="the model made an invalid function call"),
+    ]
+    with pytest.raises(InvalidToolCall):  # with no call begun it is the response's failure
+        await collect(client_for(streamed(refusal)), tool_turns())
 
 
 async def test_a_host_that_refuses_connections_is_unreachable() -> None:

@@ -34,6 +34,7 @@ from omnivox.pipeline.engines.engine_hosts import EngineHost, HostPool
 from omnivox.pipeline.engines.remote import RemoteEngine
 from omnivox.pipeline.engines.scripted import ESPEAK_VOICES, ScriptedEngine
 from omnivox.pipeline.media import AudioLimits, decode_audio_native
+from omnivox.pipeline.recognisers import RemoteRecogniser
 from tests.remote_helpers import WORDS, OpenAIStandIn, VllmOmniStandIn, free_port, remote_config
 from tests.server_helpers import RunningServer, running_server, scripted_config, serving
 from tests.test_http_api import EndlessEngine
@@ -140,6 +141,26 @@ async def test_caller_audio_reaches_the_host_at_16_khz(host: RunningServer, host
     (part,) = host_engine.requests[-1].messages[0].parts
     assert isinstance(part, AudioPart) and part.pcm.size == caller.size
     assert np.abs(part.pcm - caller).max() < 1 / 32768 + 1e-6
+
+
+async def test_transcription_refusals_keep_their_kind() -> None:
+    """The remote engine and the cascade share one remote recogniser; a busy server is busy, not a failure."""
+    seen: list[httpx.Request] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(429, json={"error": {"message": "queue full", "code": "server_busy"}})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as http:
+        recogniser = RemoteRecogniser("http://asr:8000/v1/", model="whisper-1", api_key="sk-asr", http=http)
+        with pytest.raises(EngineBusy, match="queue full"):
+            await recogniser.transcribe(np.zeros(1_600, np.float32), "en")
+        await recogniser.close()  # a shared client stays open
+        assert not http.is_closed
+    (request,) = seen
+    assert str(request.url) == "http://asr:8000/v1/audio/transcriptions"
+    assert request.headers["authorization"] == "Bearer sk-asr"
+    assert b'name="language"\r\n\r\nen' in request.read()
 
 
 async def test_cancelling_mid_answer_aborts_the_hosts_request(host: RunningServer, host_engine: HostEngine) -> None:

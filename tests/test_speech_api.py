@@ -3,10 +3,12 @@ spoken by the bundled Piper voice, recognisable, and every hostile value refused
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 import httpx
 import numpy as np
@@ -15,10 +17,14 @@ import pytest
 
 from omnivox.pipeline.audio import pcm16_to_float, resample
 from omnivox.pipeline.engines.base import AudioDelta, TextDelta
+from omnivox.pipeline.engines.scripted import ScriptedEngine
 from omnivox.pipeline.media import AUDIO_CONTAINERS, AudioLimits, decode_audio_native
 from omnivox.pipeline.recognisers import PocketsphinxRecogniser
 from omnivox.pipeline.tts import RemoteSpeechSettings, TtsSettings, create_tts_stage
+from omnivox.pipeline.tts.base import SpeechChunk
+from omnivox.pipeline.tts.stage import TtsStage
 from tests.server_helpers import RunningServer, running_server, scripted_config
+from tests.test_tts import FakeBackend
 
 SENTENCE = "The quick brown fox jumps over the lazy dog. It was a sunny day."
 KEY = "sk-speech"
@@ -157,3 +163,83 @@ async def test_one_omnivox_is_another_ones_tts_backend(server: RunningServer) ->
         assert stage.rate == 24_000 and 1.5 < audio.size / stage.rate < 5
         if settings.backend == "remote":  # Piper's voice through the hop; pocketsphinx hardly knows espeak-ng's
             assert {"fox", "dog"} <= recognised(audio, stage.rate)
+
+
+# ---------------------------------------------------------------------------------------------- how many at once
+
+
+class GatedBackend(FakeBackend):
+    """Holds every clause until `start_gate` opens, and the rest of a clause after its first chunk until `rest_gate`
+    opens; at the speech door's rate, so the first chunk goes out as it is (no resampler delay)."""
+
+    rate = 24_000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.start_gate = threading.Event()
+        self.rest_gate = threading.Event()
+
+    async def synthesize(self, words: Sequence[str], voice: str, speed: float) -> AsyncIterator[SpeechChunk]:
+        await until_set(self.start_gate)
+        first = True
+        async for chunk in super().synthesize(words, voice, speed):
+            if not first:
+                await until_set(self.rest_gate)
+            first = False
+            yield chunk
+
+
+async def until_set(gate: threading.Event) -> None:
+    while not gate.is_set():
+        await asyncio.sleep(0.01)
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def gated() -> Iterator[tuple[RunningServer, GatedBackend]]:
+    """A server whose TTS stage (one synthesis thread, one more request may wait) speaks only when told to."""
+    backend = GatedBackend()
+    config = scripted_config(tts={"workers": 1, "max_queued_requests": 1})
+    with running_server(config, ScriptedEngine(tts=TtsStage(backend))) as server:
+        yield server, backend
+
+
+SPEECH = {"model": "tts-1", "voice": "alloy", "input": "Hello there, how are you?", "response_format": "pcm"}
+
+
+async def test_speech_requests_beyond_the_queue_are_refused_busy_and_places_come_back(
+    gated: tuple[RunningServer, GatedBackend],
+) -> None:
+    server, backend = gated
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=30) as client:
+        held = [asyncio.create_task(client.post("/v1/audio/speech", json=SPEECH)) for _ in range(2)]
+        await eventually(lambda: server.state.speech_requests == 2)
+        refused = await client.post("/v1/audio/speech", json=SPEECH)
+        assert refused.status_code == 429
+        assert (refused.json()["error"]["code"], refused.json()["error"]["type"]) == ("server_busy", "rate_limit_error")
+        backend.start_gate.set()
+        backend.rest_gate.set()
+        answers = await asyncio.gather(*held)
+        assert [answer.status_code for answer in answers] == [200, 200]
+        assert all(len(answer.content) / 48_000 > 0.15 for answer in answers)
+        await eventually(lambda: server.state.speech_requests == 0)
+        assert (await client.post("/v1/audio/speech", json=SPEECH)).status_code == 200
+    metrics = httpx.get(f"{server.http_url}/metrics").text
+    assert 'omnivox_protocol_errors_total{code="server_busy",door="http_speech"} 1.0' in metrics
+
+
+async def test_a_client_that_leaves_mid_stream_gives_its_place_back(gated: tuple[RunningServer, GatedBackend]) -> None:
+    server, backend = gated
+    backend.start_gate.set()  # the first chunk of each clause comes, the rest never does
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=30) as client:
+        for _ in range(3):  # more than the places: each is given back
+            async with client.stream("POST", "/v1/audio/speech", json=SPEECH) as response:
+                assert response.status_code == 200
+                assert await anext(response.aiter_bytes())
+            await eventually(lambda: server.state.speech_requests == 0)

@@ -12,6 +12,7 @@ import numpy as np
 
 from omnivox.pipeline.audio import encode_audio_file, float_to_pcm16
 from omnivox.pipeline.engines.base import INPUT_RATE, EngineError
+from omnivox.pipeline.engines.openai_chat import HostUnreachable, describe, error_from_response, server_root
 
 TRANSCRIPTIONS_PATH = "/v1/audio/transcriptions"
 
@@ -50,15 +51,28 @@ class PocketsphinxRecogniser:
 
 
 class RemoteRecogniser:
-    """A remote transcription endpoint (OpenAI, vLLM serving Whisper, another omnivox)."""
+    """A remote transcription endpoint (OpenAI, vLLM serving Whisper, another omnivox: the remote engine's hosts).
+
+    Refusals keep their kind as the chat client's do (429 busy, 503 not ready, ...); a server that cannot be reached
+    raises `HostUnreachable`. `http` shares a client (the remote engine's), which `close` then leaves open."""
 
     def __init__(
-        self, url: str, *, model: str = "whisper-1", api_key: str | None = None, timeout_s: float = 30.0
+        self,
+        url: str,
+        *,
+        model: str = "whisper-1",
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        connect_timeout_s: float = 2.0,
+        http: httpx.AsyncClient | None = None,
     ) -> None:
-        self.url = url.rstrip("/").removesuffix("/v1") + TRANSCRIPTIONS_PATH
+        self.root = server_root(url)
+        self.url = self.root + TRANSCRIPTIONS_PATH
         self.model = model
         self.api_key = api_key
-        self._http = httpx.AsyncClient(timeout=timeout_s)
+        self.timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        self._owns_http = http is None
+        self._http = http or httpx.AsyncClient(trust_env=False)
 
     async def transcribe(self, audio: np.ndarray, language: str | None = None, prompt: str = "") -> str:
         wav = await asyncio.to_thread(encode_audio_file, audio, INPUT_RATE, "wav")
@@ -70,18 +84,24 @@ class RemoteRecogniser:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
             response = await self._http.post(
-                self.url, data=fields, files={"file": ("turn.wav", wav, "audio/wav")}, headers=headers
+                self.url,
+                data=fields,
+                files={"file": ("turn.wav", wav, "audio/wav")},
+                headers=headers,
+                timeout=self.timeout,
             )
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise HostUnreachable(f"transcription server {self.root} unreachable: {describe(exc)}") from None
         except httpx.HTTPError as exc:
-            raise EngineError(f"transcription server {self.url} failed: {type(exc).__name__}: {exc}") from None
+            raise EngineError(f"transcription by {self.root} failed: {describe(exc)}") from None
         if response.status_code != 200:
-            detail = response.text[:300]
-            raise EngineError(f"transcription server {self.url} answered {response.status_code}: {detail}")
+            raise error_from_response(response.status_code, response.content)
         try:
-            text = response.json().get("text", "")
-        except ValueError:
-            raise EngineError(f"transcription server {self.url} sent no JSON") from None
+            text = response.json()["text"]
+        except (ValueError, KeyError, TypeError):
+            raise EngineError(f"{self.root} answered the transcription without a text") from None
         return text if isinstance(text, str) else ""
 
     async def close(self) -> None:
-        await self._http.aclose()
+        if self._owns_http:
+            await self._http.aclose()

@@ -113,7 +113,8 @@ def door_routes() -> list[BaseRoute]:
 def create_tts(config: Config) -> TtsStage:
     """The TTS stage the configuration describes (nothing loads until it starts: an engine that speaks through it
     starts it, else the speech door on its first request)."""
-    return create_tts_stage(TtsSettings.from_mapping(config.tts.model_dump(exclude={"max_input_chars"})))
+    speech_door_only = {"max_input_chars", "max_queued_requests"}
+    return create_tts_stage(TtsSettings.from_mapping(config.tts.model_dump(exclude=speech_door_only)))
 
 
 def create_app(config: Config, engine: Engine | None = None) -> Starlette:

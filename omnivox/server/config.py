@@ -136,6 +136,7 @@ class TtsConfig(_Section):
     max_clause_chars: int = Field(150, ge=8, le=2000)
     min_soft_clause_chars: int = Field(24, ge=1, le=2000)
     max_input_chars: int = Field(4096, ge=1, le=1_000_000)
+    max_queued_requests: int = Field(16, ge=0, le=100_000)
 
 
 class VadConfig(_Section):

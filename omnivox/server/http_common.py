@@ -245,23 +245,35 @@ class EventStream(StreamingResponse):
     """An SSE (or other streamed) response that stops its producer (and so the engine) the moment the client
     disconnects, whatever ASGI spec version the server speaks (Starlette only listens for disconnects below 2.4)."""
 
-    def __init__(self, events: AsyncIterator[Any], media_type: str = "text/event-stream") -> None:
+    def __init__(
+        self,
+        events: AsyncIterator[Any],
+        media_type: str = "text/event-stream",
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        """`on_close` runs once the response is over, however it ended (even when the client left before the
+        producer started, which then never runs its own clean-up)."""
         super().__init__(
             events,
             media_type=media_type,
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as group:
+        try:
+            async with anyio.create_task_group() as group:
 
-            async def produce() -> None:
-                await self.stream_response(send)
+                async def produce() -> None:
+                    await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(produce)
+                await self.listen_for_disconnect(receive)
                 group.cancel_scope.cancel()
-
-            group.start_soon(produce)
-            await self.listen_for_disconnect(receive)
-            group.cancel_scope.cancel()
+        finally:
+            if self.on_close is not None:
+                self.on_close()
 
 
 def stream_error(exc: BaseException, door: str, state: ServerState) -> str:

@@ -6,7 +6,9 @@ wav | mp3 | opus | flac (default mp3), `speed` 0.25-4.0, `stream_format` `audio`
 are encoded) or `sse` (`speech.audio.delta` events with base64 audio, then `speech.audio.done`). `instructions` is
 accepted and ignored. Clauses are synthesised one after another on the TTS stage's threads (never on the event loop),
 and the response starts once the first clause's first audio exists, so a failure before it is a plain HTTP error.
-A client that goes away stops the synthesis.
+A client that goes away stops the synthesis. Each request has one clause on the threads at a time, so at most
+`tts.workers` are synthesised while the others wait: `tts.max_queued_requests` may wait, and a request beyond them is
+refused at once (429 `server_busy`) instead of queueing without bound.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Literal
 
@@ -25,7 +27,7 @@ from starlette.responses import Response
 
 from omnivox.pipeline.audio import StreamResampler
 from omnivox.pipeline.audio_encoder import StreamingEncoder
-from omnivox.pipeline.engines.base import EngineError
+from omnivox.pipeline.engines.base import EngineBusy, EngineError
 from omnivox.pipeline.internal_errors import report_internal_error
 from omnivox.pipeline.tts.stage import MAX_SPEED, MIN_SPEED, TtsStage
 from omnivox.server.http_common import (
@@ -88,6 +90,7 @@ async def speech(request: Request) -> Response:
     voice = stage.voice(body.voice)
     if voice is None:
         raise ApiError(400, f"unknown voice {body.voice!r}; use one of OpenAI's voice names", param="voice")
+    release = _admit(state)
     tracker = ResponseTracker(state, SPEECH_DOOR)
     try:
         await stage.start()
@@ -96,18 +99,47 @@ async def speech(request: Request) -> Response:
     except EngineError as exc:
         tracker.status = "failed"
         tracker.finish()
+        release()
         raise engine_api_error(exc) from None
     except (OSError, ValueError) as exc:  # a voice that cannot be loaded
         tracker.status = "failed"
         tracker.finish()
+        release()
         message = report_internal_error(log, "the TTS stage cannot start", exc, "the TTS stage cannot start")
         raise ApiError(503, message, kind="server_error", code="tts_unavailable") from None
+    except BaseException:  # the client went away (cancelled) or a bug: the slot is free again either way
+        release()
+        raise
     chunks = _chunks(first, audio)
     if body.stream_format == "sse":
-        return EventStream(_sse_events(state, stage, tracker, chunks, body.response_format))
+        return EventStream(_sse_events(state, stage, tracker, chunks, body.response_format), on_close=release)
     return EventStream(
-        _audio_bytes(state, stage, tracker, chunks, body.response_format), media_type=MEDIA_TYPES[body.response_format]
+        _audio_bytes(state, stage, tracker, chunks, body.response_format),
+        media_type=MEDIA_TYPES[body.response_format],
+        on_close=release,
     )
+
+
+def _admit(state: ServerState) -> Callable[[], None]:
+    """Take one of the speech door's places, or refuse with 429 `server_busy`; returns what gives the place back
+    (once, however often it is called)."""
+    tts = state.config.tts
+    places = tts.workers + tts.max_queued_requests
+    if state.speech_requests >= places:
+        log.warning("%s: %d speech requests in progress; refused one (tts.max_queued_requests)", SPEECH_DOOR, places)
+        state.metrics.protocol_errors.labels(SPEECH_DOOR, EngineBusy.code).inc()
+        message = f"the speech endpoint has {places} requests in progress; retry later"
+        raise ApiError(429, message, kind="rate_limit_error", code=EngineBusy.code)
+    state.speech_requests += 1
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            state.speech_requests -= 1
+
+    return release
 
 
 async def _chunks(first: np.ndarray | None, rest: AsyncIterator[np.ndarray]) -> AsyncIterator[np.ndarray]:

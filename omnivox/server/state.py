@@ -29,7 +29,8 @@ class ServerState:
     engine: Engine
     metrics: Metrics = field(default_factory=Metrics)
     sessions_open: int = 0
-    engine_error: str | None = None
+    speech_requests: int = 0
+    """`POST /v1/audio/speech` requests in progress (`tts.workers` + `tts.max_queued_requests` at most)."""
     tts: TtsStage | None = None
     """The TTS stage of `POST /v1/audio/speech` (the same one the engine speaks with, if it speaks through one)."""
 

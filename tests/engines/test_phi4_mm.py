@@ -19,6 +19,8 @@ from omnivox.pipeline.engines.base import (
     SamplingParams,
     TextDelta,
     TextPart,
+    ToolCallPart,
+    ToolResultPart,
     Usage,
 )
 from omnivox.pipeline.engines.cascade import CascadeEngine
@@ -58,6 +60,18 @@ def generate_reference(stage: Phi4MmStage, request: ResponseRequest, max_new_tok
     new = output[0, prepared.inputs["input_ids"].shape[1] :].tolist()
     eos = [i for i, token in enumerate(new) if token in stage.eos_ids]
     return stage.tokenizer.decode(new[: eos[0]] if eos else new, skip_special_tokens=True)
+
+
+def test_function_calls_and_results_are_left_out_of_the_prompt() -> None:
+    """phi4-mm does not call tools; `<|tool|>` opens the model's list of tools and must not head a result."""
+    stage = Phi4MmStage("not-loaded", device="cpu")
+    messages = (
+        Message("user", (TextPart("Weather?"),)),
+        Message("assistant", (TextPart("Checking."), ToolCallPart("call_1", "get_weather", "{}"))),
+        Message("tool", (ToolResultPart("call_1", "21 degrees", "get_weather"),)),
+    )
+    text, _, _ = stage.prompt(ResponseRequest(messages=messages))
+    assert text == "<|user|>Weather?<|end|><|assistant|>Checking.<|end|><|assistant|>"
 
 
 @pytest.mark.slow

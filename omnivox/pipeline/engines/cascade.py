@@ -6,7 +6,8 @@ otherwise each turn is first transcribed by the recogniser (pocketsphinx, a remo
 the LLM itself) and sent as text; the transcripts of earlier turns are kept while the session keeps their audio.
 The TTS stage cuts the text into clauses as it streams and speaks each as soon as it is complete, releasing every
 word with the audio that begins to speak it, so barge-in truncation keeps exactly the words the caller was sent.
-Cancelling the response closes the LLM stream at once.
+Function calls the LLM makes pass through once the words before them are spoken; a call's own text never reaches the
+TTS stage (the stage sends none). Cancelling the response closes the LLM stream at once.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 
 Caller audio goes as an `input_audio` or `audio_url` part (`audio`), or, for a model that does not hear (`audio:
 none`), as the text the cascade's recogniser made of it. Images go as `image_url` data URLs unless `images` is off.
-Instructions go as a leading system message after `system_prompt`; sampling parameters and `extra_body` pass
-through. The stream is read as text; closing it (barge-in) closes the HTTP request, which the server sees as an
-abort.
+Instructions go as a leading system message after `system_prompt`; sampling parameters, tools (OpenAI's `tools`,
+`tool_choice`, `parallel_tool_calls`, calls and results in the history) and `extra_body` pass through. The stream is
+read as text and function calls (`delta.tool_calls`; the text after a call is the call's and never arrives here);
+closing it (barge-in) closes the HTTP request, which the server sees as an abort.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Literal
 
 import httpx
 
-from omnivox.pipeline.engines.base import Delta, EngineNotReady, ResponseRequest, TextDelta
+from omnivox.pipeline.engines.base import Delta, EngineNotReady, ResponseRequest, TextDelta, ToolCallDelta
 from omnivox.pipeline.engines.openai_chat import (
     ChatClient,
     ChatOptions,
@@ -80,5 +81,7 @@ class RemoteLlmStage:
         async for event in self._client.stream(request):
             if isinstance(event, ChatText):
                 yield TextDelta(event.text)
+            elif isinstance(event, ToolCallDelta):
+                yield event
             elif isinstance(event, ChatUsage):
                 yield event.usage

@@ -2,8 +2,9 @@
 
 A stage is a model that answers in text only (Phi-4-multimodal, any chat LLM). It says whether it hears audio and
 sees images; the cascade engine transcribes the caller's audio first for a stage that does not hear, and leaves
-images out for one that does not see. A stage yields `TextDelta`s and a final `Usage`; anything else it yields
-(tool calls, in the OpenAI shape, once requests carry tools) passes through the cascade unchanged.
+images out for one that does not see. A stage yields `TextDelta`s, `ToolCallDelta`s for the function calls its model
+makes (no text after the first), and a final `Usage`; the cascade speaks the text and passes everything else through
+unchanged, after the speech of the text before it.
 """
 
 from __future__ import annotations

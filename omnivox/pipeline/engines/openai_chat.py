@@ -16,9 +16,14 @@ three dialects of `POST /v1/chat/completions` with `stream: true`:
   separate choices, `message.audio.data` a WAV file) is read too.
 
 Caller audio goes as 16 kHz PCM16 WAV parts (`input_audio`, or `audio_url` data URLs), images as `image_url` data
-URLs, the conversation as heard (assistant turns as their heard text) on every turn. The body is a plain OpenAI
-request, so more OpenAI fields (`tools`, `tool_choice`, assistant `tool_calls`, `tool` messages) join it as keys and
-messages of the same shape, and `delta.tool_calls` as one more parsed event.
+URLs, the conversation as heard (assistant turns as their heard text) on every turn.
+
+Function calling is OpenAI's in every dialect: `tools`, `tool_choice` and `parallel_tool_calls` in the request, the
+assistant's calls as `tool_calls` of its message and their results as `tool` messages with `tool_call_id`; streamed
+`delta.tool_calls` pieces (or a whole reply's `message.tool_calls`) become `ToolCallDelta`s. From a response's first
+call piece on, its text is the call's and is dropped (the engine protocol); vLLM-Omni's talker speaks every token its
+thinker writes, the call's too (its server parses calls out of the text only), so its audio is dropped from there as
+well. A host that refuses the call it streamed (`invalid_tool_call`) fails that call, not the response.
 
 Server refusals become the engine error kinds of `base.py`: 429 busy, 503 not ready (or out of memory when the
 error's code says so), a host that cannot be reached `HostUnreachable` (not ready), anything else failed.
@@ -36,7 +41,7 @@ import secrets
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -56,9 +61,14 @@ from omnivox.pipeline.engines.base import (
     ResponseRequest,
     SamplingParams,
     TextPart,
+    ToolCallDelta,
+    ToolCallPart,
+    ToolResultPart,
     Usage,
 )
+from omnivox.pipeline.engines.tool_calls import tool_specs
 from omnivox.pipeline.media import AudioLimits, decode_audio_native
+from omnivox.pipeline.tools import MAX_TOOLS
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +83,19 @@ THREAD_PARSE_BYTES = 256 * 1024
 """An event this large (a whole reply's audio) is decoded off the event loop."""
 INLINE_ENCODE_SAMPLES = 10 * INPUT_RATE
 """New caller audio up to this long (about 1 ms to encode) is encoded on the event loop: a thread hop costs more."""
+MAX_CALL_ID_CHARS = 128
+"""A server's call id longer than this is replaced by one of ours (it is echoed to clients)."""
 
 
 class HostUnreachable(EngineNotReady):
     """The server could not be reached or did not answer in time before the response started: nothing was
     received, so the request may be sent to another server."""
+
+
+class InvalidToolCall(EngineError):
+    """The server refused a function call its model made (another omnivox checks calls as this one does)."""
+
+    code = "invalid_tool_call"
 
 
 # ---------------------------------------------------------------------------------------------- request
@@ -123,7 +141,9 @@ def build_chat_body(
     if instructions and dialect != "omnivox":
         messages.append({"role": "system", "content": instructions})
     audio_part = options.audio_part or ("audio_url" if dialect == "vllm-omni" else "input_audio")
-    messages.extend(chat_message(message, audio_part, audio_data) for message in request.messages)
+    answered = {part.call_id for m in request.messages for part in m.parts if isinstance(part, ToolResultPart)}
+    for message in request.messages:
+        messages.extend(chat_messages(message, audio_part, audio_data, answered))
     body: dict[str, Any] = {
         "model": options.model,
         "messages": messages,
@@ -145,16 +165,47 @@ def build_chat_body(
     elif dialect != "openai":
         body["modalities"] = ["text"]
     body.update(sampling_fields(request.sampling, dialect))
+    body.update(tool_fields(request))
     body.update(options.extra_body)
     return body
 
 
-def chat_message(message: Message, audio_part: str, audio_data: AudioData = wav_base64) -> dict[str, Any]:
-    """One engine message as an OpenAI chat message; assistant and system turns are text (assistant audio is
-    represented by the transcript the caller heard)."""
+def tool_fields(request: ResponseRequest) -> dict[str, Any]:
+    """`tools`, `tool_choice` and `parallel_tool_calls` in OpenAI's chat shape; nothing without tools (OpenAI refuses
+    the other two alone)."""
+    if not request.tools:
+        return {}
+    choice = request.tool_choice
+    return {
+        "tools": tool_specs(request.tools),
+        "tool_choice": {"type": "function", "function": {"name": choice.function}} if choice.function else choice.mode,
+        "parallel_tool_calls": request.parallel_tool_calls,
+    }
+
+
+def chat_messages(
+    message: Message, audio_part: str, audio_data: AudioData = wav_base64, answered: Collection[str] = ()
+) -> list[dict[str, Any]]:
+    """One engine message as OpenAI chat messages: assistant and system turns are text (assistant audio is
+    represented by the transcript the caller heard) with the assistant's function calls as its `tool_calls`; a
+    `tool` message becomes one message per result. Only calls whose id is in `answered` are sent: OpenAI refuses a
+    call that no `tool` message answers (a Realtime client may never return an output)."""
+    if message.role == "tool":
+        results = [part for part in message.parts if isinstance(part, ToolResultPart)]
+        return [{"role": "tool", "tool_call_id": result.call_id, "content": result.output} for result in results]
     if message.role != "user":
         text = "".join(part.text for part in message.parts if isinstance(part, TextPart))
-        return {"role": message.role, "content": text}
+        made = [part for part in message.parts if isinstance(part, ToolCallPart)]
+        calls = [call for call in made if call.call_id in answered]
+        if made and not calls and not text:
+            return []
+        if not calls:
+            return [{"role": message.role, "content": text}]
+        tool_calls = [
+            {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            for call in calls
+        ]
+        return [{"role": message.role, "content": text or None, "tool_calls": tool_calls}]
     content: list[dict[str, Any]] = []
     for part in message.parts:
         if isinstance(part, TextPart):
@@ -168,7 +219,7 @@ def chat_message(message: Message, audio_part: str, audio_data: AudioData = wav_
         elif isinstance(part, ImagePart):
             url = f"data:{part.mime_type};base64,{base64.b64encode(part.data).decode()}"
             content.append({"type": "image_url", "image_url": {"url": url}})
-    return {"role": "user", "content": content}
+    return [{"role": "user", "content": content}]
 
 
 def sampling_fields(sampling: SamplingParams, dialect: Dialect) -> dict[str, Any]:
@@ -282,7 +333,7 @@ class ChatUsage:
     usage: Usage
 
 
-ChatEvent = ChatText | ChatAudio | ChatUsage
+ChatEvent = ChatText | ChatAudio | ToolCallDelta | ChatUsage
 
 
 def stream_events(chunk: Mapping[str, Any], dialect: Dialect) -> list[ChatEvent]:
@@ -298,6 +349,7 @@ def stream_events(chunk: Mapping[str, Any], dialect: Dialect) -> list[ChatEvent]
         else:
             if isinstance(delta.get("content"), str) and delta["content"]:
                 events.append(ChatText(delta["content"]))
+            events.extend(tool_call_events(delta.get("tool_calls")))
             audio = delta.get("audio")
             if isinstance(audio, Mapping):
                 if isinstance(audio.get("transcript"), str) and audio["transcript"]:
@@ -310,9 +362,11 @@ def stream_events(chunk: Mapping[str, Any], dialect: Dialect) -> list[ChatEvent]
 
 
 def whole_events(body: Mapping[str, Any]) -> list[ChatEvent]:
-    """The events of a completion answered at once: text before audio (vLLM-Omni puts them in separate choices)."""
+    """The events of a completion answered at once: text, then function calls, then audio (vLLM-Omni puts text and
+    audio in separate choices)."""
     raise_if_error(body)
     texts: list[ChatEvent] = []
+    calls: list[ChatEvent] = []
     audio: list[ChatEvent] = []
     for choice in body.get("choices") or []:
         message = choice.get("message") if isinstance(choice, Mapping) else None
@@ -323,10 +377,57 @@ def whole_events(body: Mapping[str, Any]) -> list[ChatEvent]:
         text = text or (spoken.get("transcript") if isinstance(spoken.get("transcript"), str) else "")
         if text:
             texts.append(ChatText(text))
+        calls.extend(tool_call_events(message.get("tool_calls")))
         if isinstance(spoken.get("data"), str) and spoken["data"]:
             audio.append(audio_event(spoken["data"]))
     usage = [ChatUsage(parse_usage(body["usage"]))] if isinstance(body.get("usage"), Mapping) else []
-    return [*texts, *audio, *usage]
+    return [*texts, *calls, *audio, *usage]
+
+
+def tool_call_events(entries: Any) -> list[ToolCallDelta]:
+    """`delta.tool_calls` pieces (or a whole `message.tool_calls`, whose entries have no `index`: their position)."""
+    if not isinstance(entries, list):
+        return []
+    deltas = []
+    for position, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            continue
+        index = entry.get("index", position)
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < MAX_TOOLS:
+            raise EngineError(f"the engine server sent a function call with index {str(index)[:20]!r}")
+        function = entry.get("function") if isinstance(entry.get("function"), Mapping) else {}
+        name = function.get("name")
+        arguments = function.get("arguments")
+        if isinstance(arguments, Mapping):  # some servers send the object itself
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        call_id = entry.get("id")
+        deltas.append(
+            ToolCallDelta(
+                index,
+                name=name if isinstance(name, str) else "",
+                arguments=arguments if isinstance(arguments, str) else "",
+                call_id=call_id if isinstance(call_id, str) and len(call_id) <= MAX_CALL_ID_CHARS else "",
+            )
+        )
+    return deltas
+
+
+class CallGate:
+    """Keeps what follows a response's first function-call piece out of its answer: the text (the call's own), and
+    for vLLM-Omni, whose talker speaks the call too, the audio."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.drops_audio = dialect == "vllm-omni"
+        self.first_call: int | None = None
+        """The index of the response's first call, once one began."""
+
+    def passes(self, event: ChatEvent) -> bool:
+        if isinstance(event, ToolCallDelta):
+            self.first_call = event.index if self.first_call is None else self.first_call
+            return True
+        if self.first_call is None:
+            return True
+        return not isinstance(event, ChatText) and not (self.drops_audio and isinstance(event, ChatAudio))
 
 
 def audio_event(data: str) -> ChatAudio:
@@ -373,7 +474,7 @@ def engine_error(status: int | None, error: Mapping[str, Any]) -> EngineError:
     """The engine error kind for a server's refusal, by its code first and its HTTP status second."""
     code = error.get("code")
     message = str(error.get("message") or f"the engine server answered {status}")
-    for kind in (EngineBusy, EngineOutOfMemory, EngineNotReady):
+    for kind in (EngineBusy, EngineOutOfMemory, EngineNotReady, InvalidToolCall):
         if code == kind.code:
             return kind(message)
     if status == 429:
@@ -450,6 +551,7 @@ class ChatClient:
         """POST an encoded request and yield its events until the answer ends."""
         timeout = httpx.Timeout(self.timeouts.read_s, connect=self.timeouts.connect_s)
         headers = {**self.headers(), "Content-Type": "application/json", "Accept": "text/event-stream"}
+        gate = CallGate(self.options.dialect)
         try:
             async with self.http.stream(
                 "POST", self.root + CHAT_PATH, content=body, headers=headers, timeout=timeout
@@ -458,11 +560,11 @@ class ChatClient:
                     raise error_from_response(response.status_code, await self._read(response))
                 if response.headers.get("content-type", "").startswith("application/json"):
                     whole = await self._read(response)
-                    for event in await self._parse(whole, whole=True):
+                    for event in await self._parse(whole, gate, whole=True):
                         yield event
                     return
                 async for data in self._sse_data(response):
-                    for event in await self._parse(data, whole=False):
+                    for event in await self._parse(data, gate, whole=False):
                         yield event
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise HostUnreachable(f"engine server {self.root} unreachable: {describe(exc)}") from None
@@ -506,10 +608,19 @@ class ChatClient:
         if data and b"\n".join(data).strip() != b"[DONE]":
             yield b"\n".join(data)
 
-    async def _parse(self, data: bytes, *, whole: bool) -> list[ChatEvent]:
-        if len(data) >= THREAD_PARSE_BYTES:
-            return await asyncio.to_thread(self._parse_now, data, whole)
-        return self._parse_now(data, whole)
+    async def _parse(self, data: bytes, gate: CallGate, *, whole: bool) -> list[ChatEvent]:
+        """The events of one SSE event (or a whole body) that belong to the answer; a call the server refuses after
+        streaming it fails (a `ToolCallDelta` with `error`), as it would in process."""
+        try:
+            if len(data) >= THREAD_PARSE_BYTES:
+                events = await asyncio.to_thread(self._parse_now, data, whole)
+            else:
+                events = self._parse_now(data, whole)
+        except InvalidToolCall as exc:
+            if gate.first_call is None:
+                raise
+            return [ToolCallDelta(gate.first_call, error=str(exc))]
+        return [event for event in events if gate.passes(event)]
 
     def _parse_now(self, data: bytes, whole: bool) -> list[ChatEvent]:
         try:

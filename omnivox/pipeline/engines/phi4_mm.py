@@ -7,6 +7,11 @@ goes through the checkpoint's feature extractor (`<|audio|>` expanded to its emb
 image processor (`<|image|>` expanded likewise; that processor needs torchvision, so without it images are left out).
 The prompt is the model's chat format, `<|system|>...<|end|><|user|>...<|end|><|assistant|>`.
 
+It does not call functions: the checkpoint's chat template can list tools in the system turn (`<|tool|>...<|/tool|>`)
+but defines no form for a call or a result in the conversation, and no weights were at hand to learn what the model
+writes, so the request's tools are not offered, and function calls and results a client put in the conversation are
+left out (a `tool` turn would otherwise read `<|tool|>`, the token that opens the list of tools).
+
 Each answer is a `Generation` on the shared GPU worker: a prefill, then one token per step on a growing cache,
 sampled with `generate()`'s processors, so greedy decoding gives `generate()`'s tokens (tested on tiny random models).
 As the pinned `generate()` does (checked: its override that would re-encode at `original_max_position_embeddings`
@@ -182,6 +187,8 @@ class Phi4MmStage:
         audio: list[np.ndarray] = []
         images: list[ImagePart] = []
         for message in request.messages:
+            if message.role == "tool":
+                continue
             content = ""
             for part in message.parts:
                 if isinstance(part, TextPart):

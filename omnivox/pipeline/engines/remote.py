@@ -21,15 +21,14 @@ from typing import Any
 import httpx
 import numpy as np
 
-from omnivox.pipeline.audio import StreamResampler, encode_audio_file
+from omnivox.pipeline.audio import StreamResampler
 from omnivox.pipeline.engines.base import (
-    INPUT_RATE,
     AudioDelta,
     Delta,
-    EngineError,
     EngineNotReady,
     ResponseRequest,
     TextDelta,
+    ToolCallDelta,
     Usage,
 )
 from omnivox.pipeline.engines.engine_hosts import EngineHost, HostObserver, HostPool
@@ -43,9 +42,8 @@ from omnivox.pipeline.engines.openai_chat import (
     Dialect,
     HostUnreachable,
     Timeouts,
-    describe,
-    error_from_response,
 )
+from omnivox.pipeline.recognisers import RemoteRecogniser
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per health check and per turn
@@ -107,6 +105,7 @@ class RemoteEngine:
         self._pool: HostPool[ChatClient] | None = None
         self._checks: asyncio.Task[None] | None = None
         self._observers: list[HostObserver] = []
+        self._recognisers: dict[str, RemoteRecogniser] = {}
 
     @property
     def ready(self) -> bool:
@@ -126,6 +125,17 @@ class RemoteEngine:
             )
             for url in self._urls
         ]
+        self._recognisers = {
+            url: RemoteRecogniser(
+                url,
+                model=self.transcription_model,
+                api_key=self.api_key,
+                timeout_s=self.timeouts.read_s,
+                connect_timeout_s=self.timeouts.connect_s,
+                http=self._http,
+            )
+            for url in self._urls
+        }
         self._pool = HostPool(
             hosts,
             health_path=self._health_path,
@@ -187,12 +197,15 @@ class RemoteEngine:
                 log.info("%s: engine host %s unreachable, trying another", request.request_id, host.url)
 
     async def _deltas(self, events: AsyncIterator[Any]) -> AsyncIterator[Delta]:
-        """Chat events as engine deltas: audio at the native rate, one `Usage` at the end."""
+        """Chat events as engine deltas: audio at the native rate, function calls as they are, one `Usage` at the
+        end."""
         resampler: StreamResampler | None = None
         usage: Usage | None = None
         async for event in events:
             if isinstance(event, ChatText):
                 yield TextDelta(event.text)
+            elif isinstance(event, ToolCallDelta):
+                yield event
             elif isinstance(event, ChatAudio):
                 if resampler is None or resampler.in_rate != event.rate:
                     if resampler is not None and (tail := resampler.flush()).size:
@@ -212,32 +225,9 @@ class RemoteEngine:
         """The host's `/v1/audio/transcriptions` (the least busy host: no conversation is involved)."""
         pool = self._started_pool()
         host = pool.choose()
-        wav = await asyncio.to_thread(encode_audio_file, audio, INPUT_RATE, "wav")
-        fields = {"model": self.transcription_model, "response_format": "json"}
-        if language:
-            fields["language"] = language
-        if prompt:
-            fields["prompt"] = prompt
-        client = host.client
-        timeout = httpx.Timeout(self.timeouts.read_s, connect=self.timeouts.connect_s)
         try:
             with pool.in_flight(host):
-                reply = await client.http.post(
-                    client.root + "/v1/audio/transcriptions",
-                    data=fields,
-                    files={"file": ("turn.wav", wav, "audio/wav")},
-                    headers=client.headers(),
-                    timeout=timeout,
-                )
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            pool.mark_down(host, f"unreachable: {describe(exc)}")
-            raise HostUnreachable(f"engine server {client.root} unreachable: {describe(exc)}") from None
-        except httpx.HTTPError as exc:
-            raise EngineError(f"transcription by {client.root} failed: {describe(exc)}") from None
-        if reply.status_code != 200:
-            raise error_from_response(reply.status_code, reply.content)
-        try:
-            text = reply.json()["text"]
-        except (ValueError, KeyError, TypeError):
-            raise EngineError(f"{client.root} answered the transcription without a text") from None
-        return text if isinstance(text, str) else ""
+                return await self._recognisers[host.url].transcribe(audio, language, prompt)
+        except HostUnreachable as exc:
+            pool.mark_down(host, str(exc))
+            raise

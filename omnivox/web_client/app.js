@@ -164,6 +164,9 @@ class Call {
     this.pendingTurn = null;
     this.pendingBargeIn = null;
     this.interruptedTimer = null;
+    // An answer in progress: the server may pause its audio while it judges whether the caller interrupts, so the
+    // local playback can drain before `speech_started` says it did.
+    this.answering = false;
     this.mic = new ActivityTrack(
       stats.micSegments,
       (segment) => this.onCallerSound(segment),
@@ -342,7 +345,11 @@ class Call {
       case "output_audio_buffer.cleared":
         this.interrupted();
         break;
+      case "response.created":
+        this.answering = true;
+        break;
       case "response.done":
+        this.answering = false;
         if (event.response && event.response.status === "failed") {
           const details = event.response.status_details || {};
           showError(`The agent could not answer: ${(details.error && details.error.message) || "engine failure"}`);
@@ -442,7 +449,7 @@ class WebSocketCall extends Call {
   }
 
   onSpeechStarted() {
-    const speaking = window.omnivox.state === "speaking";
+    const speaking = window.omnivox.state === "speaking" || this.answering;
     if (this.audioItemId) this.droppedItems.add(this.audioItemId);
     this.playback.port.postMessage({ type: "clear" });
     if (speaking) this.interrupted();

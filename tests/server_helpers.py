@@ -14,6 +14,7 @@ import uvicorn
 from omnivox.pipeline.engines.base import Engine
 from omnivox.server.app import create_app
 from omnivox.server.config import Config, load_config
+from omnivox.server.lifecycle import DrainingServer, uvicorn_settings
 
 
 @dataclass
@@ -48,18 +49,11 @@ def scripted_config(**sections: dict[str, Any]) -> Config:
 def running_server(config: Config | None = None, engine: Engine | None = None) -> Iterator[RunningServer]:
     config = config or scripted_config()
     app = create_app(config, engine)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=0,
-            loop="asyncio",
-            ws="websockets",
-            lifespan="on",
-            log_level="warning",
-            ws_max_size=2 * config.limits.max_message_bytes + (1 << 20),
-            ws_per_message_deflate=False,
-        )
+    settings = {**uvicorn_settings(config), "loop": "asyncio"}
+    server = DrainingServer(
+        uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", **settings),
+        app.state.omnivox.lifecycle,
+        config.connections.drain_timeout_s,
     )
     thread = threading.Thread(target=server.run, name="omnivox-test-server", daemon=True)
     thread.start()

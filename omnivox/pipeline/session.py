@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from omnivox.pipeline.audio import Framer, StreamResampler, audio_format
-from omnivox.pipeline.client_items import decode_client_audio, parse_item
+from omnivox.pipeline.client_items import MAX_APPEND_BYTES, parse_item
 from omnivox.pipeline.conversation import Conversation, Item
 from omnivox.pipeline.engines.base import (
     INPUT_RATE,
@@ -52,6 +52,7 @@ from omnivox.pipeline.events import (
 )
 from omnivox.pipeline.input_buffer import InputBuffer
 from omnivox.pipeline.pacer import FramePacer
+from omnivox.pipeline.pending_audio import PendingAudio
 from omnivox.pipeline.responses import ActiveResponse
 from omnivox.pipeline.session_config import (
     FORMAT_TYPES,
@@ -59,6 +60,17 @@ from omnivox.pipeline.session_config import (
     merge_update,
     parse_turn_detection,
     validate_session,
+)
+from omnivox.pipeline.session_limits import (
+    SessionLimits,
+    base64_audio_seconds,
+    check_item_size,
+    check_max_output_tokens,
+    check_metadata,
+    check_response_instructions,
+    check_session_size,
+    items_to_evict,
+    known_session_fields,
 )
 from omnivox.pipeline.turns import SpeechStarted, SpeechStopped, TurnDetector
 
@@ -68,6 +80,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_COMMIT_MS = 100
+ANALYSIS_STEP_SAMPLES = INPUT_RATE
+"""Caller audio fed to the buffer and the VAD per `handle` call at most; more waits for the next call, so that one
+long append never holds the event loop (the shell calls again while `audio_pending`)."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +97,7 @@ class SessionOptions:
     """Door override of the output rate (telephony: 8000); None follows the session's output format."""
     server_playout: bool = False
     """The door owns playout (WebRTC, telephony): emit `output_audio_buffer.*`, truncate at what was played."""
-    max_input_buffer_s: float = 600.0
+    limits: SessionLimits = field(default_factory=SessionLimits)
     min_speech_ms: int = 64
     defaults: dict[str, Any] = field(default_factory=dict)
     """Initial GA session fields (voice, instructions, turn_detection, formats) merged over the built-in ones."""
@@ -106,9 +121,11 @@ class Session:
         self._vad_framer: Framer | None = None
         self._vad_position = 0
         self._detector: TurnDetector | None = None
-        self._append_resampler: StreamResampler | None = None
-        self._append_format = ""
-        self._input = InputBuffer(options.max_input_buffer_s)
+        self._pending = PendingAudio()
+        self._event_id: str | None = None
+        """The `event_id` of the client event being handled (appends carry it into `_pending`)."""
+        self._input = InputBuffer(options.limits.max_input_buffer_s)
+        self._transcribing: set[str] = set()
         self._turn_item_id: str | None = None
         self._turn_start = 0
         self._idle_since: int | None = None
@@ -154,6 +171,12 @@ class Session:
     def active_response_id(self) -> str | None:
         return self._active.id if self._active else None
 
+    @property
+    def audio_pending(self) -> bool:
+        """Caller audio has been received but not yet analysed: call `handle(Tick(), now)` again (after awaiting the
+        VAD's pending result, if any) to work through the next step of it."""
+        return bool(self._pending)
+
     def start(self, now: float) -> list[SessionOutput]:
         """The first events of a connection (`session.created`)."""
         self._now = now
@@ -166,9 +189,10 @@ class Session:
         try:
             match event:
                 case ClientEvent():
+                    self._analyse_pending(out, everything=True)  # a client event follows all the audio before it
                     self._on_client_event(event, out)
                 case AudioIn():
-                    self._on_audio(event.pcm, out)
+                    self._pending.add_samples(event.pcm)
                 case EngineOutput():
                     self._on_engine_delta(event, out)
                 case EngineDone():
@@ -184,6 +208,7 @@ class Session:
         except ProtocolError as exc:
             event_id = event.event_id if isinstance(event, ClientEvent) else None
             out.append(error_event(exc, event_id))
+        self._analyse_pending(out)
         self._pump(out)
         return out
 
@@ -217,6 +242,7 @@ class Session:
         handler = self._client_handlers.get(event.type)
         if handler is None:
             raise ProtocolError(f"unknown event type '{event.type}'", code="unknown_event", param="type")
+        self._event_id = event.event_id
         handler(event.payload, out)
 
     def _on_session_update(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
@@ -227,9 +253,13 @@ class Session:
             raise ProtocolError(
                 "only realtime sessions are supported", code="unsupported_session_type", param="session.type"
             )
-        update = {k: v for k, v in update.items() if k not in ("id", "object")}
+        update, dropped = known_session_fields({k: v for k, v in update.items() if k not in ("id", "object")})
+        if dropped:
+            log.info("%s: session.update keys ignored: %s", self.id, ", ".join(name[:40] for name in dropped[:8]))
         merged = merge_update(self.config, update)
         validate_session(merged)
+        check_session_size(merged, self.options.limits)
+        check_max_output_tokens(merged.get("max_output_tokens"), self.options.limits, "session.max_output_tokens")
         new_voice = merged["audio"]["output"].get("voice")
         if self._produced_audio and new_voice != self.config["audio"]["output"].get("voice"):
             raise ProtocolError(
@@ -247,16 +277,31 @@ class Session:
         out.append(ServerEvent("session.updated", {"session": copy.deepcopy(self.config)}))
 
     def _on_append(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
-        samples = decode_client_audio(payload.get("audio"), self.input_format, "audio")
+        """Checked here, decoded and analysed step by step (`_analyse_pending`)."""
+        data = payload.get("audio")
+        if not isinstance(data, str):
+            raise ProtocolError("audio must be a base64 string", code="invalid_audio", param="audio")
+        if len(data) > MAX_APPEND_BYTES * 4 // 3 + 4:
+            raise ProtocolError("audio chunk over the 15 MiB limit", code="audio_too_large", param="audio")
         fmt = audio_format(self.input_format)
-        if self._append_resampler is None or self._append_format != fmt.name:
-            self._append_resampler, self._append_format = StreamResampler(fmt.rate, INPUT_RATE), fmt.name
-        self._on_audio(self._append_resampler.process(samples), out)
+        if len(data) % 4 or (len(data) * 3 // 4 - data[-2:].count("=")) % fmt.bytes_per_sample:
+            raise ProtocolError(
+                f"audio is not whole base64 {self.input_format} samples", code="invalid_audio", param="audio"
+            )
+        seconds = base64_audio_seconds(data, self.input_format)
+        held = (self._input.total - self._input.start) / INPUT_RATE
+        limit = self.options.limits.max_input_buffer_s
+        if self._turns is None and held + seconds > limit:  # with turn detection the oldest audio is dropped
+            raise ProtocolError(
+                f"the input audio buffer would hold {held + seconds:.1f} s; at most {limit:g} s (commit or clear it)",
+                code="input_audio_buffer_full",
+                param="audio",
+            )
+        self._pending.add_base64(data, fmt, self._event_id)
 
     def _on_commit(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
-        if self._append_resampler is not None:  # the turn is over: release the resampler's filter delay
-            self._on_audio(self._append_resampler.flush(), out)
-            self._append_resampler = None
+        self._pending.flush_resampler()  # the turn is over: release the resampler's filter delay
+        self._analyse_pending(out, everything=True)
         audio = self._input.take_all()
         if audio.size * 1000 < MIN_COMMIT_MS * INPUT_RATE:
             raise ProtocolError(
@@ -275,6 +320,7 @@ class Session:
         out.append(ServerEvent("input_audio_buffer.cleared"))
 
     def _on_item_create(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
+        check_item_size(payload.get("item"), self.options.limits, self.input_format)
         item = parse_item(payload.get("item"), self.input_format, self._new_id)
         previous = payload.get("previous_item_id")
         if self.conversation.get(item.id) is not None:
@@ -284,6 +330,7 @@ class Session:
         except KeyError:
             raise ProtocolError(f"previous_item_id '{previous}' does not exist", param="previous_item_id") from None
         self._announce_item(item, before, out)
+        self._evict_over_limits(item, out)
 
     def _announce_item(self, item: Item, before: str | None, out: list[SessionOutput]) -> None:
         for kind in ("conversation.item.added", "conversation.item.done"):
@@ -353,16 +400,44 @@ class Session:
 
     # ------------------------------------------------------------ caller audio and turns
 
-    def _on_audio(self, pcm: np.ndarray, out: list[SessionOutput]) -> None:
-        if not pcm.size:
-            return
-        self._input.append(pcm)
+    def _analyse_pending(self, out: list[SessionOutput], *, everything: bool = False) -> None:
+        """Feed received caller audio to the buffer and the VAD: at most `ANALYSIS_STEP_SAMPLES` per call, and never a
+        frame that would wait on the VAD's previous result (the shell awaits it off the event loop, then calls again);
+        `everything` works through all of it now (before a client event, which must follow the audio sent before it)."""
+        budget = ANALYSIS_STEP_SAMPLES
+        while self._pending and (everything or budget > 0):
+            room = self._vad_room()
+            try:
+                piece = self._pending.take(room or ANALYSIS_STEP_SAMPLES)
+            except ProtocolError as exc:
+                out.append(error_event(exc))
+                continue
+            if room and piece.size == room and not everything and getattr(self._vad, "pending", False):
+                self._pending.unread(piece)  # this piece completes a frame: its VAD call would block
+                return
+            budget -= piece.size
+            self._on_audio(piece, out)
+
+    def _vad_room(self) -> int | None:
+        """Samples that complete the VAD's next frame; None when no VAD runs (manual turns)."""
         if self._turns is None or self._vad_factory is None:
-            return
+            return None
         if self._vad is None:
             self._vad = self._vad_factory()
             self._vad_framer = Framer(self._vad.frame_samples)
-            self._vad_position = self._input.total - pcm.size
+            self._vad_position = self._input.total
+        assert self._vad_framer is not None
+        return self._vad.frame_samples - self._vad_framer.pending
+
+    def _on_audio(self, pcm: np.ndarray, out: list[SessionOutput]) -> None:
+        """One piece of caller audio (`_analyse_pending` bounds it) into the buffer, the VAD and turn detection."""
+        if not pcm.size:
+            return
+        room = self._vad_room()
+        self._input.append(pcm)
+        if room is None:
+            return
+        assert self._vad is not None
         if self._detector is None:
             self._detector = TurnDetector(self._turns)
         assert self._vad_framer is not None
@@ -418,31 +493,41 @@ class Session:
         self._input.empty()
         out.append(ServerEvent("input_audio_buffer.committed", {"previous_item_id": before, "item_id": item_id}))
         self._announce_item(item, before, out)
+        self._evict_over_limits(item, out)
         transcription = self.config["audio"]["input"].get("transcription")
-        if isinstance(transcription, dict):
-            language = transcription.get("language") if isinstance(transcription.get("language"), str) else None
-            prompt = transcription.get("prompt") if isinstance(transcription.get("prompt"), str) else ""
-            out.append(TranscribeAudio(item_id, item.audio, language, prompt))
+        if not isinstance(transcription, dict):
+            return
+        if len(self._transcribing) >= self.options.limits.max_transcriptions:
+            message = f"{len(self._transcribing)} transcriptions of this session are running already"
+            out.append(self._transcription_failed(item, "too_many_transcriptions", message))
+            return
+        language = transcription.get("language") if isinstance(transcription.get("language"), str) else None
+        prompt = transcription.get("prompt") if isinstance(transcription.get("prompt"), str) else ""
+        self._transcribing.add(item_id)
+        out.append(TranscribeAudio(item_id, item.audio, language, prompt))
+
+    def _evict_over_limits(self, added: Item, out: list[SessionOutput]) -> None:
+        """Keep the conversation within `max_items` and `max_audio_s` by deleting its oldest items."""
+        keep = (added, self._active.item) if self._active is not None else (added,)
+        for item in items_to_evict(self.conversation, self.options.limits, keep):
+            self.conversation.delete(item.id)
+            out.append(ServerEvent("conversation.item.deleted", {"item_id": item.id}))
+
+    @staticmethod
+    def _transcription_failed(item: Item, code: str, message: str | None) -> ServerEvent:
+        error = {"type": "transcription_error", "code": code, "message": message}
+        return ServerEvent(
+            "conversation.item.input_audio_transcription.failed",
+            {"item_id": item.id, "content_index": 0, "error": error},
+        )
 
     def _on_transcription(self, event: TranscriptionDone, out: list[SessionOutput]) -> None:
+        self._transcribing.discard(event.item_id)
         item = self.conversation.get(event.item_id)
         if item is None:
             return  # deleted meanwhile
         if event.transcript is None:
-            out.append(
-                ServerEvent(
-                    "conversation.item.input_audio_transcription.failed",
-                    {
-                        "item_id": item.id,
-                        "content_index": 0,
-                        "error": {
-                            "type": "transcription_error",
-                            "code": "transcription_failed",
-                            "message": event.error,
-                        },
-                    },
-                )
-            )
+            out.append(self._transcription_failed(item, "transcription_failed", event.error))
             return
         item.transcript = event.transcript
         seconds = round(item.audio.size / INPUT_RATE, 3) if item.audio is not None else 0.0
@@ -493,6 +578,12 @@ class Session:
         instructions = params.get("instructions", self.config["instructions"])
         if not isinstance(instructions, str):
             raise ProtocolError("instructions must be a string", param="response.instructions")
+        limits = self.options.limits
+        check_response_instructions(instructions, limits)
+        max_tokens = check_max_output_tokens(
+            params.get("max_output_tokens", self.config["max_output_tokens"]), limits, "response.max_output_tokens"
+        )
+        check_metadata(params.get("metadata"))
         in_conversation = params.get("conversation", "auto") != "none"
         messages = self.conversation.messages() if in_conversation else ()
         if "input" in params:
@@ -514,8 +605,8 @@ class Session:
         if in_conversation:
             before = self.conversation.insert(item)
             out.append(ServerEvent("conversation.item.added", {"previous_item_id": before, "item": item.to_json()}))
+            self._evict_over_limits(item, out)
         out.append(response.content_part_added())
-        max_tokens = params.get("max_output_tokens", self.config["max_output_tokens"])
         request = ResponseRequest(
             messages=messages,
             instructions=instructions,
@@ -523,21 +614,29 @@ class Session:
             output_audio=output_audio,
             sampling=SamplingParams(
                 temperature=params.get("temperature", self.config["temperature"]),
-                max_tokens=None if max_tokens == "inf" else max_tokens,
+                max_tokens=max_tokens,
             ),
             request_id=response_id,
             conversation_id=self.id,
+            max_prompt_tokens=limits.max_prompt_tokens,
         )
         out.append(StartResponse(response_id, request))
 
     def _input_messages(self, items: Any) -> tuple[Message, ...]:
         if not isinstance(items, list):
             raise ProtocolError("response.input must be a list of items", param="response.input")
+        if len(items) > self.options.limits.max_items:
+            raise ProtocolError(
+                f"response.input has {len(items)} items; at most {self.options.limits.max_items}",
+                code="item_too_large",
+                param="response.input",
+            )
         messages: list[Message] = []
-        for entry in items:
+        for index, entry in enumerate(items):
             if isinstance(entry, dict) and entry.get("type") == "item_reference":
                 item = self._existing_item(entry.get("id"))
             else:
+                check_item_size(entry, self.options.limits, self.input_format, f"response.input[{index}]")
                 item = parse_item(entry, self.input_format, self._new_id)
             message = item.to_message()
             if message is not None:

@@ -63,8 +63,9 @@ async def audio_chat_completions(request: Request) -> Response:
         messages=await build_messages(request, body.messages),
         voice=body.audio.voice if body.audio else state.config.session.voice,
         output_audio=True,
-        sampling=sampling_params(body),
+        sampling=sampling_params(body, state.config.generation),
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
+        max_prompt_tokens=state.config.generation.max_prompt_tokens,
     )
     deltas = await open_engine_stream(state, engine_request)
     return EventStream(audio_chat_events(state, audio_cache(request), engine_request.request_id, deltas))

@@ -96,8 +96,9 @@ async def chat_completions(request: Request) -> Response:
         messages=await build_messages(request, body.messages),
         voice=body.audio.voice if body.audio else state.config.session.voice,
         output_audio=wants_audio,
-        sampling=sampling_params(body),
+        sampling=sampling_params(body, state.config.generation),
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
+        max_prompt_tokens=state.config.generation.max_prompt_tokens,
     )
     context = ChatContext(
         state=state,

@@ -29,18 +29,17 @@ def serve(config: Config) -> None:
     import uvicorn
 
     from omnivox.server.app import create_app
+    from omnivox.server.lifecycle import DrainingServer, uvicorn_settings
 
     app = create_app(config)
-    uvicorn.run(
+    settings = uvicorn.Config(
         app,
         host=config.server.host,
         port=config.server.port,
         log_level=config.server.log_level,
-        loop="uvloop" if sys.platform != "win32" else "asyncio",
-        ws="websockets",
-        ws_max_size=2 * config.limits.max_message_bytes + (1 << 20),
-        ws_per_message_deflate=False,
+        **uvicorn_settings(config),
     )
+    DrainingServer(settings, app.state.omnivox.lifecycle, config.connections.drain_timeout_s).run()
 
 
 def build_parser() -> argparse.ArgumentParser:

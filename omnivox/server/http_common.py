@@ -8,6 +8,7 @@ an error is sent as `data: {"error": {...}}` and ends the stream (no `[DONE]`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -27,9 +28,12 @@ from omnivox.pipeline.engines.base import (
     EngineError,
     EngineNotReady,
     EngineOutOfMemory,
+    PromptTooLong,
     ResponseRequest,
 )
 from omnivox.server.auth import is_authorized
+from omnivox.server.backpressure import TimedSend, WriteTimeout, abort_connection
+from omnivox.server.lifecycle import SHUTTING_DOWN
 from omnivox.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -59,7 +63,10 @@ class ApiError(Exception):
 
 
 def engine_api_error(exc: EngineError) -> ApiError:
-    """HTTP status of an engine failure: busy 429, not loaded or out of memory 503, anything else 500."""
+    """HTTP status of an engine failure: prompt over the budget 400, busy 429, not loaded or out of memory 503,
+    anything else 500."""
+    if isinstance(exc, PromptTooLong):
+        return ApiError(400, str(exc), param="messages", code=exc.code)
     if isinstance(exc, EngineBusy):
         return ApiError(429, str(exc) or "the engine is busy; retry later", kind="rate_limit_error", code=exc.code)
     if isinstance(exc, EngineNotReady | EngineOutOfMemory):
@@ -181,7 +188,10 @@ SSE_DONE = "data: [DONE]\n\n"
 
 class EventStream(StreamingResponse):
     """An SSE response that stops its producer (and so the engine) the moment the client disconnects, whatever
-    ASGI spec version the server speaks (Starlette only listens for disconnects below 2.4)."""
+    ASGI spec version the server speaks (Starlette only listens for disconnects below 2.4).
+
+    A reader that stalls is dropped after `connections.write_timeout_s` without taking data; at shutdown a stream
+    still running when the drain time is up ends with a `server_shutting_down` error event."""
 
     def __init__(self, events: AsyncIterator[str]) -> None:
         super().__init__(
@@ -191,15 +201,33 @@ class EventStream(StreamingResponse):
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state: ServerState = scope["app"].state.omnivox
+        timed = TimedSend(send, state.config.connections.write_timeout_s)
+        cut = False
         async with anyio.create_task_group() as group:
 
             async def produce() -> None:
-                await self.stream_response(send)
+                try:
+                    await self.stream_response(timed)
+                except WriteTimeout as exc:
+                    log.warning("%s: dropping a stalled SSE reader: %s", scope.get("path"), exc)
+                    abort_connection(scope)
                 group.cancel_scope.cancel()
 
-            group.start_soon(produce)
-            await self.listen_for_disconnect(receive)
-            group.cancel_scope.cancel()
+            def shut_down() -> None:
+                nonlocal cut
+                cut = True
+                group.cancel_scope.cancel()
+
+            with state.lifecycle.stream(shut_down):
+                group.start_soon(produce)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        if cut and not timed.timed_out:
+            error = ApiError(503, "the server is shutting down", kind="server_error", code=SHUTTING_DOWN)
+            with contextlib.suppress(Exception):
+                await timed({"type": "http.response.body", "body": sse(error.body()).encode(), "more_body": True})
+                await timed({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def stream_error(exc: BaseException, door: str, state: ServerState) -> str:

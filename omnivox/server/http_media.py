@@ -18,6 +18,7 @@ from starlette.requests import Request
 
 from omnivox.pipeline.audio import decode_audio_file, pcm16_to_float, resample
 from omnivox.pipeline.engines.base import INPUT_RATE, AudioPart, ImagePart, Message, Part, SamplingParams, TextPart
+from omnivox.server.config import GenerationLimitsConfig
 from omnivox.server.http_bodies import (
     INPUT_AUDIO_FORMATS,
     AudioChatRequest,
@@ -183,10 +184,20 @@ async def build_messages(request: Request, messages: list[ChatMessage]) -> tuple
     return await asyncio.to_thread(builder.build, messages)
 
 
-def sampling_params(body: ChatCompletionRequest | AudioChatRequest) -> SamplingParams:
+def sampling_params(body: ChatCompletionRequest | AudioChatRequest, limits: GenerationLimitsConfig) -> SamplingParams:
+    """The request's sampling, within the configured bounds (`generation.*`)."""
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    if max_tokens is not None and max_tokens > limits.max_output_tokens:
+        param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        raise ApiError(400, f"{param} is at most {limits.max_output_tokens}", param=param, code="invalid_value")
     stop = getattr(body, "stop", None)
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if len(stops) > limits.max_stop_strings:
+        raise ApiError(400, f"stop holds at most {limits.max_stop_strings} strings", param="stop", code="invalid_value")
+    if any(len(text) > limits.max_stop_chars for text in stops):
+        raise ApiError(
+            400, f"a stop string is at most {limits.max_stop_chars} characters", param="stop", code="invalid_value"
+        )
     return SamplingParams(
         temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens, seed=body.seed, stop=stops
     )

@@ -42,6 +42,8 @@ from omnivox.pipeline.events import (
     SessionOutput,
 )
 from omnivox.server.auth import is_authorized
+from omnivox.server.backpressure import TimedSend, WriteTimeout, abort_connection
+from omnivox.server.lifecycle import GOING_AWAY
 from omnivox.server.runner import SessionRunner
 from omnivox.server.state import ServerState, SessionLimitReached
 
@@ -96,13 +98,20 @@ def _session_defaults(custom: Any) -> dict[str, Any]:
 
 @dataclass
 class _Playout:
-    """What has been sent for the item now playing and which marks Twilio has yet to echo."""
+    """What has been sent for the item now playing and which marks Twilio has yet to echo (each at most
+    `telephony.max_pending_marks`, oldest forgotten first: a caller that never echoes cannot grow them)."""
 
+    max_marks: int
     item_id: str | None = None
     sent_ms: float = 0.0
     marked_ms: float = 0.0
-    pending: set[str] = field(default_factory=set)
-    stale: set[str] = field(default_factory=set)
+    pending: dict[str, None] = field(default_factory=dict)
+    stale: dict[str, None] = field(default_factory=dict)
+
+    def remember(self, marks: dict[str, None], name: str) -> None:
+        marks[name] = None
+        while len(marks) > self.max_marks:
+            del marks[next(iter(marks))]
 
 
 class TwilioCall:
@@ -115,8 +124,10 @@ class TwilioCall:
         self.call_sid: str | None = None
         self.runner: SessionRunner | None = None
         self.pump: asyncio.Task[None] | None = None
+        self._receiver: asyncio.Task[None] | None = None
         self._resampler = StreamResampler(PHONE_RATE, INPUT_RATE)
-        self._playout = _Playout()
+        self._playout = _Playout(state.config.telephony.max_pending_marks)
+        self._write = TimedSend(websocket.send_text, state.config.connections.write_timeout_s)
         self._send_lock = asyncio.Lock()
         self._stopped = False
         self._close_code = 1000
@@ -127,24 +138,39 @@ class TwilioCall:
         return f"call {self.call_sid or '?'} (stream {self.stream_sid or '?'})"
 
     async def serve(self) -> None:
-        start_deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S
+        self._receiver = asyncio.create_task(self._receive())
         try:
-            while not self._stopped and (self.pump is None or not self.pump.done()):
+            await asyncio.wait({self._receiver})
+        finally:
+            self._receiver.cancel()
+            await self._close()
+
+    def _stop_reading(self, _: object) -> None:
+        """The session ended on the server's side (idle, shutdown, a client that does not read): hang up."""
+        if self._receiver is not None:
+            self._receiver.cancel()
+
+    async def _receive(self) -> None:
+        start_deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S
+        limit = self.state.config.telephony.max_message_bytes
+        try:
+            while not self._stopped:
                 async with asyncio.timeout_at(start_deadline if self.runner is None else None):
                     message = await self.websocket.receive()
                 if message["type"] == "websocket.disconnect":
                     log.info("%s: socket closed by the caller side", self.label)
                     break
-                if message.get("text") is None:
+                text = message.get("text")
+                if text is None:
                     self._warn_once("binary", "binary frames ignored (Media Streams sends JSON text)")
-                    continue
-                self._on_text(message["text"])
+                elif len(text) > limit:
+                    self._warn_once("size", "message of %d bytes over telephony.max_message_bytes dropped", len(text))
+                else:
+                    await self._on_text(text)
         except WebSocketDisconnect:
             log.info("%s: socket dropped", self.label)
         except TimeoutError:
             log.warning("%s: no 'start' within %.0f s, hanging up", self.label, START_TIMEOUT_S)
-        finally:
-            await self._close()
 
     def _warn_once(self, kind: str, message: str, *args: Any) -> None:
         """A misbehaving client repeats itself every 20 ms: say it once per kind, then only at debug level."""
@@ -158,8 +184,13 @@ class TwilioCall:
         if self.pump is not None:
             with contextlib.suppress(Exception):
                 await self.pump
+        reason = self.runner.end_reason if self.runner is not None else None
+        if (self._write.timed_out or reason == "write_timeout") and abort_connection(self.websocket.scope):
+            return
+        code = GOING_AWAY if reason == "shutdown" else self._close_code
         with contextlib.suppress(Exception):
-            await self.websocket.close(self._close_code)
+            async with asyncio.timeout(self._write.timeout_s):
+                await self.websocket.close(code)
 
     # ------------------------------------------------------------ Twilio -> core
 
@@ -170,7 +201,7 @@ class TwilioCall:
             headers["authorization"] = f"Bearer {key}"
         return is_authorized(self.state.config.server.api_keys, headers)
 
-    def _on_text(self, raw: str) -> None:
+    async def _on_text(self, raw: str) -> None:
         try:
             message = json.loads(raw)
         except ValueError:
@@ -191,11 +222,11 @@ class TwilioCall:
             if self.runner is None:
                 self._warn_once(f"early-{event}", "'%s' before 'start' ignored", event)
             elif event == "media":
-                self._on_media(message.get("media"))
+                await self._on_media(message.get("media"))
             elif event == "dtmf":
-                self._on_dtmf(message.get("dtmf"))
+                await self._on_dtmf(message.get("dtmf"))
             else:
-                self._on_mark(message.get("mark"))
+                await self._on_mark(message.get("mark"))
         else:
             self._warn_once(f"unknown-{event}", "unknown event %r ignored", event)
 
@@ -226,11 +257,12 @@ class TwilioCall:
             server_playout=True,
             defaults=_session_defaults(start.get("customParameters")),
         )
-        self.runner = SessionRunner(session, self.state.engine, self._emit, door=DOOR, metrics=self.state.metrics)
+        self.runner = self.state.new_runner(session, self._emit, DOOR)
         self.pump = asyncio.create_task(self.runner.run(), name=f"pump-{session.id}")
+        self.pump.add_done_callback(self._stop_reading)
         log.info("%s: started session %s", self.label, session.id)
 
-    def _on_media(self, media: Any) -> None:
+    async def _on_media(self, media: Any) -> None:
         assert self.runner is not None
         if not isinstance(media, dict) or media.get("track", "inbound") not in ("inbound", "inbound_track"):
             return
@@ -239,9 +271,9 @@ class TwilioCall:
         except (binascii.Error, TypeError, ValueError):
             self._warn_once("base64", "media chunk %s with bad base64 ignored", media.get("chunk"))
             return
-        self.runner.feed(AudioIn(self._resampler.process(mulaw_decode(payload))))
+        await self.runner.put(AudioIn(self._resampler.process(mulaw_decode(payload))), len(payload))
 
-    def _on_dtmf(self, dtmf: Any) -> None:
+    async def _on_dtmf(self, dtmf: Any) -> None:
         assert self.runner is not None
         digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
         if not isinstance(digit, str) or not digit:
@@ -251,23 +283,23 @@ class TwilioCall:
         if not self.state.config.telephony.dtmf_to_conversation:
             return
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": digit}]}
-        self.runner.feed(ClientEvent("conversation.item.create", {"item": item}))
+        await self.runner.put(ClientEvent("conversation.item.create", {"item": item}))
 
-    def _on_mark(self, mark: Any) -> None:
+    async def _on_mark(self, mark: Any) -> None:
         assert self.runner is not None
         name = mark.get("name") if isinstance(mark, dict) else None
         if not isinstance(name, str):
             return
         playout = self._playout
-        playout.pending.discard(name)
+        playout.pending.pop(name, None)
         if name in playout.stale:
-            playout.stale.discard(name)  # echoed because of our `clear`: that audio was never heard
+            del playout.stale[name]  # echoed because of our `clear`: that audio was never heard
             return
         parsed = parse_mark_name(name)
         if parsed is None:
             log.warning("%s: echo of unknown mark %r ignored", self.label, name)
             return
-        self.runner.feed(PlayoutProgress(*parsed))
+        await self.runner.put(PlayoutProgress(*parsed))
 
     # ------------------------------------------------------------ core -> Twilio
 
@@ -295,12 +327,13 @@ class TwilioCall:
             return
         name = mark_name(playout.item_id, playout.sent_ms)
         playout.marked_ms = playout.sent_ms
-        playout.pending.add(name)
+        playout.remember(playout.pending, name)
         await self._send({"event": "mark", "mark": {"name": name}})
 
     async def _send_clear(self) -> None:
         playout = self._playout
-        playout.stale |= playout.pending
+        for name in playout.pending:
+            playout.remember(playout.stale, name)
         playout.pending.clear()
         playout.item_id = None
         await self._send({"event": "clear"})
@@ -323,8 +356,12 @@ class TwilioCall:
         if self.stream_sid is None:
             return
         async with self._send_lock:
-            with contextlib.suppress(Exception):  # a dropped socket ends the receive loop, which closes the call
-                await self.websocket.send_text(json.dumps({**message, "streamSid": self.stream_sid}))
+            try:
+                await self._write(json.dumps({**message, "streamSid": self.stream_sid}))
+            except WriteTimeout:
+                raise  # the caller side stopped reading: the runner ends the call
+            except Exception:  # a dropped socket ends the receive loop, which closes the call
+                log.debug("%s: send failed", self.label, exc_info=True)
 
 
 async def twilio_stream_endpoint(websocket: WebSocket) -> None:

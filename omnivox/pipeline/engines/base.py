@@ -78,6 +78,9 @@ class ResponseRequest:
     conversation_id: str = ""
     """The same for every turn of one conversation (the session id); an engine may keep per-conversation state
     under it until `forget_conversation`. Empty for one-off requests."""
+    max_prompt_tokens: int | None = None
+    """The prompt budget (config `generation.max_prompt_tokens`): an engine refuses a longer prompt with
+    `PromptTooLong` instead of running it. None: no budget (the engine's own requests, such as transcriptions)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,21 @@ class EngineNotReady(EngineError):
     """The model is still loading or failed to load."""
 
     code = "engine_not_ready"
+
+
+class PromptTooLong(EngineError):
+    """The prompt is longer than the request's `max_prompt_tokens`: the client must shorten the conversation."""
+
+    code = "context_length_exceeded"
+
+
+def check_prompt_budget(prompt_tokens: int, request: ResponseRequest) -> None:
+    """Raise `PromptTooLong` when a prompt of `prompt_tokens` outgrows the request's budget."""
+    budget = request.max_prompt_tokens
+    if budget is not None and prompt_tokens > budget:
+        raise PromptTooLong(
+            f"the prompt is {prompt_tokens} tokens, over the budget of {budget}; delete older conversation items"
+        )
 
 
 class EngineOutOfMemory(EngineError):

@@ -52,6 +52,7 @@ from omnivox.pipeline.engines.base import (
     SamplingParams,
     TextDelta,
     TextPart,
+    check_prompt_budget,
     cut_at_stop,
 )
 from omnivox.pipeline.engines.prefix_cache import EncodedPrompt, PrefixStore, encode_prompt
@@ -856,6 +857,9 @@ class QwenOmniEngine(ABC):
         if not self._ready or worker is None:
             raise EngineNotReady(f"{self.name}: the model is not loaded yet")
         prepared = await asyncio.to_thread(self.prepare, request)
+        inputs = getattr(prepared, "inputs", None)
+        if isinstance(inputs, ModelInputs):
+            check_prompt_budget(inputs.prompt_tokens, request)
         async for delta in worker.stream(lambda: self.make_generation(prepared), background=background):
             yield delta
 

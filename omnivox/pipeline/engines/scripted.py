@@ -9,23 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
 from collections.abc import AsyncIterator
-from typing import Any
 
 import numpy as np
 
-from omnivox.pipeline.audio import float_to_pcm16, synthesize_speech
+from omnivox.pipeline.audio import synthesize_speech
 from omnivox.pipeline.engines.base import (
     INPUT_RATE,
     AudioDelta,
+    AudioPart,
     Delta,
     ResponseRequest,
     TextDelta,
     TextPart,
     Usage,
+    check_prompt_budget,
     cut_at_stop,
 )
+from omnivox.pipeline.engines.recogniser import ProcessRecogniser
 
 DEFAULT_REPLY = "Hello! This is omnivox, a self hosted voice agent. How can I help you today?"
 
@@ -42,6 +43,21 @@ ESPEAK_VOICES = {
     "cedar": "en-us+m2",
 }
 """OpenAI voice names -> espeak-ng voices; any other name speaks with the default `en-us`."""
+AUDIO_TOKENS_PER_SECOND = 25
+"""What Qwen2.5-Omni's audio encoder makes of a second of audio: the scripted engine counts prompts the same way."""
+
+
+def prompt_tokens(request: ResponseRequest) -> int:
+    """A Qwen-like token count without a tokenizer: a token per 4 characters of text, 25 per second of audio."""
+    chars = len(request.instructions)
+    seconds = 0.0
+    for message in request.messages:
+        for part in message.parts:
+            if isinstance(part, TextPart):
+                chars += len(part.text)
+            elif isinstance(part, AudioPart):
+                seconds += part.pcm.size / INPUT_RATE
+    return chars // 4 + 1 + int(seconds * AUDIO_TOKENS_PER_SECOND)
 
 
 class ScriptedEngine:
@@ -61,9 +77,11 @@ class ScriptedEngine:
         first_audio_ms: int = 50,
         words_per_minute: int = 170,
         transcript: str = "",
+        recogniser_processes: int = 1,
     ) -> None:
         """`speed` is how much faster than real time audio is produced (4.0 = a 40 ms chunk every 10 ms);
-        `first_audio_ms` is the simulated time to the first chunk; `transcript` is what `transcribe` returns."""
+        `first_audio_ms` is the simulated time to the first chunk; `transcript` is what `transcribe` returns;
+        `recogniser_processes` is how many pocketsphinx worker processes transcribe callers at once."""
         if speed <= 0 or chunk_ms <= 0:
             raise ValueError("scripted engine: speed and chunk_ms must be positive")
         self.model_id = model
@@ -75,8 +93,7 @@ class ScriptedEngine:
         self.transcript = transcript
         self._turns = 0
         self._ready = False
-        self._recogniser: Any = None
-        self._recogniser_lock = threading.Lock()
+        self._recogniser = ProcessRecogniser(recogniser_processes)
 
     @property
     def ready(self) -> bool:
@@ -88,6 +105,7 @@ class ScriptedEngine:
 
     async def close(self) -> None:
         self._ready = False
+        self._recogniser.close()
 
     @functools.lru_cache(maxsize=32)  # noqa: B019 - one engine per process; the cache holds a few replies
     def _speech(self, text: str, voice: str) -> np.ndarray:
@@ -101,13 +119,14 @@ class ScriptedEngine:
     async def respond(self, request: ResponseRequest) -> AsyncIterator[Delta]:
         reply = cut_at_stop(self.next_reply(), request.sampling.stop)[0].rstrip()
         words = reply.split(" ")
-        prompt_chars = sum(len(p.text) for m in request.messages for p in m.parts if isinstance(p, TextPart))
+        input_tokens = prompt_tokens(request)
+        check_prompt_budget(input_tokens, request)
         await asyncio.sleep(self.first_audio_ms / 1000)
         if not request.output_audio:
             for index, word in enumerate(words):
                 yield TextDelta(word if index == 0 else " " + word)
                 await asyncio.sleep(0)
-            yield Usage(input_tokens=prompt_chars // 4 + 1, output_tokens=len(words))
+            yield Usage(input_tokens=input_tokens, output_tokens=len(words))
             return
         audio = await asyncio.to_thread(self._speech, reply, request.voice)
         chunk = self.native_rate * self.chunk_ms // 1000
@@ -120,23 +139,10 @@ class ScriptedEngine:
                 next_word += 1
             yield AudioDelta(audio[start:end])
             await asyncio.sleep(self.chunk_ms / 1000 / self.speed)
-        yield Usage(input_tokens=prompt_chars // 4 + 1, output_tokens=len(words))
+        yield Usage(input_tokens=input_tokens, output_tokens=len(words))
 
     async def transcribe(self, audio: np.ndarray, language: str | None = None, prompt: str = "") -> str:
         """The configured `transcript` if set (tests), else offline English recognition with pocketsphinx."""
         if self.transcript:
             return self.transcript
-        return await asyncio.to_thread(self._recognise, audio)
-
-    def _recognise(self, audio: np.ndarray) -> str:
-        with self._recogniser_lock:
-            if self._recogniser is None:
-                from pocketsphinx import Decoder  # ships its English model; loaded on first use only
-
-                self._recogniser = Decoder(samprate=INPUT_RATE, loglevel="FATAL")
-            decoder = self._recogniser
-            decoder.start_utt()
-            decoder.process_raw(float_to_pcm16(audio), full_utt=True)
-            decoder.end_utt()
-            hypothesis = decoder.hyp()
-        return hypothesis.hypstr if hypothesis is not None else ""
+        return await self._recogniser.transcribe(audio)

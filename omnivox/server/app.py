@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
@@ -19,7 +18,7 @@ from omnivox.pipeline.engines.base import Engine
 from omnivox.pipeline.vad import create_vad
 from omnivox.server.config import Config
 from omnivox.server.http_api import http_api_routes
-from omnivox.server.lifecycle import ServerGuard
+from omnivox.server.lifecycle import GuardedApp
 from omnivox.server.realtime_ws import realtime_endpoint
 from omnivox.server.state import ServerState
 from omnivox.server.telephony import telephony_routes
@@ -81,8 +80,6 @@ def create_app(config: Config, engine: Engine | None = None) -> Starlette:
             state.metrics.engine_ready.set(0)
             await engine.close()
 
-    app = Starlette(
-        routes=door_routes(), lifespan=lifespan, middleware=[Middleware(ServerGuard, lifecycle=state.lifecycle)]
-    )
+    app = GuardedApp(routes=door_routes(), lifespan=lifespan, lifecycle=state.lifecycle)
     app.state.omnivox = state
     return app

@@ -8,6 +8,7 @@ an error is sent as `data: {"error": {...}}` and ends the stream (no `[DONE]`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -211,7 +212,8 @@ class EventStream(StreamingResponse):
                     await self.stream_response(timed)
                 except WriteTimeout as exc:
                     log.warning("%s: dropping a stalled SSE reader: %s", scope.get("path"), exc)
-                    abort_connection(scope)
+                    if abort_connection(scope):
+                        await asyncio.sleep(0)  # uvicorn hears of the lost connection before the app returns
                 group.cancel_scope.cancel()
 
             def shut_down() -> None:
@@ -223,11 +225,19 @@ class EventStream(StreamingResponse):
                 group.start_soon(produce)
                 await self.listen_for_disconnect(receive)
                 group.cancel_scope.cancel()
+        await _close_iterator(self.body_iterator)  # a producer stopped while sending leaves it open: free the engine
         if cut and not timed.timed_out:
             error = ApiError(503, "the server is shutting down", kind="server_error", code=SHUTTING_DOWN)
             with contextlib.suppress(Exception):
                 await timed({"type": "http.response.body", "body": sse(error.body()).encode(), "more_body": True})
                 await timed({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _close_iterator(iterator: object) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
 
 
 def stream_error(exc: BaseException, door: str, state: ServerState) -> str:

@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
 
 from omnivox.server.backpressure import remember_transport
 from omnivox.server.config import Config
@@ -87,12 +88,12 @@ class Lifecycle:
         return True
 
 
-class ServerGuard:
-    """Outermost ASGI middleware: refuses new work while the server drains, and keeps each connection's transport
-    where `backpressure.abort_connection` finds it."""
+class GuardedApp(Starlette):
+    """The app with a guard in front of everything (middleware would only see a wrapped `send`): it keeps each
+    connection's transport where `backpressure.abort_connection` finds it, and refuses new work while draining."""
 
-    def __init__(self, app: ASGIApp, lifecycle: Lifecycle) -> None:
-        self.app = app
+    def __init__(self, *args: Any, lifecycle: Lifecycle, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.lifecycle = lifecycle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -101,7 +102,7 @@ class ServerGuard:
             if self.lifecycle.draining:
                 await _refuse(scope, send)
                 return
-        await self.app(scope, receive, send)
+        await super().__call__(scope, receive, send)
 
 
 async def _refuse(scope: Scope, send: Send) -> None:

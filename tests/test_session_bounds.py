@@ -17,6 +17,7 @@ import websockets
 from omnivox.pipeline.audio import float_to_pcm16
 from omnivox.pipeline.engines.scripted import ScriptedEngine
 from tests.server_helpers import RunningServer, running_server, scripted_config
+from tests.test_webrtc import Peer, loopback_ice  # noqa: F401 - loopback_ice is an autouse fixture
 
 BUFFER_S = 5
 
@@ -230,3 +231,20 @@ def test_chat_completions_refuse_a_prompt_over_the_token_budget(server: RunningS
     )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.slow
+async def test_webrtc_data_channel_messages_past_their_bound_are_refused() -> None:
+    with running_server(scripted_config(webrtc={"max_message_bytes": 16_384})) as server:
+        peer = Peer()
+        try:
+            assert (await peer.connect(server)).status_code == 201
+            await peer.wait_for("session.created")
+            peer.send({"type": "conversation.item.create", "item": text_item("x" * 40_000), "event_id": "big"})
+            peer.send({"type": "conversation.item.create", "item": text_item("small"), "event_id": "small"})
+            error = await peer.wait_for("error")
+            added = await peer.wait_for("conversation.item.added")
+        finally:
+            await peer.close()
+    assert error["error"]["code"] == "message_too_large"
+    assert added["item"]["content"][0]["text"] == "small"

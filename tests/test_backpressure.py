@@ -77,6 +77,9 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout(se
         dropped = await settles(lambda: server.state.sessions_open == 0, 6 + WRITE_TIMEOUT_S)
         flooding.cancel()
     assert dropped, "the session of a client that reads nothing was still open"
+    async with httpx.AsyncClient() as client:
+        metrics = (await client.get(f"{server.http_url}/metrics")).text
+    assert 'omnivox_sessions_ended_by_server_total{door="realtime_ws",reason="write_timeout"} 1.0' in metrics
 
 
 async def test_a_flooding_client_waits_in_a_bounded_queue(server: RunningServer) -> None:

@@ -255,7 +255,7 @@ class Session:
             )
         update, dropped = known_session_fields({k: v for k, v in update.items() if k not in ("id", "object")})
         if dropped:
-            log.info("%s: session.update keys ignored: %s", self.id, ", ".join(name[:40] for name in dropped[:8]))
+            log.debug("%s: session.update keys ignored: %s", self.id, ", ".join(name[:40] for name in dropped[:8]))
         merged = merge_update(self.config, update)
         validate_session(merged)
         check_session_size(merged, self.options.limits)

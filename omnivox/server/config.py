@@ -82,7 +82,7 @@ class SessionLimitsConfig(_Section):
     max_session_bytes: int = Field(262_144, ge=4096)
     max_transcriptions: int = Field(4, ge=1)
     max_queued_events: int = Field(256, ge=1)
-    max_queued_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_queued_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     idle_timeout_s: float | None = Field(600, gt=0)
 
 

@@ -138,7 +138,7 @@ def uvicorn_settings(config: Config) -> dict[str, Any]:
     connections = config.connections
     return {
         "ws": "websockets",
-        "ws_max_size": 2 * config.limits.max_message_bytes + (1 << 20),
+        "ws_max_size": config.limits.max_message_bytes + (1 << 20),  # past the limit by a little: an error event
         "ws_max_queue": connections.ws_max_queue,
         "ws_per_message_deflate": False,
         "limit_concurrency": connections.limit_concurrency,

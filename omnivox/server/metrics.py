@@ -35,6 +35,12 @@ class Metrics:
         self.barge_ins = Counter(
             "omnivox_barge_ins_total", "Responses cancelled because the caller spoke", ["door"], registry=self.registry
         )
+        self.sessions_ended = Counter(
+            "omnivox_sessions_ended_by_server_total",
+            "Realtime sessions the server ended: idle, write_timeout (client stopped reading), shutdown",
+            ["door", "reason"],
+            registry=self.registry,
+        )
         self.protocol_errors = Counter(
             "omnivox_protocol_errors_total", "Error events sent to clients", ["door", "code"], registry=self.registry
         )

@@ -65,7 +65,7 @@ class RunnerLimits:
     """Config `session_limits.max_queued_events`, `max_queued_bytes` and `idle_timeout_s`."""
 
     max_queued_events: int = 256
-    max_queued_bytes: int = 32 * 1024 * 1024
+    max_queued_bytes: int = 16 * 1024 * 1024
     idle_timeout_s: float | None = None
 
 
@@ -180,6 +180,8 @@ class SessionRunner:
             self.session.close()
             await self._cancel_all()
             forget_conversation(self.engine, self.session.id)
+            if self.end_reason is not None:
+                self.metrics.sessions_ended.labels(self.door, self.end_reason).inc()
             log.info("%s: session closed%s", self.session.id, f" ({self.end_reason})" if self.end_reason else "")
 
     async def _next_input(self) -> Any:

@@ -96,6 +96,32 @@ async def test_a_flooding_client_waits_in_a_bounded_queue(server: RunningServer)
     assert backlog and max(backlog) <= 8 + 2
 
 
+async def test_a_flood_is_read_no_faster_than_max_events_per_s() -> None:
+    """A client sending 400 events at once is served at the session's rate (100/s here, after a burst of 100),
+    while another session's events are answered at once."""
+    with running_server(scripted_config(session_limits={"max_events_per_s": 100})) as server:
+        async with (
+            websockets.connect(f"{server.ws_url}/v1/realtime") as flood,
+            websockets.connect(f"{server.ws_url}/v1/realtime") as calm,
+        ):
+            await flood.recv()
+            await calm.recv()
+            began = time.monotonic()
+            for _ in range(400):
+                await flood.send(json.dumps({"type": "input_audio_buffer.clear"}))
+            round_trips = []
+            for _ in range(5):
+                sent = time.monotonic()
+                await calm.send(json.dumps({"type": "input_audio_buffer.clear"}))
+                assert json.loads(await asyncio.wait_for(calm.recv(), 5))["type"] == "input_audio_buffer.cleared"
+                round_trips.append(time.monotonic() - sent)
+            for _ in range(400):
+                assert json.loads(await asyncio.wait_for(flood.recv(), 10))["type"] == "input_audio_buffer.cleared"
+            took = time.monotonic() - began
+    assert took > 2.5, f"400 events were served in {took:.2f} s"
+    assert max(round_trips) < 0.3
+
+
 async def test_an_idle_session_ends_with_an_error_then_a_normal_close() -> None:
     with running_server(scripted_config(session_limits={"idle_timeout_s": 1.0})) as server:
         async with websockets.connect(f"{server.ws_url}/v1/realtime") as active:

@@ -83,6 +83,7 @@ class SessionLimitsConfig(_Section):
     max_transcriptions: int = Field(4, ge=1)
     max_queued_events: int = Field(256, ge=1)
     max_queued_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_events_per_s: float | None = Field(250, gt=0)
     idle_timeout_s: float | None = Field(600, gt=0)
 
 

@@ -143,6 +143,8 @@ async def _serve(websocket: WebSocket, state: ServerState, dialect: Dialect) -> 
         with contextlib.suppress(Exception):
             await pump
         await _close(websocket, runner, send)
+    if not receiver.cancelled() and receiver.exception() is not None:
+        log.warning("%s: reading the client failed: %r", session.id, receiver.exception())
 
 
 async def _receive(

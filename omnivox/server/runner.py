@@ -62,10 +62,12 @@ _WAKE = object()
 
 @dataclass(frozen=True)
 class RunnerLimits:
-    """Config `session_limits.max_queued_events`, `max_queued_bytes` and `idle_timeout_s`."""
+    """Config `session_limits.max_queued_events`, `max_queued_bytes`, `max_events_per_s` and `idle_timeout_s`."""
 
     max_queued_events: int = 256
     max_queued_bytes: int = 16 * 1024 * 1024
+    max_events_per_s: float | None = None
+    """Client inputs a second, with a second's worth in a burst; past it the door waits before reading more."""
     idle_timeout_s: float | None = None
 
 
@@ -95,6 +97,8 @@ class SessionRunner:
         self._queued_events = 0
         self._queued_bytes = 0
         self._room = asyncio.Event()
+        self._tokens = self.limits.max_events_per_s or 0.0
+        self._tokens_at = clock()
         self._last_client_input = clock()
         self._engine_tasks: dict[str, asyncio.Task[None]] = {}
         self._response_started: dict[str, float] = {}
@@ -110,7 +114,10 @@ class SessionRunner:
 
     async def put(self, item: SessionInput, size: int = 0) -> None:
         """Queue a client input of `size` bytes; waits while the session is `max_queued_events` or `max_queued_bytes`
-        behind, so the door stops reading a client that sends faster than its session can follow."""
+        behind, or past `max_events_per_s`, so the door stops reading a client that sends faster than its session
+        may go (a flood costs the server no more than a busy caller)."""
+        while (wait := self._rate_wait()) > 0:
+            await asyncio.sleep(wait)
         while not self._closed and self._backlog_full(size):
             self._room.clear()
             await self._room.wait()
@@ -127,6 +134,19 @@ class SessionRunner:
         self._last_client_input = self._clock()
         self._inputs.put_nowait((item, size))
         return True
+
+    def _rate_wait(self) -> float:
+        """Take a token of the session's event rate: 0 when one was there, else the seconds until one is."""
+        rate = self.limits.max_events_per_s
+        if rate is None:
+            return 0.0
+        now = self._clock()
+        self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) / rate
 
     def _backlog_full(self, size: int) -> bool:
         if self._queued_events >= self.limits.max_queued_events:

@@ -82,7 +82,9 @@ class ServerState:
     def new_runner(self, session: Session, emit: Emit, door: str) -> SessionRunner:
         """The asyncio shell of `session`, bounded by the config and drained at shutdown."""
         bounds = self.config.session_limits
-        limits = RunnerLimits(bounds.max_queued_events, bounds.max_queued_bytes, bounds.idle_timeout_s)
+        limits = RunnerLimits(
+            bounds.max_queued_events, bounds.max_queued_bytes, bounds.max_events_per_s, bounds.idle_timeout_s
+        )
         return SessionRunner(
             session, self.engine, emit, door=door, metrics=self.metrics, limits=limits, lifecycle=self.lifecycle
         )

@@ -196,12 +196,14 @@ async def test_an_sse_stream_to_a_stalled_reader_ends() -> None:
     assert engine.closed_at is not None and engine.closed_at - stalled > WRITE_TIMEOUT_S
 
 
-async def test_connections_over_limit_concurrency_get_503() -> None:
+async def test_connections_over_limit_concurrency_are_refused() -> None:
     with running_server(scripted_config(connections={"limit_concurrency": 3})) as server:
         sockets = [await websockets.connect(f"{server.ws_url}/v1/realtime") for _ in range(3)]
         try:
             async with httpx.AsyncClient() as client:
                 crowded = await client.get(f"{server.http_url}/healthz")
+            with pytest.raises(websockets.InvalidStatus):
+                await websockets.connect(f"{server.ws_url}/v1/realtime")
         finally:
             for ws in sockets:
                 await ws.close()

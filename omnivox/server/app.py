@@ -80,6 +80,11 @@ def create_app(config: Config, engine: Engine | None = None) -> Starlette:
             state.metrics.engine_ready.set(0)
             await engine.close()
 
-    app = GuardedApp(routes=door_routes(), lifespan=lifespan, lifecycle=state.lifecycle)
+    app = GuardedApp(
+        routes=door_routes(),
+        lifespan=lifespan,
+        lifecycle=state.lifecycle,
+        max_websockets=config.connections.limit_concurrency,
+    )
     app.state.omnivox = state
     return app

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GOING_AWAY = 1001
+TRY_AGAIN_LATER = 1013
 SHUTTING_DOWN = "server_shutting_down"
 CUT_GRACE_S = 2.0
 """After the drain time, how long told sessions and streams get to close before uvicorn's shutdown goes on."""
@@ -90,19 +91,34 @@ class Lifecycle:
 
 class GuardedApp(Starlette):
     """The app with a guard in front of everything (middleware would only see a wrapped `send`): it keeps each
-    connection's transport where `backpressure.abort_connection` finds it, and refuses new work while draining."""
+    connection's transport where `backpressure.abort_connection` finds it, refuses new work while draining, and
+    holds WebSocket connections to `max_websockets` (uvicorn's `limit_concurrency` lets every upgrade through)."""
 
-    def __init__(self, *args: Any, lifecycle: Lifecycle, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lifecycle: Lifecycle, max_websockets: int | None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lifecycle = lifecycle
+        self.max_websockets = max_websockets
+        self.websockets = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket"):
-            remember_transport(scope, send)
-            if self.lifecycle.draining:
-                await _refuse(scope, send)
-                return
-        await super().__call__(scope, receive, send)
+        if scope["type"] not in ("http", "websocket"):
+            await super().__call__(scope, receive, send)
+            return
+        remember_transport(scope, send)
+        if self.lifecycle.draining:
+            await _refuse(scope, send)
+            return
+        if scope["type"] == "http":
+            await super().__call__(scope, receive, send)
+            return
+        if self.max_websockets is not None and self.websockets >= self.max_websockets:
+            await send({"type": "websocket.close", "code": TRY_AGAIN_LATER, "reason": "too many connections"})
+            return
+        self.websockets += 1
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.websockets -= 1
 
 
 async def _refuse(scope: Scope, send: Send) -> None:

@@ -458,11 +458,13 @@ async def client_lag(stats: CallerStats) -> None:
 
 
 def interval_line(elapsed: float, rss: float, stats: CallerStats, marks: dict[str, int], usage: list[float]) -> str:
-    """One report interval: server RSS, CPU and run-queue wait (s/s), load, sessions, and p99s in the interval."""
+    """One report interval: server RSS, CPU and run-queue wait (s/s), the callers' CPU, load, sessions, and p99s in
+    the interval."""
     p99 = {name: percentiles(array("d", getattr(stats, name)[mark:]), 99)[0] for name, mark in marks.items()}
     return (
         f"{elapsed:6.0f} s  rss {rss:6.1f} MB  server cpu {usage[0]:4.2f} wait {usage[1]:4.2f}  "
-        f"load {usage[2]:5.2f}  sessions {stats.sessions_started:5d}  failed {sum(stats.failures.values()):3d}  "
+        f"callers cpu {usage[3]:4.2f}  load {usage[2]:5.2f}  sessions {stats.sessions_started:5d}  "
+        f"failed {sum(stats.failures.values()):3d}  "
         f"p99: control {p99['probe_ms']:6.1f} ms, audio lateness {p99['lateness_ms']:6.1f} ms, "
         f"client lag {p99['client_lag_ms']:6.1f} ms"
     )
@@ -481,21 +483,19 @@ async def soak(args: argparse.Namespace, port: int, server: psutil.Process) -> t
     rss: list[float] = []
     began, last_report = time.monotonic(), time.monotonic()
     marks = dict.fromkeys(("probe_ms", "lateness_ms", "client_lag_ms"), 0)
-    cpu_mark, wait_mark = cpu_seconds(server), run_queue_seconds(server)
+    me = psutil.Process()
+    cpu_mark, wait_mark, mine_mark = cpu_seconds(server), run_queue_seconds(server), cpu_seconds(me)
     while time.monotonic() < stop_at:
         await asyncio.sleep(min(10.0, max(0.0, stop_at - time.monotonic())))
         rss.append(tree_rss_mb(server))
         if time.monotonic() - last_report >= args.report_every:
             now = time.monotonic()
-            cpu, wait = cpu_seconds(server), run_queue_seconds(server)
-            usage = (
-                (cpu - cpu_mark) / (now - last_report),
-                (wait - wait_mark) / (now - last_report),
-                os.getloadavg()[0],
-            )
+            cpu, wait, mine = cpu_seconds(server), run_queue_seconds(server), cpu_seconds(me)
+            span = now - last_report
+            usage = [(cpu - cpu_mark) / span, (wait - wait_mark) / span, os.getloadavg()[0], (mine - mine_mark) / span]
             print(interval_line(now - began, rss[-1], stats, marks, usage), flush=True)
             marks = {name: len(getattr(stats, name)) for name in marks}
-            last_report, cpu_mark, wait_mark = now, cpu, wait
+            last_report, cpu_mark, wait_mark, mine_mark = now, cpu, wait, mine
     await asyncio.gather(*callers, return_exceptions=True)
     lag.cancel()
     return stats, rss

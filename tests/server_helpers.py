@@ -46,10 +46,13 @@ def scripted_config(**sections: dict[str, Any]) -> Config:
 
 
 @contextmanager
-def running_server(config: Config | None = None, engine: Engine | None = None) -> Iterator[RunningServer]:
+def running_server(
+    config: Config | None = None, engine: Engine | None = None, loop: str = "asyncio"
+) -> Iterator[RunningServer]:
+    """`loop="uvloop"` runs the event loop `omnivox serve` runs."""
     config = config or scripted_config()
     app = create_app(config, engine)
-    settings = {**uvicorn_settings(config), "loop": "asyncio"}
+    settings = {**uvicorn_settings(config), "loop": loop}
     server = DrainingServer(
         uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", **settings),
         app.state.omnivox.lifecycle,

@@ -45,19 +45,17 @@ class TimedSend:
 
 def remember_transport(scope: Scope, send: Callable[..., Any]) -> None:
     """Keep the connection's transport in the scope, for `abort_connection`. ASGI hides it; uvicorn's send is a method
-    of its protocol object, which holds it (other servers: nothing is kept and the door closes gracefully)."""
+    of its protocol object, which holds it (other servers: nothing is kept and the door closes gracefully). uvloop's
+    transports are not `asyncio.BaseTransport` subclasses: any object that can `abort()` will do."""
     transport = getattr(getattr(send, "__self__", None), "transport", None)
-    if isinstance(transport, asyncio.BaseTransport):
+    if callable(getattr(transport, "abort", None)):
         scope[TRANSPORT_KEY] = transport
 
 
 def abort_connection(scope: Scope) -> bool:
     """Drop the connection at once, buffered data and all; False when its transport is unknown."""
     transport = scope.get(TRANSPORT_KEY)
-    if not isinstance(transport, asyncio.BaseTransport):
+    if transport is None:
         return False
-    abort = getattr(transport, "abort", None)
-    if abort is None:
-        return False
-    abort()
+    transport.abort()
     return True

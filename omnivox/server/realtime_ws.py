@@ -174,9 +174,11 @@ async def _close(websocket: WebSocket, runner: SessionRunner, send: TimedSend) -
     """End the connection the way the session ended: a client that stopped reading is dropped, the others hear why."""
     if (send.timed_out or runner.end_reason == "write_timeout") and abort_connection(websocket.scope):
         return
-    code = {"shutdown": (GOING_AWAY, "server shutting down"), "idle": (1000, "idle timeout")}.get(
-        runner.end_reason or ""
-    )
+    code = {
+        "shutdown": (GOING_AWAY, "server shutting down"),
+        "idle": (1000, "idle timeout"),
+        "write_timeout": (POLICY_VIOLATION, "client stopped reading"),  # when the connection cannot be aborted
+    }.get("write_timeout" if send.timed_out else runner.end_reason or "")
     if code is None:
         return
     with contextlib.suppress(Exception):

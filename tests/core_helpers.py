@@ -21,6 +21,7 @@ from omnivox.pipeline.events import (
     EngineOutput,
     PredictEndOfTurn,
     ServerEvent,
+    SessionInput,
     SessionOutput,
     StartResponse,
     Tick,
@@ -97,11 +98,18 @@ class CoreDriver:
     def predicted(self, probability: float | None, check_id: int | None = None) -> None:
         """The end-of-turn model answers the latest `PredictEndOfTurn` (or `check_id`)."""
         check = check_id if check_id is not None else self.predictions[-1].check_id
-        self.record(self.session.handle(EndOfTurnPredicted(check, probability), self.now))
+        self.handle(EndOfTurnPredicted(check, probability))
+
+    def handle(self, item: SessionInput) -> list[SessionOutput]:
+        """One input, then the steps of caller audio it left to analyse, as the runner does."""
+        outputs = self.session.handle(item, self.now)
+        while self.session.audio_pending:
+            outputs += self.session.handle(Tick(), self.now)
+        return self.record(outputs)
 
     def send(self, event_type: str, **payload: Any) -> list[SessionOutput]:
         event_id = payload.pop("event_id", None)
-        return self.record(self.session.handle(ClientEvent(event_type, payload, event_id), self.now))
+        return self.handle(ClientEvent(event_type, payload, event_id))
 
     def append_pcm24(self, samples: np.ndarray) -> list[SessionOutput]:
         return self.send("input_audio_buffer.append", audio=base64.b64encode(float_to_pcm16(samples)).decode())
@@ -111,7 +119,7 @@ class CoreDriver:
         step = int(chunk_s * RATE_IN)
         for start in range(0, samples.size, step):
             self.now += chunk_s
-            self.record(self.session.handle(AudioIn(samples[start : start + step]), self.now))
+            self.handle(AudioIn(samples[start : start + step]))
 
     def engine(self, delta: Any, response_id: str | None = None) -> None:
         rid = response_id or self.started[-1].response_id

@@ -14,6 +14,7 @@ import uvicorn
 from omnivox.pipeline.engines.base import Engine
 from omnivox.server.app import create_app
 from omnivox.server.config import Config, load_config
+from omnivox.server.lifecycle import DrainingServer, uvicorn_settings
 
 
 @dataclass
@@ -46,30 +47,42 @@ def scripted_config(**sections: dict[str, Any]) -> Config:
 
 @contextmanager
 def running_server(
-    config: Config | None = None, engine: Engine | None = None, port: int = 0
+    config: Config | None = None, engine: Engine | None = None, port: int = 0, loop: str = "asyncio"
 ) -> Iterator[RunningServer]:
+    """omnivox with the connection bounds and drain of `omnivox serve`; `loop="uvloop"` runs its event loop too."""
     config = config or scripted_config()
     app = create_app(config, engine)
-    with serving(app, port, ws_max_size=2 * config.limits.max_message_bytes + (1 << 20)) as bound:
+    settings = {**uvicorn_settings(config), "loop": loop}
+    server = DrainingServer(
+        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning", **settings),
+        app.state.omnivox.lifecycle,
+        config.connections.drain_timeout_s,
+    )
+    with _running(server) as bound:
         yield RunningServer("127.0.0.1", bound, app, config)
 
 
 @contextmanager
 def serving(app: Any, port: int = 0, ws_max_size: int = 16 * 1024 * 1024) -> Iterator[int]:
     """Any ASGI app on loopback (a free port unless `port` is given) until the block ends; yields the port."""
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=port,
-            loop="asyncio",
-            ws="websockets",
-            lifespan="on",
-            log_level="warning",
-            ws_max_size=ws_max_size,
-            ws_per_message_deflate=False,
-        )
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop="asyncio",
+        ws="websockets",
+        lifespan="on",
+        log_level="warning",
+        ws_max_size=ws_max_size,
+        ws_per_message_deflate=False,
     )
+    with _running(uvicorn.Server(config)) as bound:
+        yield bound
+
+
+@contextmanager
+def _running(server: uvicorn.Server) -> Iterator[int]:
+    """Run `server` in a background thread until the block ends; yields its port."""
     thread = threading.Thread(target=server.run, name="omnivox-test-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -162,11 +162,11 @@ def test_metrics_can_be_put_behind_the_key() -> None:
 def test_an_open_server_on_the_network_says_so_at_start_up(
     host: str, keys: list[str], warned: bool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    started: list[dict[str, Any]] = []
-    monkeypatch.setattr("uvicorn.run", lambda app, **options: started.append(options))
+    started: list[Any] = []
+    monkeypatch.setattr("omnivox.server.lifecycle.DrainingServer.run", lambda server: started.append(server.config))
     overrides = {"engine": {"name": "scripted"}, "server": {"host": host, "api_keys": keys}}
     config = load_config(overrides=overrides, environ={})
     with caplog.at_level(logging.WARNING):
         cli.serve(config)
-    assert started and started[0]["host"] == host
+    assert started and started[0].host == host
     assert ("NO API KEY" in caplog.text) is warned

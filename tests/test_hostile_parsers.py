@@ -132,9 +132,10 @@ async def test_twilio_stream_ignores_hostile_frames_and_the_call_goes_on(
     assert user_parts and not [part for part in user_parts if isinstance(part, TextPart)]  # no junk digits
 
 
-@pytest.mark.parametrize("sid", ["x" * 100_000, ["MZ1"], "MZ 1"], ids=["huge", "list", "space"])
+@pytest.mark.parametrize("sid", ["x" * 10_000, ["MZ1"], "MZ 1"], ids=["huge", "list", "space"])
 async def test_twilio_start_without_a_valid_stream_sid_is_refused(server: RunningServer, sid: Any) -> None:
-    """The stream id is echoed in every message the server sends: a 100 kB one would be 50 copies a second."""
+    """The stream id is echoed in every message the server sends: a 10 kB one would be 50 copies a second (a start
+    over `telephony.max_message_bytes` is not even read)."""
     start = json.loads(start_event())
     start["streamSid"] = start["start"]["streamSid"] = sid
     async with websockets.connect(f"{server.ws_url}/telephony/twilio") as ws:

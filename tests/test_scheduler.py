@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from typing import Any
@@ -155,6 +156,27 @@ async def test_queue_over_limit_is_busy() -> None:
             await collect(worker, CountingGeneration("c", 1, log))
         await asyncio.gather(first, second)
     finally:
+        worker.close()
+
+
+async def test_a_cancelled_request_leaves_the_queue_at_once() -> None:
+    """A caller who hangs up while waiting must not keep a place in the queue (others would get server_busy)."""
+    worker = GpuWorker("test", max_active=1, max_queued=1)
+    log: list[str] = []
+    first = asyncio.create_task(collect(worker, CountingGeneration("a", 400, log, 0.005)))
+    try:
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(collect(worker, CountingGeneration("b", 1, log)))
+        await asyncio.sleep(0.01)
+        assert worker.load == (1, 1)
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        assert worker.load == (1, 0)
+        assert await collect(worker, CountingGeneration("c", 1, log)) == ["c1"]
+        assert "b" not in log
+    finally:
+        first.cancel()
         worker.close()
 
 

@@ -202,6 +202,14 @@ class ProtocolError(Exception):
         self.event_id = event_id
 
 
+MAX_ECHO_CHARS = 512
+"""Error events quote client values (ids, types, names): never more than this of each field, whatever was sent."""
+
+
+def _clip(text: str | None) -> str | None:
+    return text if text is None or len(text) <= MAX_ECHO_CHARS else text[:MAX_ECHO_CHARS] + "..."
+
+
 def error_event(exc: ProtocolError, event_id: str | None = None) -> ServerEvent:
     return ServerEvent(
         "error",
@@ -209,9 +217,9 @@ def error_event(exc: ProtocolError, event_id: str | None = None) -> ServerEvent:
             "error": {
                 "type": exc.error_type,
                 "code": exc.code,
-                "message": exc.message,
-                "param": exc.param,
-                "event_id": event_id if event_id is not None else exc.event_id,
+                "message": _clip(exc.message),
+                "param": _clip(exc.param),
+                "event_id": _clip(event_id if event_id is not None else exc.event_id),
             }
         },
     )

@@ -4,7 +4,10 @@ its model), or a remote OpenAI-compatible `POST /v1/audio/transcriptions`. Both 
 from __future__ import annotations
 
 import asyncio
+import logging
+import multiprocessing
 import threading
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from typing import Any, Protocol
 
 import httpx
@@ -13,6 +16,8 @@ import numpy as np
 from omnivox.pipeline.audio import encode_audio_file, float_to_pcm16
 from omnivox.pipeline.engines.base import INPUT_RATE, EngineError
 from omnivox.pipeline.engines.openai_chat import HostUnreachable, describe, error_from_response, server_root
+
+log = logging.getLogger(__name__)
 
 TRANSCRIPTIONS_PATH = "/v1/audio/transcriptions"
 
@@ -23,31 +28,73 @@ class Recogniser(Protocol):
     async def close(self) -> None: ...
 
 
-class PocketsphinxRecogniser:
-    """Offline English; one decoder, loaded on first use, used by one thread at a time."""
+_decoder: Any = None
+"""This process's pocketsphinx decoder, made on its first job (it loads its English model)."""
+_decoder_lock = threading.Lock()
 
-    def __init__(self) -> None:
-        self._decoder: Any = None
+
+def _recognise(pcm16: bytes) -> str:
+    """16 kHz PCM16 -> the best hypothesis ("" when nothing was recognised); in a worker process, or in this one for
+    offline tools."""
+    global _decoder
+    with _decoder_lock:
+        if _decoder is None:
+            from pocketsphinx import Decoder  # ships its English model; loaded on first use only
+
+            _decoder = Decoder(samprate=INPUT_RATE, loglevel="FATAL")
+        _decoder.start_utt()
+        _decoder.process_raw(pcm16, full_utt=True)
+        _decoder.end_utt()
+        hypothesis = _decoder.hyp()
+    return hypothesis.hypstr if hypothesis is not None else ""
+
+
+class PocketsphinxRecogniser:
+    """Offline English in `processes` worker processes, started on first use; jobs beyond them wait in line.
+
+    pocketsphinx decodes while holding the GIL: run in a thread, one caller turn froze the event loop for 0.8-0.9 s,
+    delaying every session's events and opening gaps in audio already playing. A worker process (spawned, so it
+    shares no locks with the server's threads) decodes instead; the event loop only waits on a future."""
+
+    def __init__(self, processes: int = 1) -> None:
+        if processes < 1:
+            raise ValueError("recogniser processes must be >= 1")
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
     async def transcribe(self, audio: np.ndarray, language: str | None = None, prompt: str = "") -> str:
-        return await asyncio.to_thread(self.recognise, audio)
+        pool = self._executor()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, _recognise, float_to_pcm16(audio))
+        except BrokenExecutor:
+            log.warning("the recogniser process died; starting a new one for the next transcription")
+            self._forget(pool)
+            raise
 
-    def recognise(self, audio: np.ndarray) -> str:
+    @staticmethod
+    def recognise(audio: np.ndarray) -> str:
+        """In this process, blocking: for offline tools (tests, benchmarks), never on a server's event loop."""
+        return _recognise(float_to_pcm16(audio))
+
+    def _executor(self) -> ProcessPoolExecutor:
         with self._lock:
-            if self._decoder is None:
-                from pocketsphinx import Decoder  # ships its English model; loaded on first use only
+            if self._pool is None:
+                context = multiprocessing.get_context("spawn")
+                self._pool = ProcessPoolExecutor(self.processes, mp_context=context)
+            return self._pool
 
-                self._decoder = Decoder(samprate=INPUT_RATE, loglevel="FATAL")
-            decoder = self._decoder
-            decoder.start_utt()
-            decoder.process_raw(float_to_pcm16(audio), full_utt=True)
-            decoder.end_utt()
-            hypothesis = decoder.hyp()
-        return hypothesis.hypstr if hypothesis is not None else ""
+    def _forget(self, pool: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is pool:
+                self._pool = None
+        pool.shutdown(wait=False, cancel_futures=True)
 
     async def close(self) -> None:
-        pass
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 class RemoteRecogniser:

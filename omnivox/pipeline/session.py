@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from omnivox.pipeline.audio import AudioFormat, Framer, StreamResampler, audio_format
-from omnivox.pipeline.client_items import decode_client_audio, parse_item
+from omnivox.pipeline.client_items import MAX_APPEND_BYTES, parse_item
 from omnivox.pipeline.context_window import TruncationPolicy, window_start
 from omnivox.pipeline.conversation import Conversation, Item
 from omnivox.pipeline.echo_cancel import CallerAudioCleaner, CleanupSettings
@@ -58,6 +58,7 @@ from omnivox.pipeline.events import (
 from omnivox.pipeline.input_buffer import InputBuffer
 from omnivox.pipeline.media import ImageLimits
 from omnivox.pipeline.pacer import FramePacer
+from omnivox.pipeline.pending_audio import PendingAudio
 from omnivox.pipeline.responses import ActiveResponse, call_item, opening_json
 from omnivox.pipeline.session_config import (
     FORMAT_TYPES,
@@ -69,6 +70,16 @@ from omnivox.pipeline.session_config import (
     response_sampling,
     valid_modalities,
     validate_session,
+)
+from omnivox.pipeline.session_limits import (
+    SessionLimits,
+    base64_audio_seconds,
+    check_item_size,
+    check_metadata,
+    check_response_instructions,
+    check_session_size,
+    items_to_evict,
+    known_session_fields,
 )
 from omnivox.pipeline.tools import AssembledCall, ToolSpecError, parse_tool_choice, parse_tools
 from omnivox.pipeline.turn_policy import ECHO_TAIL_MS, SuspectedInterruption, Verdict
@@ -83,6 +94,9 @@ MIN_COMMIT_MS = 100
 DEFAULT_ANSWER_TOKENS = 1024
 """Tokens kept free for the answer when the conversation is cut to fit the engine's context and the response
 sets no `max_output_tokens`."""
+ANALYSIS_STEP_SAMPLES = INPUT_RATE
+"""Caller audio fed to the buffer and the VAD per `handle` call at most; more waits for the next call, so that one
+long append never holds the event loop (the shell calls again while `audio_pending`)."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +111,7 @@ class SessionOptions:
     """Door override of the output rate (telephony: 8000); None follows the session's output format."""
     server_playout: bool = False
     """The door owns playout (WebRTC, telephony): emit `output_audio_buffer.*`, truncate at what was played."""
-    max_input_buffer_s: float = 600.0
+    limits: SessionLimits = field(default_factory=SessionLimits)
     images: ImageLimits = field(default_factory=ImageLimits)
     """Bounds on the images of a conversation item (`media.*` in the config)."""
     min_speech_ms: int = 64
@@ -151,9 +165,14 @@ class Session:
         self._vad_framer: Framer | None = None
         self._vad_position = 0
         self._detector: TurnDetector | None = None
-        self._append_resampler: StreamResampler | None = None
-        self._append_format = ""
-        self._input = InputBuffer(options.max_input_buffer_s)
+        self._pending = PendingAudio()
+        """Caller audio received, not yet cleaned (or heard, without a cleaner)."""
+        self._unheard = PendingAudio()
+        """Caller audio cleaned (or needing no cleaning), not yet in the buffer and the VAD."""
+        self._event_id: str | None = None
+        """The `event_id` of the client event being handled (appends carry it into `_pending`)."""
+        self._input = InputBuffer(options.limits.max_input_buffer_s)
+        self._transcribing: set[str] = set()
         self._turn_item_id: str | None = None
         self._turn_start = 0
         self._idle_since: int | None = None
@@ -207,6 +226,12 @@ class Session:
     def active_response_id(self) -> str | None:
         return self._active.id if self._active else None
 
+    @property
+    def audio_pending(self) -> bool:
+        """Caller audio has been received but not yet analysed: call `handle(Tick(), now)` again (after awaiting the
+        VAD's pending result, if any) to work through the next step of it."""
+        return bool(self._pending or self._unheard)
+
     def start(self, now: float) -> list[SessionOutput]:
         """The first events of a connection (`session.created`)."""
         self._now = now
@@ -219,9 +244,10 @@ class Session:
         try:
             match event:
                 case ClientEvent():
+                    self._analyse_pending(out, everything=True)  # a client event follows all the audio before it
                     self._on_client_event(event, out)
                 case AudioIn():
-                    self._on_audio(event.pcm, out)
+                    self._pending.add_samples(event.pcm)
                 case EngineOutput():
                     self._on_engine_delta(event, out)
                 case EngineDone():
@@ -236,12 +262,13 @@ class Session:
                     self._on_end_of_turn_predicted(event, out)
                 case CallerAudioCleaned():
                     if self._cleaner is not None:
-                        self._hear(self._cleaner.take(), out)
+                        self._unheard.add_samples(self._cleaner.take())
                 case Tick():
                     pass
         except ProtocolError as exc:
             event_id = event.event_id if isinstance(event, ClientEvent) else None
             out.append(error_event(exc, event_id))
+        self._analyse_pending(out)
         self._pump(out)
         return out
 
@@ -275,6 +302,7 @@ class Session:
         handler = self._client_handlers.get(event.type)
         if handler is None:
             raise ProtocolError(f"unknown event type '{event.type}'", code="unknown_event", param="type")
+        self._event_id = event.event_id
         handler(event.payload, out)
 
     def _on_session_update(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
@@ -285,9 +313,12 @@ class Session:
             raise ProtocolError(
                 "only realtime sessions are supported", code="unsupported_session_type", param="session.type"
             )
-        update = {k: v for k, v in update.items() if k not in ("id", "object")}
+        update, dropped = known_session_fields({k: v for k, v in update.items() if k not in ("id", "object")})
+        if dropped:
+            log.debug("%s: session.update keys ignored: %s", self.id, ", ".join(name[:40] for name in dropped[:8]))
         merged = merge_update(self.config, update)
-        validate_session(merged)
+        validate_session(merged, self.options.limits.max_output_tokens)
+        check_session_size(merged, self.options.limits)
         new_voice = merged["audio"]["output"].get("voice")
         if self._produced_audio and new_voice != self.config["audio"]["output"].get("voice"):
             raise ProtocolError(
@@ -308,19 +339,32 @@ class Session:
         out.append(ServerEvent("session.updated", {"session": copy.deepcopy(self.config)}))
 
     def _on_append(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
+        """Checked here, decoded and analysed step by step (`_analyse_pending`)."""
+        data = payload.get("audio")
+        if not isinstance(data, str):
+            raise ProtocolError("audio must be a base64 string", code="invalid_audio", param="audio")
+        if len(data) > MAX_APPEND_BYTES * 4 // 3 + 4:
+            raise ProtocolError("audio chunk over the 15 MiB limit", code="audio_too_large", param="audio")
         fmt = self.input_format
-        samples = decode_client_audio(payload.get("audio"), fmt, "audio")
-        key = f"{fmt.name}@{fmt.rate}"
-        if self._append_resampler is None or self._append_format != key:
-            self._append_resampler, self._append_format = StreamResampler(fmt.rate, INPUT_RATE), key
-        self._on_audio(self._append_resampler.process(samples), out)
+        if len(data) % 4 or (len(data) * 3 // 4 - data[-2:].count("=")) % fmt.bytes_per_sample:
+            raise ProtocolError(f"audio is not whole base64 {fmt.name} samples", code="invalid_audio", param="audio")
+        seconds = base64_audio_seconds(data, fmt)
+        held = (self._input.total - self._input.start) / INPUT_RATE
+        limit = self.options.limits.max_input_buffer_s
+        if self._turns is None and held + seconds > limit:  # with turn detection the oldest audio is dropped
+            raise ProtocolError(
+                f"the input audio buffer would hold {held + seconds:.1f} s; at most {limit:g} s (commit or clear it)",
+                code="input_audio_buffer_full",
+                param="audio",
+            )
+        self._pending.add_base64(data, fmt, self._event_id)
 
     def _on_commit(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
-        if self._append_resampler is not None:  # the turn is over: release the resampler's filter delay
-            self._on_audio(self._append_resampler.flush(), out)
-            self._append_resampler = None
+        self._pending.flush_resampler()  # the turn is over: release the resampler's filter delay
+        self._analyse_pending(out, everything=True)
         if self._cleaner is not None:
-            self._hear(self._cleaner.flush(), out)
+            self._unheard.add_samples(self._cleaner.flush())
+            self._analyse_pending(out, everything=True)
         audio = self._input.take_all()
         if audio.size * 1000 < MIN_COMMIT_MS * INPUT_RATE:
             raise ProtocolError(
@@ -342,6 +386,7 @@ class Session:
         out.append(ServerEvent("input_audio_buffer.cleared"))
 
     def _on_item_create(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
+        check_item_size(payload.get("item"), self.options.limits, self.input_format)
         item = parse_item(payload.get("item"), self.input_format, self._new_id, self.options.images)
         previous = payload.get("previous_item_id")
         if self.conversation.get(item.id) is not None:
@@ -353,6 +398,7 @@ class Session:
         except KeyError:
             raise ProtocolError(f"previous_item_id '{previous}' does not exist", param="previous_item_id") from None
         self._announce_item(item, before, out)
+        self._evict_over_limits(item, out)
 
     def _announce_item(self, item: Item, before: str | None, out: list[SessionOutput]) -> None:
         for kind in ("conversation.item.added", "conversation.item.done"):
@@ -430,11 +476,49 @@ class Session:
         """New echo/noise settings: what the old cleaner still holds is heard first, the next audio goes to a new
         one."""
         if self._cleaner is not None:
-            self._hear(self._cleaner.flush(), out)
+            self._unheard.add_samples(self._cleaner.flush())
         self._cleanup, self._cleaner = cleanup, None
 
+    def _analyse_pending(self, out: list[SessionOutput], *, everything: bool = False) -> None:
+        """Work through received caller audio: at most `ANALYSIS_STEP_SAMPLES` per call, and never a VAD frame that
+        would wait on the VAD's previous result (the shell awaits it off the event loop, then calls again);
+        `everything` works through all of it now (before a client event, which must follow the audio sent before it).
+
+        Two stages: audio received (`_pending`) goes through the cleaner, if any; what comes out of it (`_unheard`)
+        goes to the buffer and the VAD a frame's worth at a time."""
+        budget = ANALYSIS_STEP_SAMPLES
+        while everything or budget > 0:
+            if self._unheard:
+                room = self._vad_room()
+                piece = self._unheard.take(room or ANALYSIS_STEP_SAMPLES)
+                if room and piece.size == room and not everything and getattr(self._vad, "pending", False):
+                    self._unheard.unread(piece)  # this piece completes a frame: its VAD call would block
+                    return
+                self._hear(piece, out)
+            elif self._pending:
+                try:
+                    piece = self._pending.take(ANALYSIS_STEP_SAMPLES)
+                except ProtocolError as exc:
+                    out.append(error_event(exc))
+                    continue
+                self._on_audio(piece, out)
+            else:
+                return
+            budget -= piece.size
+
+    def _vad_room(self) -> int | None:
+        """Samples that complete the VAD's next frame; None when no VAD runs (manual turns)."""
+        if self._turns is None or self._vad_factory is None:
+            return None
+        if self._vad is None:
+            self._vad = self._vad_factory()
+            self._vad_framer = Framer(self._vad.frame_samples)
+            self._vad_position = self._input.total
+        assert self._vad_framer is not None
+        return self._vad.frame_samples - self._vad_framer.pending
+
     def _on_audio(self, pcm: np.ndarray, out: list[SessionOutput]) -> None:
-        """Caller audio at 16 kHz: cleaned (echo, noise) when the session asks for it, then heard."""
+        """Caller audio at 16 kHz: cleaned (echo, noise) when the session asks for it, then waits to be heard."""
         if not pcm.size:
             return
         self._received += pcm.size
@@ -442,18 +526,17 @@ class Session:
             self._cleaner = self._cleaner_factory(self._cleanup)
         if self._cleaner is not None:
             pcm = self._cleaner.process(pcm, self._now)
-        self._hear(pcm, out)
+        self._unheard.add_samples(pcm)
 
     def _hear(self, pcm: np.ndarray, out: list[SessionOutput]) -> None:
+        """One piece of caller audio (`_analyse_pending` bounds it) into the buffer, the VAD and turn detection."""
         if not pcm.size:
             return
+        room = self._vad_room()
         self._input.append(pcm)
-        if self._turns is None or self._vad_factory is None:
+        if room is None:
             return
-        if self._vad is None:
-            self._vad = self._vad_factory()
-            self._vad_framer = Framer(self._vad.frame_samples)
-            self._vad_position = self._input.total - pcm.size
+        assert self._vad is not None
         if self._detector is None:
             self._detector = TurnDetector(self._turns)
         assert self._vad_framer is not None
@@ -601,31 +684,41 @@ class Session:
         self._input.empty()
         out.append(ServerEvent("input_audio_buffer.committed", {"previous_item_id": before, "item_id": item_id}))
         self._announce_item(item, before, out)
+        self._evict_over_limits(item, out)
         transcription = self.config["audio"]["input"].get("transcription")
-        if isinstance(transcription, dict):
-            language = transcription.get("language") if isinstance(transcription.get("language"), str) else None
-            prompt = transcription.get("prompt") if isinstance(transcription.get("prompt"), str) else ""
-            out.append(TranscribeAudio(item_id, item.audio, language, prompt))
+        if not isinstance(transcription, dict):
+            return
+        if len(self._transcribing) >= self.options.limits.max_transcriptions:
+            message = f"{len(self._transcribing)} transcriptions of this session are running already"
+            out.append(self._transcription_failed(item, "too_many_transcriptions", message))
+            return
+        language = transcription.get("language") if isinstance(transcription.get("language"), str) else None
+        prompt = transcription.get("prompt") if isinstance(transcription.get("prompt"), str) else ""
+        self._transcribing.add(item_id)
+        out.append(TranscribeAudio(item_id, item.audio, language, prompt))
+
+    def _evict_over_limits(self, added: Item, out: list[SessionOutput]) -> None:
+        """Keep the conversation within `max_items` and `max_audio_s` by deleting its oldest items."""
+        keep = (added, self._active.item) if self._active is not None else (added,)
+        for item in items_to_evict(self.conversation, self.options.limits, keep):
+            self.conversation.delete(item.id)
+            out.append(ServerEvent("conversation.item.deleted", {"item_id": item.id}))
+
+    @staticmethod
+    def _transcription_failed(item: Item, code: str, message: str | None) -> ServerEvent:
+        error = {"type": "transcription_error", "code": code, "message": message}
+        return ServerEvent(
+            "conversation.item.input_audio_transcription.failed",
+            {"item_id": item.id, "content_index": 0, "error": error},
+        )
 
     def _on_transcription(self, event: TranscriptionDone, out: list[SessionOutput]) -> None:
+        self._transcribing.discard(event.item_id)
         item = self.conversation.get(event.item_id)
         if item is None:
             return  # deleted meanwhile
         if event.transcript is None:
-            out.append(
-                ServerEvent(
-                    "conversation.item.input_audio_transcription.failed",
-                    {
-                        "item_id": item.id,
-                        "content_index": 0,
-                        "error": {
-                            "type": "transcription_error",
-                            "code": "transcription_failed",
-                            "message": event.error,
-                        },
-                    },
-                )
-            )
+            out.append(self._transcription_failed(item, "transcription_failed", event.error))
             return
         item.transcript = event.transcript
         seconds = round(item.audio.size / INPUT_RATE, 3) if item.audio is not None else 0.0
@@ -690,8 +783,9 @@ class Session:
         parallel_tool_calls = params.get("parallel_tool_calls", config.get("parallel_tool_calls", True))
         if not isinstance(parallel_tool_calls, bool):
             raise ProtocolError("parallel_tool_calls must be a boolean", param="response.parallel_tool_calls")
-        max_tokens = params.get("max_output_tokens", config["max_output_tokens"])
-        max_tokens = None if max_tokens == "inf" else max_tokens
+        check_response_instructions(instructions, self.options.limits)
+        check_metadata(params.get("metadata"))
+        max_tokens = sampling.max_tokens
         in_conversation = params.get("conversation", "auto") != "none"
         messages = self._context_messages(max_tokens or DEFAULT_ANSWER_TOKENS) if in_conversation else ()
         if "input" in params:
@@ -716,6 +810,7 @@ class Session:
             tools=tools,
             tool_choice=tool_choice,
             parallel_tool_calls=parallel_tool_calls,
+            max_prompt_tokens=self.options.limits.max_prompt_tokens,
         )
         response = ActiveResponse(
             response_id,
@@ -744,6 +839,7 @@ class Session:
         if response.in_conversation:
             before = self.conversation.insert(item)
             out.append(ServerEvent("conversation.item.added", {"previous_item_id": before, "item": item.to_json()}))
+            self._evict_over_limits(item, out)
         out.append(response.content_part_added())
         return item
 
@@ -768,11 +864,18 @@ class Session:
     def _input_messages(self, items: Any) -> tuple[Message, ...]:
         if not isinstance(items, list):
             raise ProtocolError("response.input must be a list of items", param="response.input")
+        if len(items) > self.options.limits.max_items:
+            raise ProtocolError(
+                f"response.input has {len(items)} items; at most {self.options.limits.max_items}",
+                code="item_too_large",
+                param="response.input",
+            )
         messages: list[Message] = []
-        for entry in items:
+        for index, entry in enumerate(items):
             if isinstance(entry, dict) and entry.get("type") == "item_reference":
                 item = self._existing_item(entry.get("id"), "item_retrieve_invalid_item_id")
             else:
+                check_item_size(entry, self.options.limits, self.input_format, f"response.input[{index}]")
                 item = parse_item(entry, self.input_format, self._new_id, self.options.images)
             message = item.to_message()
             if message is not None:
@@ -939,3 +1042,4 @@ class Session:
         out.append(response.item_done(item))
         if response.in_conversation:
             out.append(ServerEvent("conversation.item.done", {"previous_item_id": before, "item": item.to_json()}))
+            self._evict_over_limits(item, out)

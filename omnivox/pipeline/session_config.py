@@ -111,7 +111,7 @@ def _validate_cleanup(audio_input: dict[str, Any]) -> None:
         )
 
 
-def validate_session(session: dict[str, Any]) -> None:
+def validate_session(session: dict[str, Any], max_output_tokens: int = MAX_OUTPUT_TOKENS) -> None:
     """Refuse a merged session the server cannot honour, naming the offending field."""
     if not valid_modalities(session.get("output_modalities")):
         raise ProtocolError("output_modalities must be ['audio'] or ['text']", param="session.output_modalities")
@@ -139,7 +139,7 @@ def validate_session(session: dict[str, Any]) -> None:
         raise ProtocolError("voice must be a non-empty string", param="session.audio.output.voice")
     if session.get("temperature") is None:
         raise ProtocolError("temperature must be a number in [0, 2]", param="session.temperature")
-    response_sampling(session, "session")
+    response_sampling(session, "session", max_output_tokens)
     validate_tools(session, "session")
     try:
         TruncationPolicy.parse(session.get("truncation"), "session.truncation")
@@ -168,7 +168,9 @@ def input_audio_format(session: dict[str, Any]) -> AudioFormat:
     return AudioFormat(wire.name, fmt["rate"], wire.bytes_per_sample) if fmt["type"] == "audio/pcm" else wire
 
 
-def response_sampling(settings: dict[str, Any], where: str) -> SamplingParams:
+def response_sampling(
+    settings: dict[str, Any], where: str, max_output_tokens: int = MAX_OUTPUT_TOKENS
+) -> SamplingParams:
     """The `temperature` and `max_output_tokens` of a session or response, through the engines' one check (a value
     that could make the sampler's probabilities NaN never reaches it); the error names the field as sent."""
     tokens = settings.get("max_output_tokens")
@@ -176,7 +178,7 @@ def response_sampling(settings: dict[str, Any], where: str) -> SamplingParams:
         return checked_sampling(
             temperature=settings.get("temperature"),
             max_tokens=None if tokens == "inf" else tokens,
-            max_tokens_limit=MAX_OUTPUT_TOKENS,
+            max_tokens_limit=max_output_tokens,
             names={"max_tokens": "max_output_tokens"},
         )
     except InvalidSampling as exc:

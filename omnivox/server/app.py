@@ -23,6 +23,7 @@ from omnivox.server.auth import is_authorized
 from omnivox.server.config import Config
 from omnivox.server.http_api import http_api_routes
 from omnivox.server.http_common import ApiError
+from omnivox.server.lifecycle import GuardedApp
 from omnivox.server.realtime_ws import realtime_endpoint
 from omnivox.server.state import ServerState
 from omnivox.server.telephony import telephony_routes
@@ -150,6 +151,11 @@ def create_app(config: Config, engine: Engine | None = None) -> Starlette:
             await engine.close()
             await tts.close()
 
-    app = Starlette(routes=door_routes(), lifespan=lifespan)
+    app = GuardedApp(
+        routes=door_routes(),
+        lifespan=lifespan,
+        lifecycle=state.lifecycle,
+        max_websockets=config.connections.limit_concurrency,
+    )
     app.state.omnivox = state
     return app

@@ -30,15 +30,11 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def uvicorn_options(config: Config) -> dict[str, Any]:
-    return {
-        "host": config.server.host,
-        "port": config.server.port,
-        "log_level": config.server.log_level,
-        "loop": "uvloop" if sys.platform != "win32" else "asyncio",
-        "ws": "websockets",
-        "ws_max_size": 2 * config.limits.max_message_bytes + (1 << 20),
-        "ws_per_message_deflate": False,
-    }
+    """Where uvicorn listens, and the bounds on its connections (`lifecycle.uvicorn_settings`)."""
+    from omnivox.server.lifecycle import uvicorn_settings
+
+    server = config.server
+    return {"host": server.host, "port": server.port, "log_level": server.log_level, **uvicorn_settings(config)}
 
 
 def serve(config: Config, workers: int = 1) -> int:
@@ -51,13 +47,15 @@ def serve(config: Config, workers: int = 1) -> int:
         serve_workers(config, workers, uvicorn_options(config))
         return 0
     from omnivox.server.app import create_app
+    from omnivox.server.lifecycle import DrainingServer
 
     try:
         app = create_app(config)
     except (ValueError, OSError) as exc:  # an engine or voice the configuration names cannot be set up
         print(f"omnivox: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, **uvicorn_options(config))
+    settings = uvicorn.Config(app, **uvicorn_options(config))
+    DrainingServer(settings, app.state.omnivox.lifecycle, config.connections.drain_timeout_s).run()
     return 0
 
 

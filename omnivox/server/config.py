@@ -211,11 +211,41 @@ class MediaConfig(_Section):
         return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.max_images)
 
 
+class SessionLimitsConfig(_Section):
+    max_items: int = Field(1000, ge=2)
+    max_audio_s: float = Field(900, gt=0)
+    max_item_chars: int = Field(65_536, ge=1)
+    max_item_parts: int = Field(16, ge=1)
+    max_instructions_chars: int = Field(65_536, ge=0)
+    max_session_bytes: int = Field(262_144, ge=4096)
+    max_transcriptions: int = Field(4, ge=1)
+    max_queued_events: int = Field(256, ge=1)
+    max_queued_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_events_per_s: float | None = Field(250, gt=0)
+    idle_timeout_s: float | None = Field(600, gt=0)
+
+
+class GenerationLimitsConfig(_Section):
+    max_output_tokens: int = Field(4096, ge=1)
+    max_prompt_tokens: int = Field(32_768, ge=1)
+    max_stop_strings: int = Field(4, ge=0)
+    max_stop_chars: int = Field(256, ge=1)
+
+
+class ConnectionsConfig(_Section):
+    write_timeout_s: float = Field(10, gt=0)
+    ws_max_queue: int = Field(4, ge=1)
+    limit_concurrency: int | None = Field(1000, ge=1)
+    drain_timeout_s: float = Field(20, ge=0)
+
+
 class WebRtcConfig(_Section):
     ice_servers: list[dict[str, Any]] = []
     frame_ms: Literal[20] = 20
     lead_ms: int = Field(60, ge=0, le=1000)
     connect_timeout_s: float = Field(30.0, gt=0)
+    max_message_bytes: int = Field(262_144, ge=1024)
+    max_buffered_bytes: int = Field(1024 * 1024, ge=16_384)
 
 
 class TelephonyConfig(_Section):
@@ -223,6 +253,8 @@ class TelephonyConfig(_Section):
     lead_ms: int = Field(100, ge=0, le=2000)
     dtmf_to_conversation: bool = True
     twilio_auth_token: str | None = None
+    max_message_bytes: int = Field(65_536, ge=1024)
+    max_pending_marks: int = Field(64, ge=1)
 
 
 class HttpConfig(_Section):
@@ -243,6 +275,15 @@ class Config(_Section):
     telephony: TelephonyConfig = TelephonyConfig()
     http: HttpConfig = HttpConfig()
     tts: TtsConfig = TtsConfig()
+    session_limits: SessionLimitsConfig = SessionLimitsConfig()
+    generation: GenerationLimitsConfig = GenerationLimitsConfig()
+    connections: ConnectionsConfig = ConnectionsConfig()
+
+    @model_validator(mode="after")
+    def _queue_holds_a_message(self) -> Config:
+        if self.session_limits.max_queued_bytes < self.limits.max_message_bytes:
+            raise ValueError("session_limits.max_queued_bytes must be at least limits.max_message_bytes")
+        return self
 
     def session_defaults(self) -> dict[str, Any]:
         """The GA session fields every new realtime session starts from."""

@@ -9,6 +9,8 @@ engine busy, 501 no recogniser, 503 engine not ready. Once a stream has started,
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -33,12 +35,15 @@ from omnivox.pipeline.engines.base import (
     EngineOutOfMemory,
     EngineUnhealthy,
     InvalidRequest,
+    PromptTooLong,
     ResponseRequest,
     engine_health_problem,
 )
 from omnivox.pipeline.internal_errors import INTERNAL_ERROR_CODE, report_internal_error
 from omnivox.server.auth import is_authorized
+from omnivox.server.backpressure import TimedSend, WriteTimeout, abort_connection
 from omnivox.server.disconnect import ClientDisconnected, unless_disconnected
+from omnivox.server.lifecycle import SHUTTING_DOWN
 from omnivox.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -68,8 +73,10 @@ class ApiError(Exception):
 
 
 def engine_api_error(exc: EngineError) -> ApiError:
-    """HTTP status of an engine failure: busy 429, not loaded or out of memory 503, the request's own fault 400,
-    anything else 500."""
+    """HTTP status of an engine failure: busy 429, not loaded or out of memory 503, the request's own fault (a prompt
+    over the budget included) 400, anything else 500."""
+    if isinstance(exc, PromptTooLong):
+        return ApiError(400, str(exc), param="messages", code=exc.code)
     if isinstance(exc, EngineBusy):
         return ApiError(429, str(exc) or "the engine is busy; retry later", kind="rate_limit_error", code=exc.code)
     if isinstance(exc, EngineNotReady | EngineOutOfMemory):
@@ -243,7 +250,10 @@ SSE_DONE = "data: [DONE]\n\n"
 
 class EventStream(StreamingResponse):
     """An SSE (or other streamed) response that stops its producer (and so the engine) the moment the client
-    disconnects, whatever ASGI spec version the server speaks (Starlette only listens for disconnects below 2.4)."""
+    disconnects, whatever ASGI spec version the server speaks (Starlette only listens for disconnects below 2.4).
+
+    A reader that stalls is dropped after `connections.write_timeout_s` without taking data; at shutdown an SSE
+    stream still running when the drain time is up ends with a `server_shutting_down` error event."""
 
     def __init__(
         self,
@@ -262,18 +272,48 @@ class EventStream(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            async with anyio.create_task_group() as group:
-
-                async def produce() -> None:
-                    await self.stream_response(send)
-                    group.cancel_scope.cancel()
-
-                group.start_soon(produce)
-                await self.listen_for_disconnect(receive)
-                group.cancel_scope.cancel()
+            await self._stream(scope, receive, send)
         finally:
             if self.on_close is not None:
                 self.on_close()
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state: ServerState = scope["app"].state.omnivox
+        timed = TimedSend(send, state.config.connections.write_timeout_s)
+        cut = False
+        async with anyio.create_task_group() as group:
+
+            async def produce() -> None:
+                try:
+                    await self.stream_response(timed)
+                except WriteTimeout as exc:
+                    log.warning("%s: dropping a stalled SSE reader: %s", scope.get("path"), exc)
+                    if abort_connection(scope):
+                        await asyncio.sleep(0)  # uvicorn hears of the lost connection before the app returns
+                group.cancel_scope.cancel()
+
+            def shut_down() -> None:
+                nonlocal cut
+                cut = True
+                group.cancel_scope.cancel()
+
+            with state.lifecycle.stream(shut_down):
+                group.start_soon(produce)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        await _close_iterator(self.body_iterator)  # a producer stopped while sending leaves it open: free the engine
+        if cut and not timed.timed_out and self.media_type == "text/event-stream":
+            error = ApiError(503, "the server is shutting down", kind="server_error", code=SHUTTING_DOWN)
+            with contextlib.suppress(Exception):
+                await timed({"type": "http.response.body", "body": sse(error.body()).encode(), "more_body": True})
+                await timed({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _close_iterator(iterator: object) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
 
 
 def stream_error(exc: BaseException, door: str, state: ServerState) -> str:

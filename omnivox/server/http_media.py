@@ -41,7 +41,7 @@ from omnivox.pipeline.media import (
     decode_audio,
 )
 from omnivox.pipeline.tools import MAX_ARGUMENTS_CHARS, MAX_OUTPUT_CHARS
-from omnivox.server.config import MediaConfig
+from omnivox.server.config import GenerationLimitsConfig, MediaConfig
 from omnivox.server.http_bodies import (
     INPUT_AUDIO_FORMATS,
     AudioChatRequest,
@@ -306,8 +306,9 @@ async def chat_engine_request(
     return ResponseRequest(
         messages=await build_messages(request, body.messages),
         voice=body.audio.voice if body.audio else state.config.session.voice,
-        sampling=sampling_params(body),
+        sampling=sampling_params(body, state.config.generation),
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
+        max_prompt_tokens=state.config.generation.max_prompt_tokens,
         tools=tools,
         tool_choice=tool_choice,
         parallel_tool_calls=parallel,
@@ -315,13 +316,27 @@ async def chat_engine_request(
     )
 
 
-def sampling_params(body: ChatCompletionRequest | AudioChatRequest) -> SamplingParams:
+def sampling_params(body: ChatCompletionRequest | AudioChatRequest, limits: GenerationLimitsConfig) -> SamplingParams:
+    """The request's sampling, within the configured bounds (`generation.*`)."""
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    tokens_param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
     stop = getattr(body, "stop", None)
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if len(stops) > limits.max_stop_strings:
+        raise ApiError(400, f"stop holds at most {limits.max_stop_strings} strings", param="stop", code="invalid_value")
+    if any(len(text) > limits.max_stop_chars for text in stops):
+        raise ApiError(
+            400, f"a stop string is at most {limits.max_stop_chars} characters", param="stop", code="invalid_value"
+        )
     try:
         return checked_sampling(
-            temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens, seed=body.seed, stop=stops
+            temperature=body.temperature,
+            top_p=body.top_p,
+            max_tokens=max_tokens,
+            seed=body.seed,
+            stop=stops,
+            max_tokens_limit=limits.max_output_tokens,
+            names={"max_tokens": tokens_param},
         )
     except InvalidSampling as exc:
-        raise ApiError(400, str(exc), param=exc.field) from None
+        raise ApiError(400, str(exc), param=exc.field, code="invalid_value") from None

@@ -70,6 +70,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.sessions_ended = Counter(
+            "omnivox_sessions_ended_by_server_total",
+            "Realtime sessions the server ended: idle, write_timeout (client stopped reading), shutdown",
+            ["door", "reason"],
+            registry=self.registry,
+        )
         self.protocol_errors = Counter(
             "omnivox_protocol_errors_total", "Error events sent to clients", ["door", "code"], registry=self.registry
         )

@@ -29,7 +29,9 @@ from omnivox.pipeline.events import (
 )
 from omnivox.pipeline.session import Session
 from omnivox.server.auth import is_authorized
+from omnivox.server.backpressure import TimedSend, WriteTimeout, abort_connection
 from omnivox.server.config import LimitsConfig
+from omnivox.server.lifecycle import GOING_AWAY
 from omnivox.server.runner import SessionRunner
 from omnivox.server.state import ServerState, SessionLimitReached
 
@@ -140,16 +142,35 @@ async def _serve(websocket: WebSocket, state: ServerState, dialect: Dialect) -> 
         session.config["model"] = model
     if dialect is Dialect.BETA:  # what a beta client means by "pcm16", from its first append on
         session.config["audio"]["input"]["format"]["rate"] = state.config.audio.beta_pcm16_input_rate
-    writer = EventWriter(session, dialect, websocket.send_text)
-    runner = SessionRunner(session, state.engine, writer.output, door=DOOR, metrics=state.metrics)
+    send = TimedSend(websocket.send_text, state.config.connections.write_timeout_s)
+    writer = EventWriter(session, dialect, send)
+    runner = state.new_runner(session, writer.output, DOOR)
     pump = asyncio.create_task(runner.run(), name=f"pump-{session.id}")
+    receiver = asyncio.create_task(_receive(websocket, runner, writer, dialect, state))
+    pump.add_done_callback(lambda _: receiver.cancel())  # the server ended the session: stop reading
+    try:
+        await asyncio.wait({receiver})
+    finally:
+        receiver.cancel()
+        runner.stop()
+        with contextlib.suppress(Exception):
+            await pump
+        await _close(websocket, runner, send)
+    if not receiver.cancelled() and receiver.exception() is not None:
+        log.warning("%s: reading the client failed: %r", session.id, receiver.exception())
+
+
+async def _receive(
+    websocket: WebSocket, runner: SessionRunner, writer: EventWriter, dialect: Dialect, state: ServerState
+) -> None:
+    """Client messages -> the runner's bounded queue (awaiting room there, so a flood stops being read)."""
     limits = state.config.limits
     pcm16_rate = state.config.audio.beta_pcm16_input_rate
-    try:
-        while not pump.done():
+    with contextlib.suppress(WebSocketDisconnect, WriteTimeout):
+        while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
-                break
+                return
             raw = message.get("text")
             if raw is None:
                 await writer.error(
@@ -157,12 +178,24 @@ async def _serve(websocket: WebSocket, state: ServerState, dialect: Dialect) -> 
                 )
                 continue
             try:
-                runner.feed(_parse_with_limit(raw, dialect, limits, pcm16_rate))
+                event = _parse_with_limit(raw, dialect, limits, pcm16_rate)
             except ProtocolError as exc:
                 await writer.error(exc, exc.event_id)
-    except WebSocketDisconnect:
-        pass
-    finally:
-        runner.stop()
-        with contextlib.suppress(Exception):
-            await pump
+                continue
+            await runner.put(event, len(raw))
+
+
+async def _close(websocket: WebSocket, runner: SessionRunner, send: TimedSend) -> None:
+    """End the connection the way the session ended: a client that stopped reading is dropped, the others hear why."""
+    if (send.timed_out or runner.end_reason == "write_timeout") and abort_connection(websocket.scope):
+        return
+    code = {
+        "shutdown": (GOING_AWAY, "server shutting down"),
+        "idle": (1000, "idle timeout"),
+        "write_timeout": (POLICY_VIOLATION, "client stopped reading"),  # when the connection cannot be aborted
+    }.get("write_timeout" if send.timed_out else runner.end_reason or "")
+    if code is None:
+        return
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(send.timeout_s):
+            await websocket.close(*code)

@@ -3,6 +3,11 @@
 One task pumps inputs and time through the core (so the core is only ever touched by one task),
 and one task per response iterates the engine and feeds its deltas back as inputs. The door
 supplies `emit`, which turns the core's outputs into bytes on its transport.
+
+The runner is where one session meets the others on the event loop, so it keeps each session within bounds: client
+input waits in a bounded queue (a door awaits `put`, so a client that floods stops being read), the pump hands the
+loop back after every input and every step of a long append, and a session ends on its own when the client is idle,
+when its writes time out, or when the server drains for shutdown (`end_reason` tells the door which).
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from omnivox.pipeline.echo_cancel import ApmCleaner
 from omnivox.pipeline.end_of_turn import EndOfTurnBatcher, EndOfTurnPredictor
@@ -47,11 +53,28 @@ from omnivox.pipeline.events import (
 from omnivox.pipeline.internal_errors import INTERNAL_ERROR_CODE, report_internal_error
 from omnivox.pipeline.session import Session
 from omnivox.pipeline.vad import BatchedSileroVad
+from omnivox.server.backpressure import WriteTimeout
 from omnivox.server.metrics import Metrics
+
+if TYPE_CHECKING:
+    from omnivox.server.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[SessionOutput], Awaitable[None]]
+_WAKE = object()
+"""Queued to wake the pump without an input (a drain began)."""
+
+
+@dataclass(frozen=True)
+class RunnerLimits:
+    """Config `session_limits.max_queued_events`, `max_queued_bytes`, `max_events_per_s` and `idle_timeout_s`."""
+
+    max_queued_events: int = 256
+    max_queued_bytes: int = 16 * 1024 * 1024
+    max_events_per_s: float | None = None
+    """Client inputs a second, with a second's worth in a burst; past it the door waits before reading more."""
+    idle_timeout_s: float | None = None
 
 
 class SessionRunner:
@@ -63,6 +86,8 @@ class SessionRunner:
         *,
         door: str,
         metrics: Metrics,
+        limits: RunnerLimits | None = None,
+        lifecycle: Lifecycle | None = None,
         clock: Callable[[], float] = time.monotonic,
         end_of_turn: EndOfTurnPredictor | None = None,
     ) -> None:
@@ -70,55 +95,159 @@ class SessionRunner:
         self.engine = engine
         self.door = door
         self.metrics = metrics
+        self.limits = limits or RunnerLimits()
+        self._lifecycle = lifecycle
         self._emit = emit
         self._clock = clock
-        self._inputs: asyncio.Queue[SessionInput | None] = asyncio.Queue()
+        self._inputs: asyncio.Queue[tuple[object, int]] = asyncio.Queue()
+        """(input, bytes it holds when it came from the client, else -1)."""
+        self._queued_events = 0
+        self._queued_bytes = 0
+        self._room = asyncio.Event()
+        self._tokens = self.limits.max_events_per_s or 0.0
+        self._tokens_at = clock()
+        self._last_client_input = clock()
         self._engine_tasks: dict[str, asyncio.Task[None]] = {}
         self._response_started: dict[str, float] = {}
         self._closed = False
         self._end_of_turn = end_of_turn
         self._false_interruptions = 0
+        self._draining = False
+        self.end_reason: str | None = None
+        """Why the session ended on the server's side: "idle", "write_timeout", "shutdown"; None otherwise."""
 
     def feed(self, item: SessionInput) -> None:
-        """Queue an input for the core (from the door's receive loop)."""
+        """Queue an input of the server's own (engine deltas, playout progress) for the core."""
         if not self._closed:
-            self._inputs.put_nowait(item)
+            self._inputs.put_nowait((item, -1))
 
-    def stop(self) -> None:
-        """Ask `run()` to end (the connection is gone or closing)."""
-        self._inputs.put_nowait(None)
+    async def put(self, item: SessionInput, size: int = 0) -> None:
+        """Queue a client input of `size` bytes; waits while the session is `max_queued_events` or `max_queued_bytes`
+        behind, or past `max_events_per_s`, so the door stops reading a client that sends faster than its session
+        may go (a flood costs the server no more than a busy caller)."""
+        while (wait := self._rate_wait()) > 0:
+            await asyncio.sleep(wait)
+        while not self._closed and self._backlog_full(size):
+            self._room.clear()
+            await self._room.wait()
+        self.offer(item, size)
+
+    def offer(self, item: SessionInput, size: int = 0) -> bool:
+        """Queue a client input unless the session is too far behind (for doors that cannot wait: False)."""
+        if self._closed:
+            return True
+        if self._backlog_full(size):
+            return False
+        self._queued_events += 1
+        self._queued_bytes += size
+        self._last_client_input = self._clock()
+        self._inputs.put_nowait((item, size))
+        return True
+
+    def _rate_wait(self) -> float:
+        """Take a token of the session's event rate: 0 when one was there, else the seconds until one is."""
+        rate = self.limits.max_events_per_s
+        if rate is None:
+            return 0.0
+        now = self._clock()
+        self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) / rate
+
+    def _backlog_full(self, size: int) -> bool:
+        if self._queued_events >= self.limits.max_queued_events:
+            return True
+        return self._queued_bytes > 0 and self._queued_bytes + size > self.limits.max_queued_bytes
+
+    def stop(self, reason: str | None = None) -> None:
+        """Ask `run()` to end (the connection is gone or closing; `reason` when the server ends it)."""
+        if reason is not None and self.end_reason is None:
+            self.end_reason = reason
+        self._inputs.put_nowait((None, -1))
+
+    def drain(self) -> None:
+        """The server is shutting down: end once no response is in flight."""
+        self._draining = True
+        self._inputs.put_nowait((_WAKE, -1))
 
     async def run(self) -> None:
         """Pump until `stop()`; on exit every engine task of this session is cancelled and awaited."""
         log.info("%s: session open on %s", self.session.id, self.door)
+        if self._lifecycle is not None:
+            self._lifecycle.runners.add(self)
         try:
             await self._dispatch(self.session.start(self._clock()))
             while True:
-                deadline = self.session.next_deadline()
-                if deadline is None:
-                    item = await self._inputs.get()
-                else:
-                    try:
-                        async with asyncio.timeout(max(0.0, deadline - self._clock())):
-                            item = await self._inputs.get()
-                    except TimeoutError:
-                        item = Tick()
+                if self.session.audio_pending:  # a long append, one step at a time between the other sessions
+                    await self._vad_settled()
+                    await self._dispatch(self._handle(Tick()))
+                    await self._cleaned()
+                    await asyncio.sleep(0)
+                    continue
+                if self._draining and self.session.active_response_id is None:
+                    self.end_reason = self.end_reason or "shutdown"
+                    break
+                item = await self._next_input()
                 if item is None:
                     break
+                if item is _WAKE:
+                    continue
                 await self._vad_caught_up(item)
                 await self._dispatch(self._handle(item))
-                await self._cleaned(item)
+                if isinstance(item, (AudioIn, ClientEvent)):
+                    await self._cleaned()
+                if not self._inputs.empty():
+                    await asyncio.sleep(0)  # one input per turn of the loop: a flood never holds it
+        except WriteTimeout as exc:
+            log.warning("%s: dropping the client: %s", self.session.id, exc)
+            self.end_reason = "write_timeout"
         finally:
             self._closed = True
+            self._room.set()
+            if self._lifecycle is not None:
+                self._lifecycle.runners.discard(self)
             self.session.close()
             await self._cancel_all()
             forget_conversation(self.engine, self.session.id)
-            log.info("%s: session closed", self.session.id)
+            if self.end_reason is not None:
+                self.metrics.sessions_ended.labels(self.door, self.end_reason).inc()
+            log.info("%s: session closed%s", self.session.id, f" ({self.end_reason})" if self.end_reason else "")
 
-    async def _cleaned(self, item: SessionInput) -> None:
+    async def _next_input(self) -> Any:
+        """The next queued input; a `Tick` when the pacer is due first; `None` to end (stopped, or idle too long)."""
+        deadline = self.session.next_deadline()
+        idle_at = None
+        if self.limits.idle_timeout_s is not None and self.session.active_response_id is None:
+            idle_at = self._last_client_input + self.limits.idle_timeout_s
+        wake = min((t for t in (deadline, idle_at) if t is not None), default=None)
+        try:
+            async with asyncio.timeout(None if wake is None else max(0.0, wake - self._clock())):
+                item, size = await self._inputs.get()
+        except TimeoutError:
+            if idle_at is not None and self._clock() >= idle_at:
+                await self._end_idle()
+                return None
+            return Tick()
+        if size >= 0:
+            self._queued_events -= 1
+            self._queued_bytes -= size
+            self._room.set()
+        return item
+
+    async def _end_idle(self) -> None:
+        self.end_reason = "idle"
+        timeout = self.limits.idle_timeout_s
+        log.info("%s: no client input for %g s; ending the session", self.session.id, timeout)
+        message = f"the session ended after {timeout:g} s without client events or audio"
+        await self._dispatch([error_event(ProtocolError(message, code="session_idle_timeout"))])
+
+    async def _cleaned(self) -> None:
         """Caller audio went to the cleaner's thread: once it is done, the core hears it at once."""
         cleaner = self.session.cleaner
-        if isinstance(item, (AudioIn, ClientEvent)) and isinstance(cleaner, ApmCleaner) and cleaner.pending:
+        if isinstance(cleaner, ApmCleaner) and cleaner.pending:
             await cleaner.settle()
             await self._dispatch(self._handle(CallerAudioCleaned()))
 
@@ -131,6 +260,9 @@ class SessionRunner:
         cleaner = self.session.cleaner
         if isinstance(cleaner, ApmCleaner) and cleaner.pending:
             await cleaner.settle()
+        await self._vad_settled()
+
+    async def _vad_settled(self) -> None:
         vad = self.session.vad
         if isinstance(vad, BatchedSileroVad) and vad.pending:
             await vad.settle()

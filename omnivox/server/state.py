@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 from omnivox.pipeline.echo_cancel import create_cleaner
 from omnivox.pipeline.engines.base import Engine
 from omnivox.pipeline.session import Session, SessionOptions
+from omnivox.pipeline.session_limits import SessionLimits
 from omnivox.pipeline.tts import TtsStage
 from omnivox.pipeline.vad import create_vad
 from omnivox.server.auth import origin_allowed
 from omnivox.server.config import Config
+from omnivox.server.lifecycle import Lifecycle
 from omnivox.server.metrics import Metrics
+from omnivox.server.runner import Emit, RunnerLimits, SessionRunner
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ class ServerState:
     """`POST /v1/audio/speech` requests in progress (`tts.workers` + `tts.max_queued_requests` at most)."""
     tts: TtsStage | None = None
     """The TTS stage of `POST /v1/audio/speech` (the same one the engine speaks with, if it speaks through one)."""
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
 
     @property
     def model_name(self) -> str:
@@ -93,7 +97,7 @@ class ServerState:
             lead_ms=config.audio.lead_ms if lead_ms is None else lead_ms,
             output_rate=output_rate,
             server_playout=server_playout,
-            max_input_buffer_s=config.limits.max_input_buffer_s,
+            limits=session_limits(config),
             images=config.media.image_limits(),
             min_speech_ms=config.vad.min_speech_ms,
             text_follows_audio=getattr(self.engine, "text_follows_audio", False),
@@ -106,3 +110,30 @@ class ServerState:
         )
         kind = config.vad.kind
         return Session(options, vad_factory=lambda: create_vad(kind), cleaner_factory=create_cleaner)
+
+    def new_runner(self, session: Session, emit: Emit, door: str) -> SessionRunner:
+        """The asyncio shell of `session`, bounded by the config and drained at shutdown."""
+        bounds = self.config.session_limits
+        limits = RunnerLimits(
+            bounds.max_queued_events, bounds.max_queued_bytes, bounds.max_events_per_s, bounds.idle_timeout_s
+        )
+        return SessionRunner(
+            session, self.engine, emit, door=door, metrics=self.metrics, limits=limits, lifecycle=self.lifecycle
+        )
+
+
+def session_limits(config: Config) -> SessionLimits:
+    """The bounds of one realtime session, from the config sections that set them."""
+    bounds, generation = config.session_limits, config.generation
+    return SessionLimits(
+        max_input_buffer_s=config.limits.max_input_buffer_s,
+        max_items=bounds.max_items,
+        max_audio_s=bounds.max_audio_s,
+        max_item_chars=bounds.max_item_chars,
+        max_item_parts=bounds.max_item_parts,
+        max_instructions_chars=bounds.max_instructions_chars,
+        max_session_bytes=bounds.max_session_bytes,
+        max_transcriptions=bounds.max_transcriptions,
+        max_output_tokens=generation.max_output_tokens,
+        max_prompt_tokens=generation.max_prompt_tokens,
+    )

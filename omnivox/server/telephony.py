@@ -44,6 +44,8 @@ from omnivox.pipeline.events import (
     SessionOutput,
 )
 from omnivox.server.auth import is_authorized
+from omnivox.server.backpressure import TimedSend, WriteTimeout, abort_connection
+from omnivox.server.lifecycle import GOING_AWAY
 from omnivox.server.runner import SessionRunner
 from omnivox.server.state import ServerState, SessionLimitReached
 
@@ -107,15 +109,22 @@ def _session_defaults(custom: Any) -> dict[str, Any]:
 
 @dataclass
 class _Playout:
-    """What has been sent for the item now playing and which marks Twilio has yet to echo."""
+    """What has been sent for the item now playing and which marks Twilio has yet to echo (each at most
+    `telephony.max_pending_marks`, oldest forgotten first: a caller that never echoes cannot grow them)."""
 
+    max_marks: int
     item_id: str | None = None
     sent_ms: float = 0.0
     marked_ms: float = 0.0
     heard_ms: float = 0.0
     """The item's last echoed mark: what the caller has heard of it."""
-    pending: set[str] = field(default_factory=set)
-    stale: set[str] = field(default_factory=set)
+    pending: dict[str, None] = field(default_factory=dict)
+    stale: dict[str, None] = field(default_factory=dict)
+
+    def remember(self, marks: dict[str, None], name: str) -> None:
+        marks[name] = None
+        while len(marks) > self.max_marks:
+            del marks[next(iter(marks))]
 
 
 class TwilioCall:
@@ -128,8 +137,10 @@ class TwilioCall:
         self.call_sid: str | None = None
         self.runner: SessionRunner | None = None
         self.pump: asyncio.Task[None] | None = None
+        self._receiver: asyncio.Task[None] | None = None
         self._resampler = StreamResampler(PHONE_RATE, INPUT_RATE)
-        self._playout = _Playout()
+        self._playout = _Playout(state.config.telephony.max_pending_marks)
+        self._write = TimedSend(websocket.send_text, state.config.connections.write_timeout_s)
         self._send_lock = asyncio.Lock()
         self._stopped = False
         self._close_code = 1000
@@ -147,8 +158,11 @@ class TwilioCall:
                 with self.state.session_slot(DOOR):
                     try:
                         self._start_session(start)
-                        await self._receive()
+                        self._receiver = asyncio.create_task(self._receive())
+                        await asyncio.wait({self._receiver})
                     finally:
+                        if self._receiver is not None:
+                            self._receiver.cancel()
                         await self._stop_session()
         except SessionLimitReached as exc:
             log.warning("%s: call refused: %s", self.label, exc)
@@ -158,8 +172,23 @@ class TwilioCall:
         except TimeoutError:
             log.warning("%s: no 'start' within %.0f s, hanging up", self.label, START_TIMEOUT_S)
         finally:
-            with contextlib.suppress(Exception):
-                await self.websocket.close(self._close_code)
+            await self._close()
+
+    def _stop_reading(self, _: object) -> None:
+        """The session ended on the server's side (idle, shutdown, a client that does not read): hang up."""
+        if self._receiver is not None:
+            self._receiver.cancel()
+
+    async def _close(self) -> None:
+        """End the connection the way the call ended: a caller side that stopped reading is dropped, the others are
+        told why (going away at shutdown)."""
+        reason = self.runner.end_reason if self.runner is not None else None
+        if (self._write.timed_out or reason == "write_timeout") and abort_connection(self.websocket.scope):
+            return
+        code = GOING_AWAY if reason == "shutdown" else self._close_code
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self._write.timeout_s):
+                await self.websocket.close(code)
 
     def _warn_once(self, kind: str, message: str, *args: Any) -> None:
         """A misbehaving client repeats itself every 20 ms: say it once per kind, then only at debug level."""
@@ -168,7 +197,9 @@ class TwilioCall:
         log.log(level, "%s: " + message, self.label, *args)
 
     async def _next_message(self) -> dict[str, Any] | None:
-        """The next JSON object Twilio sent (anything else is ignored); None once the socket is closed."""
+        """The next JSON object Twilio sent (anything else, or over `telephony.max_message_bytes`, is ignored); None
+        once the socket is closed."""
+        limit = self.state.config.telephony.max_message_bytes
         while True:
             message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
@@ -177,6 +208,9 @@ class TwilioCall:
             raw = message.get("text")
             if raw is None:
                 self._warn_once("binary", "binary frames ignored (Media Streams sends JSON text)")
+                continue
+            if len(raw) > limit:
+                self._warn_once("size", "message of %d bytes over telephony.max_message_bytes dropped", len(raw))
                 continue
             try:
                 parsed = load_client_json(raw, self.state.config.limits.max_json_depth)
@@ -203,11 +237,15 @@ class TwilioCall:
         return None
 
     async def _receive(self) -> None:
-        while not self._stopped and self.pump is not None and not self.pump.done():
-            message = await self._next_message()
-            if message is None:
-                return
-            self._on_message(message)
+        """Twilio's messages into the session until `stop`, a hang-up, or the session's end (`_stop_reading`)."""
+        try:
+            while not self._stopped:
+                message = await self._next_message()
+                if message is None:
+                    return
+                await self._on_message(message)
+        except WebSocketDisconnect:
+            log.info("%s: socket dropped", self.label)
 
     async def _stop_session(self) -> None:
         if self.runner is not None:
@@ -240,14 +278,14 @@ class TwilioCall:
             headers["authorization"] = f"Bearer {key}"
         return is_authorized(self.state.config.server.api_keys, headers)
 
-    def _on_message(self, message: dict[str, Any]) -> None:
+    async def _on_message(self, message: dict[str, Any]) -> None:
         event = message.get("event")
         if event == "media":
-            self._on_media(message.get("media"))
+            await self._on_media(message.get("media"))
         elif event == "mark":
-            self._on_mark(message.get("mark"))
+            await self._on_mark(message.get("mark"))
         elif event == "dtmf":
-            self._on_dtmf(message.get("dtmf"))
+            await self._on_dtmf(message.get("dtmf"))
         elif event == "stop":
             log.info("%s: stop received, hanging up", self.label)
             self._stopped = True
@@ -273,11 +311,12 @@ class TwilioCall:
             defaults=_session_defaults(start.get("customParameters")),
             door=DOOR,
         )
-        self.runner = SessionRunner(session, self.state.engine, self._emit, door=DOOR, metrics=self.state.metrics)
+        self.runner = self.state.new_runner(session, self._emit, DOOR)
         self.pump = asyncio.create_task(self.runner.run(), name=f"pump-{session.id}")
+        self.pump.add_done_callback(self._stop_reading)
         log.info("%s: started session %s", self.label, session.id)
 
-    def _on_media(self, media: Any) -> None:
+    async def _on_media(self, media: Any) -> None:
         assert self.runner is not None
         if not isinstance(media, dict) or media.get("track", "inbound") not in ("inbound", "inbound_track"):
             return
@@ -286,9 +325,9 @@ class TwilioCall:
         except (binascii.Error, TypeError, ValueError):
             self._warn_once("base64", "media chunk %.20r with bad base64 ignored", media.get("chunk"))
             return
-        self.runner.feed(AudioIn(self._resampler.process(mulaw_decode(payload))))
+        await self.runner.put(AudioIn(self._resampler.process(mulaw_decode(payload))), len(payload))
 
-    def _on_dtmf(self, dtmf: Any) -> None:
+    async def _on_dtmf(self, dtmf: Any) -> None:
         assert self.runner is not None
         digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
         if not isinstance(digit, str) or digit not in DTMF_DIGITS:
@@ -298,17 +337,17 @@ class TwilioCall:
         if not self.state.config.telephony.dtmf_to_conversation:
             return
         item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": digit}]}
-        self.runner.feed(ClientEvent("conversation.item.create", {"item": item}))
+        await self.runner.put(ClientEvent("conversation.item.create", {"item": item}))
 
-    def _on_mark(self, mark: Any) -> None:
+    async def _on_mark(self, mark: Any) -> None:
         assert self.runner is not None
         name = mark.get("name") if isinstance(mark, dict) else None
         if not isinstance(name, str):
             return
         playout = self._playout
-        playout.pending.discard(name)
+        playout.pending.pop(name, None)
         if name in playout.stale:
-            playout.stale.discard(name)  # echoed because of our `clear`: that audio was never heard
+            del playout.stale[name]  # echoed because of our `clear`: that audio was never heard
             return
         parsed = parse_mark_name(name)
         if parsed is None:
@@ -316,7 +355,7 @@ class TwilioCall:
             return
         if parsed[0] == playout.item_id:
             playout.heard_ms = max(playout.heard_ms, parsed[1])
-        self.runner.feed(PlayoutProgress(*parsed))
+        await self.runner.put(PlayoutProgress(*parsed))
 
     # ------------------------------------------------------------ core -> Twilio
 
@@ -344,12 +383,13 @@ class TwilioCall:
             return
         name = mark_name(playout.item_id, playout.sent_ms)
         playout.marked_ms = playout.sent_ms
-        playout.pending.add(name)
+        playout.remember(playout.pending, name)
         await self._send({"event": "mark", "mark": {"name": name}})
 
     async def _send_clear(self) -> None:
         playout = self._playout
-        playout.stale |= playout.pending
+        for name in playout.pending:
+            playout.remember(playout.stale, name)
         playout.pending.clear()
         # a paused answer resumes from what was heard (the core rewinds to the same mark); a cancelled one never
         playout.sent_ms = playout.marked_ms = playout.heard_ms
@@ -373,8 +413,12 @@ class TwilioCall:
         if self.stream_sid is None:
             return
         async with self._send_lock:
-            with contextlib.suppress(Exception):  # a dropped socket ends the receive loop, which closes the call
-                await self.websocket.send_text(json.dumps({**message, "streamSid": self.stream_sid}))
+            try:
+                await self._write(json.dumps({**message, "streamSid": self.stream_sid}))
+            except WriteTimeout:
+                raise  # the caller side stopped reading: the runner ends the call
+            except Exception:  # a dropped socket ends the receive loop, which closes the call
+                log.debug("%s: send failed", self.label, exc_info=True)
 
 
 async def twilio_stream_endpoint(websocket: WebSocket) -> None:

@@ -41,6 +41,7 @@ from omnivox.pipeline.events import (
 )
 from omnivox.pipeline.internal_errors import report_internal_error
 from omnivox.server.auth import matching_key
+from omnivox.server.backpressure import WriteTimeout
 from omnivox.server.config import LimitsConfig
 from omnivox.server.http_common import ApiError, read_body, read_form
 from omnivox.server.realtime_ws import EventWriter
@@ -132,6 +133,7 @@ class Call:
     writer: EventWriter
     track: PacedAudioTrack
     release_slot: Any
+    max_buffered_bytes: int
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     channel: Any = None
     outbox: list[str] = field(default_factory=list)
@@ -140,10 +142,16 @@ class Call:
     """The API key that made the call (None without keys): the only one that may hang it up."""
 
     async def send_text(self, text: str) -> None:
+        """Events to the peer; one that lets `webrtc.max_buffered_bytes` pile up (unread, or not yet connected) is
+        dropped (`WriteTimeout` ends the session, which hangs up)."""
         if self.channel is not None and self.channel.readyState == "open":
+            queued = self.channel.bufferedAmount
             self.channel.send(text)
         else:
+            queued = sum(len(t) for t in self.outbox)
             self.outbox.append(text)
+        if queued + len(text) > self.max_buffered_bytes:
+            raise WriteTimeout(f"{queued + len(text)} bytes of events wait on the data channel")
 
     def attach_channel(self, channel: Any) -> None:
         self.channel = channel
@@ -289,9 +297,9 @@ async def _answer(
             track.clear()
         await writer.output(output)
 
-    runner = SessionRunner(session, state.engine, emit, door=DOOR, metrics=state.metrics)
+    runner = state.new_runner(session, emit, DOOR)
     max_depth = state.config.limits.max_json_depth
-    call = Call(secrets.token_hex(12), pc, runner, writer, track, release_slot)
+    call = Call(secrets.token_hex(12), pc, runner, writer, track, release_slot, config.max_buffered_bytes)
     holder["call"] = call
     calls[call.call_id] = call
 
@@ -303,19 +311,23 @@ async def _answer(
 
         @channel.on("message")
         def on_message(message: Any) -> None:
-            if not isinstance(message, str):
-                call.tasks.append(
-                    asyncio.ensure_future(
-                        writer.error(
-                            ProtocolError("binary messages are not supported; send JSON text", code="invalid_frame")
-                        )
-                    )
-                )
-                return
             try:
-                runner.feed(parse_client_event(message, dialect, max_depth=max_depth))
+                if not isinstance(message, str):
+                    raise ProtocolError("binary messages are not supported; send JSON text", code="invalid_frame")
+                if len(message) > config.max_message_bytes:
+                    raise ProtocolError(
+                        f"message of {len(message)} bytes is over the {config.max_message_bytes}-byte limit",
+                        code="message_too_large",
+                    )
+                event = parse_client_event(message, dialect, max_depth=max_depth)
+                if not runner.offer(event, len(message)):
+                    raise ProtocolError(
+                        "too many events are waiting for this session; slow down",
+                        code="input_queue_full",
+                        event_id=event.event_id,
+                    )
             except ProtocolError as exc:
-                call.tasks.append(asyncio.ensure_future(writer.error(exc, exc.event_id)))
+                call.tasks.append(asyncio.ensure_future(_send_error(call, exc)))
 
         @channel.on("close")
         def on_close() -> None:
@@ -340,7 +352,9 @@ async def _answer(
         raise
     if session_update:
         runner.feed(ClientEvent("session.update", {"session": {"type": "realtime", **session_update}}))
-    call.tasks.append(asyncio.ensure_future(runner.run()))
+    pump = asyncio.ensure_future(runner.run())
+    pump.add_done_callback(lambda _: call.tasks.append(asyncio.ensure_future(call.close(calls))))
+    call.tasks.append(pump)
     call.tasks.append(asyncio.ensure_future(_hang_up_unless_connected(call, calls, config.connect_timeout_s)))
     log.info("%s: WebRTC call %s answered", session.id, call.call_id)
     return call
@@ -359,6 +373,11 @@ async def _hang_up_unless_connected(call: Call, calls: dict[str, Call], timeout_
         await call.close(calls)
 
 
+async def _send_error(call: Call, exc: ProtocolError) -> None:
+    with contextlib.suppress(WriteTimeout):  # the session ends on its own next send
+        await call.writer.error(exc, exc.event_id)
+
+
 async def _pump_caller_audio(track: MediaStreamTrack, runner: SessionRunner) -> None:
     """Caller Opus frames -> mono -> 16 kHz -> the session core."""
     resampler: StreamResampler | None = None
@@ -374,7 +393,7 @@ async def _pump_caller_audio(track: MediaStreamTrack, runner: SessionRunner) -> 
             pcm = pcm.reshape(-1, channels).mean(axis=1)
         if resampler is None or resampler.in_rate != frame.sample_rate:
             resampler = StreamResampler(frame.sample_rate, INPUT_RATE)
-        runner.feed(AudioIn(resampler.process(pcm)))
+        await runner.put(AudioIn(resampler.process(pcm)), pcm.nbytes)
 
 
 async def hangup_call(request: Request) -> Response:

@@ -187,6 +187,10 @@ class ResponseRequest:
     parallel_tool_calls: bool = True
     """False: at most one call per response (the engine ignores further calls)."""
 
+    max_prompt_tokens: int | None = None
+    """The prompt budget (config `generation.max_prompt_tokens`): an engine refuses a longer prompt with
+    `PromptTooLong` instead of running it. None: no budget (the engine's own requests, such as transcriptions)."""
+
     @property
     def tools_enabled(self) -> bool:
         """The model may call a tool in this response."""
@@ -263,6 +267,21 @@ class EngineUnhealthy(EngineNotReady):
     """The engine cannot serve at all (its worker died or stopped making progress); `/healthz` says so too."""
 
     code = "engine_unhealthy"
+
+
+class PromptTooLong(EngineError):
+    """The prompt is longer than the request's `max_prompt_tokens`: the client must shorten the conversation."""
+
+    code = "context_length_exceeded"
+
+
+def check_prompt_budget(prompt_tokens: int, request: ResponseRequest) -> None:
+    """Raise `PromptTooLong` when a prompt of `prompt_tokens` outgrows the request's budget."""
+    budget = request.max_prompt_tokens
+    if budget is not None and prompt_tokens > budget:
+        raise PromptTooLong(
+            f"the prompt is {prompt_tokens} tokens, over the budget of {budget}; delete older conversation items"
+        )
 
 
 class EngineOutOfMemory(EngineError):

@@ -58,6 +58,7 @@ from omnivox.pipeline.engines.base import (
     TextPart,
     ToolCallPart,
     ToolResultPart,
+    check_prompt_budget,
     checked_sampling,
     cut_at_stop,
 )
@@ -1203,8 +1204,13 @@ class QwenOmniEngine(ABC):
             yield delta
 
     def _checked_prepare(self, request: ResponseRequest) -> Any:
+        """Refuse non-finite audio before, and a prompt over its budget after, the prompt is built."""
         check_audio_is_finite(request)
-        return self.prepare(request)
+        prepared = self.prepare(request)
+        inputs = getattr(prepared, "inputs", None)
+        if isinstance(inputs, ModelInputs):
+            check_prompt_budget(inputs.prompt_tokens, request)
+        return prepared
 
     async def transcribe(self, audio_16k: np.ndarray, language: str | None = None, prompt: str = "") -> str:
         """Speech recognition by the thinker itself, as one more text-only request on the same worker.

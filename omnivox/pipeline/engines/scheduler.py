@@ -176,6 +176,8 @@ class GpuWorker:
         finally:
             with self._wake:
                 ticket.cancelled = True
+                if ticket in self._pending:  # not admitted yet: its place in the queue is free at once
+                    self._pending.remove(ticket)
                 self._wake.notify()
 
     def close(self) -> None:

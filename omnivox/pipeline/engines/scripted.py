@@ -20,6 +20,7 @@ import numpy as np
 
 from omnivox.pipeline.audio import synthesize_speech
 from omnivox.pipeline.engines.base import (
+    INPUT_RATE,
     AudioDelta,
     AudioPart,
     Delta,
@@ -28,6 +29,7 @@ from omnivox.pipeline.engines.base import (
     TextPart,
     ToolCallDelta,
     Usage,
+    check_prompt_budget,
     cut_at_stop,
 )
 from omnivox.pipeline.engines.scripted_tools import ToolRule, answer_to_output, choose_rule
@@ -38,6 +40,21 @@ from omnivox.pipeline.tts.espeak import ESPEAK_RATE, ESPEAK_VOICES
 DEFAULT_REPLY = "Hello! This is omnivox, a self hosted voice agent. How can I help you today?"
 ECHO_REPLY = "You said: {heard}. This is omnivox without a GPU, so I can only repeat what I hear."
 ECHO_UNHEARD = "Sorry, I did not catch that. This is omnivox without a GPU, so I can only repeat what I hear."
+AUDIO_TOKENS_PER_SECOND = 25
+"""What Qwen2.5-Omni's audio encoder makes of a second of audio: the scripted engine counts prompts the same way."""
+
+
+def prompt_tokens(request: ResponseRequest) -> int:
+    """A Qwen-like token count without a tokenizer: a token per 4 characters of text, 25 per second of audio."""
+    chars = len(request.instructions)
+    seconds = 0.0
+    for message in request.messages:
+        for part in message.parts:
+            if isinstance(part, TextPart):
+                chars += len(part.text)
+            elif isinstance(part, AudioPart):
+                seconds += part.pcm.size / INPUT_RATE
+    return chars // 4 + 1 + int(seconds * AUDIO_TOKENS_PER_SECOND)
 
 
 class ScriptedEngine:
@@ -61,12 +78,14 @@ class ScriptedEngine:
         echo_unheard: str = ECHO_UNHEARD,
         tts: TtsStage | None = None,
         tools: list[Mapping[str, Any]] | None = None,
+        recogniser_processes: int = 1,
     ) -> None:
         """`speed` is how much faster than real time audio is produced (4.0 = a 40 ms chunk every 10 ms);
         `first_audio_ms` is the simulated time to the first chunk; `transcript` is what `transcribe` returns.
         `echo` answers with `echo_reply` about what it recognised of the caller's last turn (`echo_unheard` when
         nothing); `tts` speaks through that TTS stage (as it streams) instead of espeak-ng at the simulated pace;
-        `tools` are the tool rules of `scripted_tools`."""
+        `tools` are the tool rules of `scripted_tools`;
+        `recogniser_processes` is how many pocketsphinx worker processes transcribe callers at once."""
         if speed <= 0 or chunk_ms <= 0:
             raise ValueError("scripted engine: speed and chunk_ms must be positive")
         self.model_id = model
@@ -83,7 +102,7 @@ class ScriptedEngine:
         self.tool_rules = [ToolRule.from_config(rule) for rule in tools or ()]
         self._turns = 0
         self._ready = False
-        self._recogniser = PocketsphinxRecogniser()
+        self._recogniser = PocketsphinxRecogniser(recogniser_processes)
 
     @property
     def ready(self) -> bool:
@@ -107,6 +126,7 @@ class ScriptedEngine:
 
     async def close(self) -> None:
         self._ready = False
+        await self._recogniser.close()
 
     @functools.lru_cache(maxsize=32)  # noqa: B019 - one engine per process; the cache holds a few replies
     def _speech(self, text: str, voice: str) -> np.ndarray:
@@ -128,17 +148,18 @@ class ScriptedEngine:
         return " ".join(words for words in (typed.strip(), recognised.strip()) if words)
 
     async def respond(self, request: ResponseRequest) -> AsyncIterator[Delta]:
+        input_tokens = prompt_tokens(request)
+        check_prompt_budget(input_tokens, request)
         text, rule = await self._plan(request)
         reply = cut_at_stop(text, request.sampling.stop)[0].rstrip()
         words = reply.split(" ") if reply else []
-        prompt_chars = sum(len(p.text) for m in request.messages for p in m.parts if isinstance(p, TextPart))
         async for delta in self._speak(reply, words, request):
             yield delta
         if rule is not None:  # the arguments in two pieces, as a streaming model sends them
             half = len(rule.arguments) // 2
             yield ToolCallDelta(0, name=rule.call, arguments=rule.arguments[:half])
             yield ToolCallDelta(0, arguments=rule.arguments[half:])
-        yield Usage(input_tokens=prompt_chars // 4 + 1, output_tokens=len(words))
+        yield Usage(input_tokens=input_tokens, output_tokens=len(words))
 
     async def _plan(self, request: ResponseRequest) -> tuple[str, ToolRule | None]:
         """What to say, and the rule whose function to call after it (tool mode); else, with `echo`, what was heard;

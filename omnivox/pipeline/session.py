@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from omnivox.pipeline.audio import AudioFormat, Framer, StreamResampler, audio_format
+from omnivox.pipeline.caller_audio import STEP_SAMPLES, CallerAudio, CleanerFactory
 from omnivox.pipeline.client_items import MAX_APPEND_BYTES, parse_item
 from omnivox.pipeline.context_window import TruncationPolicy, window_start
 from omnivox.pipeline.conversation import Conversation, Item
-from omnivox.pipeline.echo_cancel import CallerAudioCleaner, CleanupSettings
+from omnivox.pipeline.echo_cancel import CallerAudioCleaner
 from omnivox.pipeline.engines.base import (
     INPUT_RATE,
     AudioDelta,
@@ -58,7 +59,6 @@ from omnivox.pipeline.events import (
 from omnivox.pipeline.input_buffer import InputBuffer
 from omnivox.pipeline.media import ImageLimits
 from omnivox.pipeline.pacer import FramePacer
-from omnivox.pipeline.pending_audio import PendingAudio
 from omnivox.pipeline.responses import ActiveResponse, call_item, opening_json
 from omnivox.pipeline.session_config import (
     FORMAT_TYPES,
@@ -94,9 +94,6 @@ MIN_COMMIT_MS = 100
 DEFAULT_ANSWER_TOKENS = 1024
 """Tokens kept free for the answer when the conversation is cut to fit the engine's context and the response
 sets no `max_output_tokens`."""
-ANALYSIS_STEP_SAMPLES = INPUT_RATE
-"""Caller audio fed to the buffer and the VAD per `handle` call at most; more waits for the next call, so that one
-long append never holds the event loop (the shell calls again while `audio_pending`)."""
 
 
 @dataclass(frozen=True)
@@ -137,7 +134,7 @@ class Session:
         options: SessionOptions,
         vad_factory: Callable[[], Vad] | None = None,
         session_id: str | None = None,
-        cleaner_factory: Callable[[CleanupSettings], CallerAudioCleaner | None] | None = None,
+        cleaner_factory: CleanerFactory | None = None,
     ) -> None:
         self.options = options
         self.id = session_id or f"sess_{secrets.token_hex(8)}"
@@ -148,15 +145,11 @@ class Session:
         self.config["id"] = self.id
         self._turns = self._parse_turns(self.config)
         self.config["audio"]["input"]["turn_detection"] = self._turns.to_dict() if self._turns else None
-        self._cleaner_factory = cleaner_factory
-        self._cleanup = cleanup_settings(self.config)
-        self._cleaner: CallerAudioCleaner | None = None
+        self._audio = CallerAudio(cleanup_settings(self.config), cleaner_factory)
         self._suspected: SuspectedInterruption | None = None
         self._end_of_turn_checks = 0
         self._pending_check: int | None = None
         self._predicted: float | None = None
-        self._received = 0
-        """Caller samples received (ahead of the cleaned audio by what the cleaner still holds)."""
         self.false_interruptions = 0
         """Answers paused for speech that was too short to be an interruption, then resumed (for metrics)."""
         self.conversation = Conversation()
@@ -165,12 +158,8 @@ class Session:
         self._vad_framer: Framer | None = None
         self._vad_position = 0
         self._detector: TurnDetector | None = None
-        self._pending = PendingAudio()
-        """Caller audio received, not yet cleaned (or heard, without a cleaner)."""
-        self._unheard = PendingAudio()
-        """Caller audio cleaned (or needing no cleaning), not yet in the buffer and the VAD."""
         self._event_id: str | None = None
-        """The `event_id` of the client event being handled (appends carry it into `_pending`)."""
+        """The `event_id` of the client event being handled (appends carry it with their audio)."""
         self._input = InputBuffer(options.limits.max_input_buffer_s)
         self._transcribing: set[str] = set()
         self._turn_item_id: str | None = None
@@ -220,7 +209,7 @@ class Session:
     @property
     def cleaner(self) -> CallerAudioCleaner | None:
         """The caller-audio cleaner (echo cancellation, noise reduction) once audio has started it."""
-        return self._cleaner
+        return self._audio.cleaner
 
     @property
     def active_response_id(self) -> str | None:
@@ -230,7 +219,7 @@ class Session:
     def audio_pending(self) -> bool:
         """Caller audio has been received but not yet analysed: call `handle(Tick(), now)` again (after awaiting the
         VAD's pending result, if any) to work through the next step of it."""
-        return bool(self._pending or self._unheard)
+        return bool(self._audio)
 
     def start(self, now: float) -> list[SessionOutput]:
         """The first events of a connection (`session.created`)."""
@@ -247,7 +236,7 @@ class Session:
                     self._analyse_pending(out, everything=True)  # a client event follows all the audio before it
                     self._on_client_event(event, out)
                 case AudioIn():
-                    self._pending.add_samples(event.pcm)
+                    self._audio.add_samples(event.pcm)
                 case EngineOutput():
                     self._on_engine_delta(event, out)
                 case EngineDone():
@@ -261,8 +250,7 @@ class Session:
                 case EndOfTurnPredicted():
                     self._on_end_of_turn_predicted(event, out)
                 case CallerAudioCleaned():
-                    if self._cleaner is not None:
-                        self._unheard.add_samples(self._cleaner.take())
+                    self._audio.cleaned()
                 case Tick():
                     pass
         except ProtocolError as exc:
@@ -333,8 +321,8 @@ class Session:
             self._detector = None
             self._turn_item_id = None
         cleanup = cleanup_settings(merged)
-        if cleanup != self._cleanup:
-            self._replace_cleaner(cleanup, out)
+        if cleanup != self._audio.cleanup:
+            self._audio.change_cleanup(cleanup)
         self.config = merged
         out.append(ServerEvent("session.updated", {"session": copy.deepcopy(self.config)}))
 
@@ -357,14 +345,13 @@ class Session:
                 code="input_audio_buffer_full",
                 param="audio",
             )
-        self._pending.add_base64(data, fmt, self._event_id)
+        self._audio.add_base64(data, fmt, self._event_id)
 
     def _on_commit(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
-        self._pending.flush_resampler()  # the turn is over: release the resampler's filter delay
+        self._audio.end_turn()
         self._analyse_pending(out, everything=True)
-        if self._cleaner is not None:
-            self._unheard.add_samples(self._cleaner.flush())
-            self._analyse_pending(out, everything=True)
+        self._audio.flush_cleaner()
+        self._analyse_pending(out, everything=True)
         audio = self._input.take_all()
         if audio.size * 1000 < MIN_COMMIT_MS * INPUT_RATE:
             raise ProtocolError(
@@ -378,8 +365,7 @@ class Session:
         self._commit_user_audio(item_id, audio, out)
 
     def _on_clear(self, payload: dict[str, Any], out: list[SessionOutput]) -> None:
-        if self._cleaner is not None:
-            self._cleaner.flush()  # what it still holds was appended before the clear: gone with the rest
+        self._audio.discard()
         self._input.empty()
         self._turn_item_id = None
         self._detector = None
@@ -472,39 +458,26 @@ class Session:
             min_interruption_ms=self.options.min_interruption_ms,
         )
 
-    def _replace_cleaner(self, cleanup: CleanupSettings, out: list[SessionOutput]) -> None:
-        """New echo/noise settings: what the old cleaner still holds is heard first, the next audio goes to a new
-        one."""
-        if self._cleaner is not None:
-            self._unheard.add_samples(self._cleaner.flush())
-        self._cleanup, self._cleaner = cleanup, None
-
     def _analyse_pending(self, out: list[SessionOutput], *, everything: bool = False) -> None:
-        """Work through received caller audio: at most `ANALYSIS_STEP_SAMPLES` per call, and never a VAD frame that
-        would wait on the VAD's previous result (the shell awaits it off the event loop, then calls again);
-        `everything` works through all of it now (before a client event, which must follow the audio sent before it).
-
-        Two stages: audio received (`_pending`) goes through the cleaner, if any; what comes out of it (`_unheard`)
-        goes to the buffer and the VAD a frame's worth at a time."""
-        budget = ANALYSIS_STEP_SAMPLES
+        """Work through received caller audio (`CallerAudio`): at most `STEP_SAMPLES` per call, and never a VAD frame
+        that would wait on the VAD's previous result (the shell awaits it off the event loop, then calls again);
+        `everything` works through all of it now (before a client event, which must follow the audio sent before it)."""
+        budget = STEP_SAMPLES
         while everything or budget > 0:
-            if self._unheard:
-                room = self._vad_room()
-                piece = self._unheard.take(room or ANALYSIS_STEP_SAMPLES)
-                if room and piece.size == room and not everything and getattr(self._vad, "pending", False):
-                    self._unheard.unread(piece)  # this piece completes a frame: its VAD call would block
-                    return
-                self._hear(piece, out)
-            elif self._pending:
-                try:
-                    piece = self._pending.take(ANALYSIS_STEP_SAMPLES)
-                except ProtocolError as exc:
-                    out.append(error_event(exc))
-                    continue
-                self._on_audio(piece, out)
-            else:
+            room = self._vad_room()
+            try:
+                step = self._audio.next_step(room or STEP_SAMPLES, self._now)
+            except ProtocolError as exc:
+                out.append(error_event(exc))
+                continue
+            if step is None:
                 return
-            budget -= piece.size
+            piece, cost = step
+            if room and piece.size == room and not everything and getattr(self._vad, "pending", False):
+                self._audio.unread(piece)  # this piece completes a frame: its VAD call would block
+                return
+            budget -= cost
+            self._hear(piece, out)
 
     def _vad_room(self) -> int | None:
         """Samples that complete the VAD's next frame; None when no VAD runs (manual turns)."""
@@ -516,17 +489,6 @@ class Session:
             self._vad_position = self._input.total
         assert self._vad_framer is not None
         return self._vad.frame_samples - self._vad_framer.pending
-
-    def _on_audio(self, pcm: np.ndarray, out: list[SessionOutput]) -> None:
-        """Caller audio at 16 kHz: cleaned (echo, noise) when the session asks for it, then waits to be heard."""
-        if not pcm.size:
-            return
-        self._received += pcm.size
-        if self._cleaner is None and self._cleaner_factory is not None and self._cleanup.active:
-            self._cleaner = self._cleaner_factory(self._cleanup)
-        if self._cleaner is not None:
-            pcm = self._cleaner.process(pcm, self._now)
-        self._unheard.add_samples(pcm)
 
     def _hear(self, pcm: np.ndarray, out: list[SessionOutput]) -> None:
         """One piece of caller audio (`_analyse_pending` bounds it) into the buffer, the VAD and turn detection."""
@@ -578,9 +540,9 @@ class Session:
             # an answer with audio pauses until the speech proves an interruption (`turn_policy`)
             # on a line with an echo, speech counts once what was in flight and its echo are over (from the newest
             # audio received: the cleaner may still hold some)
-            echo = self._cleaner is not None and self._cleaner.echo_suspected
+            echo = self._audio.echo_suspected
             in_flight_ms = self.options.lead_ms + ECHO_TAIL_MS if echo else 0
-            counts_from = max(self._vad_position, self._received) * 1000 / INPUT_RATE + in_flight_ms
+            counts_from = max(self._vad_position, self._audio.received) * 1000 / INPUT_RATE + in_flight_ms
             self._suspected = SuspectedInterruption(
                 turn, turns.min_interruption_ms, self.options.resume_after_ms, counts_from
             )
@@ -614,7 +576,7 @@ class Session:
                 "%s: interruption confirmed after %.0f ms of speech (%.0f ms of audio not yet cleaned)",
                 self.id,
                 detector.speech_ms,
-                (self._received - self._input.total) * 1000 / INPUT_RATE,
+                (self._audio.received - self._input.total) * 1000 / INPUT_RATE,
             )
             self._announce_speech_started(out)
             if self._active is not None:
@@ -954,8 +916,7 @@ class Session:
                     out.append(ServerEvent("output_audio_buffer.started", {"response_id": response.id}))
                 response.playout_started = True
                 out.append(AudioOut(response.id, response.item.id, response.message_index, 0, frame))
-                if self._cleaner is not None:
-                    self._cleaner.far_end(frame, response.pacer.rate, self._now)
+                self._audio.far_end(frame, response.pacer.rate, self._now)
             response.item.audio_sent_ms = response.pacer.sent_ms
             if not response.pacer.drained:
                 return
@@ -979,8 +940,7 @@ class Session:
     def _clear_playout(self, response: ActiveResponse, out: list[SessionOutput]) -> None:
         """The door drops the audio it queued; the echo canceller's reference forgets it too."""
         out.append(ClearPlayout(response.id))
-        if self._cleaner is not None:
-            self._cleaner.far_end_dropped()
+        self._audio.far_end_dropped()
 
     def _cancel(self, reason: str, out: list[SessionOutput]) -> None:
         response = self._active

@@ -406,6 +406,12 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+def load_audio_processing() -> None:
+    """Load WebRTC's audio processing library and start its runtime (a few hundred ms, more on a busy machine): at
+    start-up, not on the event loop when a session's first caller audio asks for a cleaner."""
+    ApmCleaner(CleanupSettings(echo_cancellation=True, noise_reduction="near_field"))
+
+
 def create_cleaner(settings: CleanupSettings) -> CallerAudioCleaner | None:
     """The cleaner a session's settings ask for, or None when they ask for nothing (the audio passes untouched)."""
     return ApmCleaner(settings) if settings.active else None

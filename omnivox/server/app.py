@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from omnivox import __version__
+from omnivox.pipeline.echo_cancel import load_audio_processing
 from omnivox.pipeline.end_of_turn import EndOfTurnBatcher, ModelNotFound
 from omnivox.pipeline.engines import create_engine
 from omnivox.pipeline.engines.base import Engine, engine_failure, engine_health_problem
@@ -141,6 +142,7 @@ def create_app(config: Config, engine: Engine | None = None) -> Starlette:
         # the VAD model loads once per process (~2 s for silero): here, not in the first caller's event loop turn
         await asyncio.to_thread(create_vad, config.vad.kind)
         await asyncio.to_thread(_load_end_of_turn_model, config.vad.smart_turn_model)
+        await asyncio.to_thread(load_audio_processing)
         state.metrics.engine_ready.set(1)
         log.info("engine %s ready; serving model %s", engine.name, state.model_name)
         try:

@@ -384,9 +384,11 @@ async def stalled_sse(port: int) -> collections.Counter[str]:
     return collections.Counter({f"status:{status}": 1})
 
 
-async def hostile_client(port: int, seed: int, stop_at: float, outcomes: dict[str, collections.Counter[str]]) -> None:
+async def hostile_client(
+    port: int, seed: int, stop_at: float, outcomes: dict[str, collections.Counter[str]], attacks: list[str]
+) -> None:
     rng = random.Random(seed)
-    kinds, weights = list(ATTACKS), list(ATTACKS.values())
+    kinds, weights = attacks, [ATTACKS[kind] for kind in attacks]
     while time.monotonic() < stop_at:
         kind = rng.choices(kinds, weights)[0]
         try:
@@ -399,14 +401,14 @@ async def hostile_client(port: int, seed: int, stop_at: float, outcomes: dict[st
         await asyncio.sleep(rng.uniform(0.5, 3.0))
 
 
-def run_hostile(port: int, clients: int, seconds: float, results: Any) -> None:
+def run_hostile(port: int, clients: int, seconds: float, results: Any, attacks: list[str]) -> None:
     """The hostile clients' process: its own event loop, results back as plain dicts."""
 
     async def main() -> dict[str, dict[str, int]]:
         oversize_append()
         outcomes: dict[str, collections.Counter[str]] = {}
         stop_at = time.monotonic() + seconds
-        await asyncio.gather(*(hostile_client(port, 1000 + n, stop_at, outcomes) for n in range(clients)))
+        await asyncio.gather(*(hostile_client(port, 1000 + n, stop_at, outcomes, attacks) for n in range(clients)))
         return {kind: dict(seen) for kind, seen in outcomes.items()}
 
     results.put(uvloop.run(main()))
@@ -510,7 +512,13 @@ def main() -> None:
     parser.add_argument("--chunk-ms", type=int, default=40, help="caller audio chunk")
     parser.add_argument("--report-every", type=float, default=300.0, help="seconds between interval lines")
     parser.add_argument("--warmup", type=float, default=None, help="seconds before RSS counts (default 10 %%)")
+    parser.add_argument(
+        "--attacks", default=",".join(ATTACKS), help=f"hostile attacks, comma-separated (of {', '.join(ATTACKS)})"
+    )
     args = parser.parse_args()
+    attacks = args.attacks.split(",")
+    if unknown := set(attacks) - set(ATTACKS):
+        parser.error(f"unknown attacks: {', '.join(sorted(unknown))}")
     hostile = round(args.sessions * args.hostile_share)
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -526,7 +534,7 @@ def main() -> None:
             )
             results: Any = multiprocessing.get_context("spawn").Queue()
             hostile_process = multiprocessing.get_context("spawn").Process(
-                target=run_hostile, args=(port, hostile, args.duration, results), daemon=True
+                target=run_hostile, args=(port, hostile, args.duration, results, attacks), daemon=True
             )
             if hostile:
                 hostile_process.start()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -95,3 +96,13 @@ def _running(server: uvicorn.Server) -> Iterator[int]:
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+async def settles(check: Callable[[], bool], timeout: float = 5) -> bool:
+    """Polls until `check()` holds; False if it still does not after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True

@@ -21,7 +21,7 @@ from omnivox.pipeline.engines.base import AudioDelta, Delta, ResponseRequest, Te
 from omnivox.server.backpressure import WriteTimeout
 from omnivox.server.telephony import _Playout
 from omnivox.server.webrtc import Call
-from tests.server_helpers import RunningServer, running_server, scripted_config
+from tests.server_helpers import RunningServer, running_server, scripted_config, settles
 
 WRITE_TIMEOUT_S = 1.0
 BIG_INSTRUCTIONS = "Please answer in full sentences. " * 1900  # ~60 KB, echoed back by every session.updated
@@ -51,15 +51,6 @@ async def flood_updates(ws: Any, count: int) -> None:
     update = json.dumps({"type": "session.update", "session": {"type": "realtime", "instructions": BIG_INSTRUCTIONS}})
     for _ in range(count):
         await ws.send(update)
-
-
-async def settles(check: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 @pytest.fixture(scope="module")

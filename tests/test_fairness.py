@@ -74,6 +74,21 @@ async def test_a_150_s_append_does_not_stall_other_sessions(server: RunningServe
     assert max(round_trips) < MAX_STALL_S, f"another session's events waited {max(round_trips):.2f} s"
 
 
+async def test_a_client_that_leaves_after_a_long_append_frees_its_session_at_once(server: RunningServer) -> None:
+    """A session whose client is gone stops working through the audio it left behind (clients that append minutes
+    and hang up, again and again, kept sessions busy and their slots taken long after they left)."""
+    minutes = np.zeros(120 * 24_000, np.float32)
+    async with websockets.connect(f"{server.ws_url}/v1/realtime", max_size=None) as heavy:
+        await next_event(heavy, "session.created")
+        await heavy.send(json.dumps({"type": "input_audio_buffer.append", "audio": pcm16_base64(minutes)}))
+        await asyncio.sleep(0.2)
+    left = time.monotonic()
+    while server.state.sessions_open and time.monotonic() - left < 10:
+        await asyncio.sleep(0.01)
+    assert server.state.sessions_open == 0
+    assert time.monotonic() - left < 1.0, f"the session ended {time.monotonic() - left:.1f} s after its client left"
+
+
 async def test_caller_transcription_does_not_stall_another_sessions_audio() -> None:
     engine = ScriptedEngine(reply=LONG_REPLY, speed=8.0)
     turn = pcm16_base64(synthesize_speech("hello there, could you tell me what the weather will be like", 24_000))

@@ -6,7 +6,6 @@ import asyncio
 import fractions
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aioice.ice
@@ -21,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from omnivox.pipeline.audio import float_to_pcm16, resample, synthesize_speech
 from omnivox.pipeline.engines.scripted import ScriptedEngine
-from tests.server_helpers import RunningServer, running_server, scripted_config
+from tests.server_helpers import RunningServer, running_server, scripted_config, settles
 
 pytestmark = pytest.mark.slow
 RATE = 48_000
@@ -155,16 +154,6 @@ async def post_offer(
 
 def without_lines(sdp: str, prefix: str) -> str:
     return "".join(line for line in sdp.splitlines(keepends=True) if not line.startswith(prefix))
-
-
-async def settles(check: Callable[[], bool], timeout: float = 5) -> bool:
-    """Polls until `check()` holds; False if it still does not after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 async def scrape(server: RunningServer, name: str, **labels: str) -> float:

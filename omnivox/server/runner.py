@@ -113,6 +113,7 @@ class SessionRunner:
         self._end_of_turn = end_of_turn
         self._false_interruptions = 0
         self._draining = False
+        self._stop_requested = False
         self.end_reason: str | None = None
         """Why the session ended on the server's side: "idle", "write_timeout", "shutdown"; None otherwise."""
 
@@ -166,6 +167,7 @@ class SessionRunner:
         """Ask `run()` to end (the connection is gone or closing; `reason` when the server ends it)."""
         if reason is not None and self.end_reason is None:
             self.end_reason = reason
+        self._stop_requested = True  # at once: nobody waits for the work queued or left (a long append) any more
         self._inputs.put_nowait((None, -1))
 
     def drain(self) -> None:
@@ -180,7 +182,7 @@ class SessionRunner:
             self._lifecycle.runners.add(self)
         try:
             await self._dispatch(self.session.start(self._clock()))
-            while True:
+            while not self._stop_requested:
                 if self.session.audio_pending:  # a long append, one step at a time between the other sessions
                     await self._vad_settled()
                     await self._dispatch(self._handle(Tick()))

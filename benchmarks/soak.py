@@ -10,6 +10,7 @@ over the size limit, clients that stop reading while flooding, event floods, bad
 stalled SSE readers, oversized telephony media and idle connections.
 
     python benchmarks/soak.py [--sessions 50] [--duration 3600] [--hostile-share 0.2] [--report-every 300]
+        [--attacks oversize_append,flood,...]
 
 Prints a line per report interval (server RSS, sessions, failures, event latency in that interval) and a summary:
 well-behaved sessions served and failed (by kind), turns answered and barge-ins, voice-to-voice, the event latency of

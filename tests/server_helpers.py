@@ -12,10 +12,13 @@ from typing import Any
 
 import uvicorn
 
+from omnivox.pipeline.audio import resample
 from omnivox.pipeline.engines.base import Engine
+from omnivox.pipeline.recognisers import PocketsphinxRecogniser
 from omnivox.server.app import create_app
 from omnivox.server.config import Config, load_config
 from omnivox.server.lifecycle import DrainingServer, uvicorn_settings
+from omnivox.server.phone_sim import CallOptions, Turn, Utterance, run_call
 
 
 @dataclass
@@ -106,3 +109,22 @@ async def settles(check: Callable[[], bool], timeout: float = 5) -> bool:
             return False
         await asyncio.sleep(0.05)
     return True
+
+
+async def phone_turn(server: RunningServer, said: str, turns_timeout_s: float) -> tuple[Turn, set[str]]:
+    """One phone call through the simulator saying `said`: its turn, and the words pocketsphinx recognises in what
+    the caller heard of the answer."""
+    options = CallOptions(
+        url=f"{server.ws_url}/telephony/twilio",
+        utterances=[Utterance.say(said)],
+        pause_s=0.2,
+        agent_done_silence_s=1.0,
+        turns_timeout_s=turns_timeout_s,
+    )
+    result = await run_call(options)
+    (turn,) = result.turns
+    if turn.agent_start_s is None:
+        return turn, set()
+    start = int(turn.agent_start_s * 8000)
+    answer = result.agent[start : start + int(turn.agent_heard_s * 8000) + 800]
+    return turn, set(PocketsphinxRecogniser().recognise(resample(answer, 8000, 16_000)).split())

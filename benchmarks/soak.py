@@ -516,6 +516,11 @@ def main() -> None:
     parser.add_argument(
         "--attacks", default=",".join(ATTACKS), help=f"hostile attacks, comma-separated (of {', '.join(ATTACKS)})"
     )
+    parser.add_argument(
+        "--no-echo-cancellation",
+        action="store_true",
+        help="serve with audio.echo_cancellation.realtime_ws false (the default config has it on)",
+    )
     args = parser.parse_args()
     attacks = args.attacks.split(",")
     if unknown := set(attacks) - set(ATTACKS):
@@ -524,7 +529,8 @@ def main() -> None:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "soak.yaml"
-        config.write_text("server:\n  log_level: warning\n")
+        echo = "\naudio:\n  echo_cancellation:\n    realtime_ws: false\n" if args.no_echo_cancellation else "\n"
+        config.write_text("server:\n  log_level: warning" + echo)
         server_process = start_server(port, config)
         try:
             server = psutil.Process(server_process.pid)
